@@ -1,0 +1,7 @@
+"""Cortex: small language models with brain-inspired memory, assembled from plugins."""
+
+from cortex.interfaces import hookimpl
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "hookimpl"]

@@ -1,0 +1,207 @@
+"""The component interfaces: memory tiers, plasticity rules, cognitive features, data sources.
+
+Every component is a class with a ``kind``, a ``name`` and a pydantic ``Settings`` model
+(unknown keys rejected), constructed as ``cls(settings, context)``. Built instances are
+registered on the model's plugin manager, so their ``@hookimpl`` methods take part in the
+lifecycle.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator
+
+import pluggy
+import torch
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from cortex.assemble import CortexModel
+    from cortex.model import ModelConfig
+    from cortex.tokenizer import Tokenizer
+
+hookimpl = pluggy.HookimplMarker("cortex")
+
+KINDS = ("memory", "plasticity", "feature", "data", "bench")
+
+
+class Settings(BaseModel):
+    """Base of every component's settings: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class BuildContext:
+    """What a component may know about the model it is built into."""
+
+    model: ModelConfig | None = None
+    tokenizer: Tokenizer | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    seed: int = 0
+    run_dir: Path | None = None
+
+
+class Component:
+    """Base of all components. Subclasses set ``kind``, ``name`` and ``Settings``."""
+
+    kind: ClassVar[str]
+    name: ClassVar[str]
+    Settings: ClassVar[type[Settings]] = Settings
+
+    def __init__(self, settings: Settings, context: BuildContext) -> None:
+        self.settings = settings
+        self.context = context
+        #: unique key of this instance in a model, e.g. ``memory.0.stm``; set by assembly
+        self.key = self.name
+
+    def stats(self) -> dict[str, Any]:
+        """Figures worth showing in summaries and logs."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and JSON-compatible values that must survive save and load."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what [`state_dict`][cortex.interfaces.Component.state_dict] returned."""
+
+    @hookimpl
+    def cortex_state_save(self, model: CortexModel) -> dict[str, Any] | None:
+        state = self.state_dict()
+        return {self.key: state} if state else None
+
+    @hookimpl
+    def cortex_state_load(self, model: CortexModel, state: dict[str, Any]) -> None:
+        if self.key in state:
+            self.load_state_dict(state[self.key])
+
+
+@dataclass
+class Retrieval:
+    """The top-k result of a memory read for ``Q`` queries: values, scores and ids."""
+
+    values: torch.Tensor  # (Q, k, value_dim)
+    scores: torch.Tensor  # (Q, k), higher is more similar
+    ids: torch.Tensor  # (Q, k) int64, -1 where fewer than k entries exist
+
+
+@dataclass
+class Entries:
+    """A batch of memory entries moving into or out of a tier."""
+
+    keys: torch.Tensor  # (N, key_dim)
+    values: torch.Tensor  # (N, value_dim)
+    meta: list[dict[str, Any]] | None = None
+
+
+class MemoryTier(Component):
+    """A store of (key, value) pairs searched by similarity.
+
+    Tiers are chained in manifest order (e.g. STM -> LTM -> Archive): what one tier
+    hands over is written to the next. A tier never holds more than ``capacity`` entries.
+    """
+
+    kind: ClassVar[str] = "memory"
+
+    def write(self, keys: torch.Tensor, values: torch.Tensor, meta: list[dict] | None = None) -> None:
+        """Store ``keys`` (N, key_dim) with ``values`` (N, value_dim), evicting as needed."""
+        raise NotImplementedError
+
+    def read(self, queries: torch.Tensor, k: int) -> Retrieval:
+        """Return the ``k`` most similar entries for each of ``queries`` (Q, key_dim)."""
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def capacity(self) -> int:
+        """The most entries this tier will ever hold."""
+        return int(getattr(self.settings, "capacity"))
+
+    def handover(self) -> Entries | None:
+        """Remove and return the entries ready for the next tier (consolidation)."""
+        return None
+
+
+class PlasticityRule(Component):
+    """A non-gradient weight update on the modules matched by a glob ``target``.
+
+    The kernel selects modules by ``fnmatch`` over ``model.core.named_modules()`` names,
+    calls [`observe`][cortex.interfaces.PlasticityRule.observe] from forward hooks while
+    [`observing`][cortex.interfaces.PlasticityRule.observing] is true, and calls
+    [`apply`][cortex.interfaces.PlasticityRule.apply] for each target at step end under
+    ``torch.no_grad()``.
+    """
+
+    kind: ClassVar[str] = "plasticity"
+    #: whether forward hooks should record activity right now
+    observing: bool = True
+
+    def __init__(self, settings: Settings, context: BuildContext, target: str = "*") -> None:
+        super().__init__(settings, context)
+        self.target = target
+        self.targets: dict[str, torch.nn.Module] = {}
+        self._handles: list[Any] = []
+
+    def attach(self, root: torch.nn.Module) -> None:
+        """Select the target modules under ``root`` and hook their forward passes."""
+        self.targets = {
+            name: module
+            for name, module in root.named_modules()
+            if name and fnmatch.fnmatchcase(name, self.target)
+        }
+        for name, module in self.targets.items():
+            self._handles.append(module.register_forward_hook(self._hook(name)))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _hook(self, name: str):
+        def hook(module: torch.nn.Module, inputs: tuple, output: Any) -> None:
+            if self.observing:
+                with torch.no_grad():
+                    self.observe(name, module, inputs, output)
+
+        return hook
+
+    def observe(self, name: str, module: torch.nn.Module, inputs: tuple, output: Any) -> None:
+        """Record pre/post activity of target ``name`` during a forward pass."""
+
+    def apply(self, name: str, module: torch.nn.Module) -> None:
+        """Update target ``name``'s weights from the recorded activity."""
+
+    @hookimpl
+    def cortex_after_step(self, model: CortexModel, step: int, metrics: dict[str, float]) -> None:
+        with torch.no_grad():
+            for name, module in self.targets.items():
+                self.apply(name, module)
+
+
+class CognitiveFeature(Component):
+    """A feature that reacts to lifecycle hooks (steps, sleep phases, interactions)."""
+
+    kind: ClassVar[str] = "feature"
+
+
+@dataclass
+class Document:
+    """One text of a data source, with where it came from (``FILE:LINE`` or a generator)."""
+
+    text: str
+    origin: str
+
+
+class DataSource(Component):
+    """A named source of training text (``demo``, ``jsonl``, ``text``, ...)."""
+
+    kind: ClassVar[str] = "data"
+
+    def documents(self) -> Iterator[Document]:
+        """Yield the source's documents in a deterministic order."""
+        raise NotImplementedError

@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from cortex.assemble import CortexModel
 
 hookspec = pluggy.HookspecMarker("cortex")
+#: marks a plugin's or a component's hook implementations
+hookimpl = pluggy.HookimplMarker("cortex")
 
 
 @hookspec

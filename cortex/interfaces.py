@@ -13,16 +13,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Iterator
 
-import pluggy
 import torch
 from pydantic import BaseModel, ConfigDict
+
+from cortex.hookspecs import hookimpl
 
 if TYPE_CHECKING:
     from cortex.assemble import CortexModel
     from cortex.model import ModelConfig
     from cortex.tokenizer import Tokenizer
 
-hookimpl = pluggy.HookimplMarker("cortex")
 
 KINDS = ("memory", "plasticity", "feature", "data", "bench")
 

@@ -1,0 +1,140 @@
+"""Assembly: a validated manifest becomes a model — core, memory tiers, rules, features."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cortex.errors import PluginError
+from cortex.interfaces import BuildContext, Component, MemoryTier, PlasticityRule
+from cortex.manifest import ResolvedComponent, ValidatedManifest
+from cortex.model import ModelConfig, Transformer
+from cortex.plugins import CortexPluginManager
+from cortex.tokenizer import Tokenizer, tokenizer_from_spec
+
+
+class CortexModel(nn.Module):
+    """The transformer core with its components and its own plugin manager.
+
+    Calling the model runs the core: ``logits, loss = model(idx, targets)``. Lifecycle
+    hooks are called through ``model.pm.hook``; every built component is registered there.
+    """
+
+    def __init__(
+        self,
+        built: ValidatedManifest,
+        core: Transformer,
+        tokenizer: Tokenizer,
+        components: dict[str, list[Component]],
+        pm: CortexPluginManager,
+    ) -> None:
+        super().__init__()
+        self.core = core
+        self.built = built
+        self.manifest = built.manifest
+        self.tokenizer = tokenizer
+        self.pm = pm
+        self.memory: list[MemoryTier] = components.get("memory", [])
+        self.plasticity: list[PlasticityRule] = components.get("plasticity", [])
+        self.features: list[Component] = components.get("features", [])
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.core.config
+
+    @property
+    def components(self) -> list[Component]:
+        return [*self.memory, *self.plasticity, *self.features]
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        return self.core(idx, targets)
+
+    def plugin_state(self) -> dict[str, Any]:
+        """Merge what every plugin returns from ``cortex_state_save``; a key twice is an error."""
+        merged: dict[str, Any] = {}
+        for part in self.pm.hook.cortex_state_save(model=self):
+            for key, value in (part or {}).items():
+                if key in merged:
+                    raise PluginError(f"two plugins saved state under the same key {key!r}")
+                merged[key] = value
+        return merged
+
+    def load_plugin_state(self, state: dict[str, Any]) -> None:
+        self.pm.hook.cortex_state_load(model=self, state=state)
+
+    def summary(self) -> dict[str, Any]:
+        """Parameters, shape, tokenizer and every component with its plugin source."""
+        cfg = self.config
+
+        def describe(c: Component, resolved: ResolvedComponent) -> dict[str, Any]:
+            row = {
+                "key": c.key,
+                "name": resolved.info.name,
+                "source": resolved.info.source.describe(),
+                **({"target": c.target, "modules": len(c.targets)} if isinstance(c, PlasticityRule) else {}),
+                **({"capacity": c.capacity} if isinstance(c, MemoryTier) else {}),
+            }
+            return row
+
+        resolved = {r.key: r for r in self.built.components}
+        return {
+            "name": self.manifest.name,
+            "parameters": sum(p.numel() for p in self.parameters()),
+            "model": {
+                "dim": cfg.dim, "layers": cfg.layers, "heads": cfg.heads,
+                "context": cfg.context, "vocab_size": cfg.vocab_size,
+                "memory_layers": list(cfg.memory_layers),
+            },
+            "tokenizer": {**self.tokenizer.config(), "fingerprint": self.tokenizer.fingerprint},
+            "components": {
+                section: [describe(c, resolved[c.key]) for c in group]
+                for section, group in (("memory", self.memory), ("plasticity", self.plasticity),
+                                       ("features", self.features))
+            },
+        }
+
+
+def assemble(built: ValidatedManifest, *, device: str | torch.device = "cpu",
+             tokenizer: Tokenizer | None = None) -> CortexModel:
+    """Build the model a validated manifest describes, deterministically from its seed."""
+    m = built.manifest
+    base_dir = built.path.parent if built.path is not None else Path.cwd()
+    tokenizer = tokenizer or tokenizer_from_spec(m.tokenizer.model_dump(), base_dir)
+    config = ModelConfig(
+        vocab_size=tokenizer.vocab_size,
+        **{k: v for k, v in m.model.model_dump().items() if k != "memory_layers"},
+        memory_layers=tuple(m.model.memory_layers),
+    )
+    pm = built.plugins.fork()
+    torch.manual_seed(m.seed)
+    core = Transformer(config).to(device)
+    context = BuildContext(model=config, tokenizer=tokenizer, device=torch.device(device), seed=m.seed)
+    components: dict[str, list[Component]] = {"memory": [], "plasticity": [], "features": []}
+    for resolved in built.components:
+        cls = resolved.info.cls
+        try:
+            if resolved.section == "plasticity":
+                component = cls(resolved.settings, context, target=resolved.spec.target)
+            else:
+                component = cls(resolved.settings, context)
+        except Exception as exc:
+            raise PluginError(
+                f"{resolved.section}[{resolved.index}] {resolved.info.name!r} from "
+                f"{resolved.info.source.describe()} failed to build: {type(exc).__name__}: {exc}"
+            ) from exc
+        component.key = resolved.key
+        components[resolved.section].append(component)
+        pm.register(component, name=component.key)
+    model = CortexModel(built, core, tokenizer, components, pm)
+    for rule in model.plasticity:
+        rule.attach(core)
+        if not rule.targets:
+            raise PluginError(
+                f"plasticity rule {rule.key!r}: target {rule.target!r} matches no module; "
+                "module names look like 'blocks.0.mlp' (see `cortex build` summary)"
+            )
+    pm.hook.cortex_model_built(model=model)
+    return model

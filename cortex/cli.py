@@ -1,0 +1,230 @@
+"""The ``cortex`` command line. A user's mistake prints a message and exits 1, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+from typer.core import TyperGroup
+
+import cortex
+from cortex.errors import CortexError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+class _UserError(click.ClickException):
+    def show(self, file: Any = None) -> None:
+        err_console.print(f"[bold red]error:[/] {self.message}", highlight=False, markup=True)
+
+
+class _Group(TyperGroup):
+    """Turns a [`CortexError`][cortex.errors.CortexError] into a clean message and exit code 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CortexError as exc:
+            raise _UserError(str(exc).replace("[", r"\[")) from None
+
+
+def _typer(help: str) -> typer.Typer:
+    return typer.Typer(cls=_Group, help=help, no_args_is_help=True, add_completion=False,
+                       pretty_exceptions_enable=False, rich_markup_mode=None)
+
+
+app = _typer("Build, train and measure small language models with brain-inspired memory.")
+tokenizer_app = _typer("Train tokenizers.")
+data_app = _typer("Prepare training data.")
+app.add_typer(tokenizer_app, name="tokenizer")
+app.add_typer(data_app, name="data")
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"cortex {cortex.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """Build, train and measure small language models with brain-inspired memory."""
+
+
+def _summary_table(summary: dict[str, Any]) -> Table:
+    table = Table(title=f"{summary['name']}: {summary['parameters']:,} parameters", show_lines=False)
+    table.add_column("part")
+    table.add_column("name")
+    table.add_column("details")
+    table.add_column("source")
+    m = summary["model"]
+    table.add_row("core", "transformer",
+                  f"dim {m['dim']}, layers {m['layers']}, heads {m['heads']}, context {m['context']}, "
+                  f"vocab {m['vocab_size']}, memory layers {m['memory_layers'] or 'none'}", "cortex")
+    tok = summary["tokenizer"]
+    table.add_row("tokenizer", tok["type"], f"fingerprint {tok['fingerprint'][:12]}", "cortex")
+    for section, rows in summary["components"].items():
+        for row in rows:
+            details = ", ".join(f"{k} {v}" for k, v in row.items() if k not in ("key", "name", "source"))
+            table.add_row(section, row["name"], details, row["source"])
+    return table
+
+
+@app.command()
+def build(
+    manifest: Path = typer.Argument(..., help="The manifest YAML file."),
+    output: Path = typer.Option(Path("runs"), "-o", "--output", help="Directory that receives the run directory."),
+    name: Optional[str] = typer.Option(None, "--name", help="Run name (default: the manifest's `name`)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run of the same name."),
+) -> None:
+    """Validate MANIFEST, assemble the model, print its summary and write a run directory."""
+    from cortex.assemble import assemble
+    from cortex.manifest import load_manifest
+    from cortex.rundir import run_path, save_run
+
+    built = load_manifest(manifest)
+    dest = run_path(output, name or built.manifest.name)
+    if dest.exists() and not overwrite:
+        raise CortexError(f"{dest} already exists; pass --overwrite or choose another --name")
+    model = assemble(built)
+    console.print(_summary_table(model.summary()))
+    path = save_run(model, output, name=dest.name, overwrite=overwrite)
+    console.print(f"run directory: {path}")
+
+
+@app.command()
+def validate(manifests: list[Path] = typer.Argument(..., help="Manifest files to check.")) -> None:
+    """Check manifests without building them; report every problem with FILE:LINE:COL."""
+    from cortex.manifest import load_manifest
+
+    failures = []
+    for path in manifests:
+        try:
+            load_manifest(path)
+            console.print(f"{path}: ok")
+        except CortexError as exc:
+            failures.append(str(exc))
+    if failures:
+        raise CortexError("\n".join(failures))
+
+
+@app.command()
+def schema(output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write to this file.")) -> None:
+    """Print the manifest's JSON schema, with the settings of every registered component."""
+    from cortex.manifest import json_schema
+    from cortex.rundir import atomic_write
+
+    text = json.dumps(json_schema(), indent=2)
+    if output:
+        atomic_write(output, text + "\n")
+    else:
+        sys.stdout.write(text + "\n")
+
+
+@app.command()
+def plugins(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """List installed plugins and their components; broken plugins are reported, not fatal."""
+    from cortex.plugins import create_plugin_manager
+
+    pm = create_plugin_manager(strict=False)
+    rows = [
+        {"name": i.name, "kind": i.kind, "distribution": i.source.distribution,
+         "version": i.source.version, "entry_point": i.source.entry_point}
+        for i in pm.registry
+    ]
+    if as_json:
+        sys.stdout.write(json.dumps({"components": rows, "errors": [str(e) for e in pm.load_errors]}, indent=2) + "\n")
+        return
+    table = Table(title="Cortex components")
+    for column in ("name", "kind", "distribution", "version", "entry_point"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(str(v) for v in row.values()))
+    console.print(table)
+    for error in pm.load_errors:
+        err_console.print(f"[yellow]warning:[/] {error}", markup=True, highlight=False)
+
+
+@tokenizer_app.command("train")
+def tokenizer_train(
+    files: list[Path] = typer.Argument(..., help="JSONL ({\"text\": ...}) or plain-text files."),
+    output: Path = typer.Option(Path("tokenizer.json"), "-o", "--output", help="Where to write tokenizer.json."),
+    vocab_size: int = typer.Option(8000, "--vocab-size", min=1, help="Vocabulary size."),
+) -> None:
+    """Train a byte-level BPE tokenizer on FILES."""
+    from cortex.tokenizer import train_bpe
+
+    tok = train_bpe(list(files), vocab_size, output)
+    console.print(f"{output}: {tok.vocab_size} tokens, fingerprint {tok.fingerprint[:12]}")
+
+
+@data_app.command("prepare")
+def data_prepare(
+    inputs: list[str] = typer.Argument(..., help="JSONL or text files, or registered data sources such as `demo`."),
+    output: Path = typer.Option(..., "-o", "--output", help="Dataset directory to create."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="tokenizer.json (default: bytes)."),
+    mix: Optional[str] = typer.Option(None, "--mix", help="Token shares, e.g. a.jsonl=0.4,b.jsonl=0.6."),
+    val_fraction: float = typer.Option(0.05, "--val-fraction", min=0.0, max=0.5, help="Share of documents held out."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Tokenizer processes."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip malformed lines (counted) instead of failing."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the train/validation split."),
+) -> None:
+    """Tokenize INPUTS into a dataset directory of token memmaps with meta.json."""
+    from cortex.data import documents_from_path, parse_mix, prepare
+    from cortex.interfaces import BuildContext
+    from cortex.plugins import create_plugin_manager
+    from cortex.tokenizer import ByteTokenizer, load_tokenizer
+
+    tok = load_tokenizer(tokenizer) if tokenizer else ByteTokenizer()
+    weights = parse_mix(mix) if mix else {}
+    unknown = set(weights) - set(inputs)
+    if unknown:
+        raise CortexError(f"--mix names {', '.join(sorted(unknown))}, which are not among the inputs")
+    pm = None
+    sources = []
+    for item in inputs:
+        path = Path(item)
+        if path.exists() or Path(item).suffix:
+            docs = documents_from_path(path, skip_bad=skip_bad)
+        else:
+            pm = pm or create_plugin_manager()
+            info = pm.registry.get("data", item)
+            if info is None:
+                raise CortexError(f"{item}: no such file, and no data source of that name "
+                                  f"(known: {', '.join(pm.registry.names('data'))})")
+            docs = info.cls(info.cls.Settings(), BuildContext(tokenizer=tok)).documents()
+        sources.append((item, docs, weights.get(item)))
+    report = prepare(sources, output, tok, val_fraction=val_fraction, workers=workers, seed=seed,
+                     skip_bad=skip_bad)
+    console.print_json(data=report)
+
+
+@app.command()
+def bench(
+    suite: str = typer.Argument(..., help="Suite: throughput, memory, recall, facts, continual, ablate."),
+    targets: Optional[list[Path]] = typer.Argument(None, help="Manifests or run directories to measure."),
+    quick: bool = typer.Option(False, "--quick", help="Small, fast settings (a few minutes at most)."),
+    seeds: int = typer.Option(1, "--seeds", min=1, help="Repeat over this many seeds; mean ± std."),
+    output: Path = typer.Option(Path("bench-out"), "-o", "--output", help="Report directory."),
+) -> None:
+    """Run a benchmark suite and write report.md, results.json and plots to the output directory."""
+    from cortex.bench import run_suite
+
+    report = run_suite(suite, list(targets or []), quick=quick, seeds=seeds, out_dir=output,
+                       command=["cortex", *sys.argv[1:]], console=console)
+    console.print(f"report: {report}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``cortex`` script."""
+    app(args=argv, prog_name="cortex")

@@ -9,7 +9,6 @@ Benchmarks are not tests: figures are ratios against a reference run side by sid
 from __future__ import annotations
 
 import difflib
-import json
 import statistics
 import time
 from dataclasses import asdict, dataclass, field

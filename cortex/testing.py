@@ -35,7 +35,7 @@ def fake_distribution(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
     """Install fake distributions whose entry points load the given objects.
 
     A value that is an exception instance makes that entry point fail to load, like a
-    broken plugin.
+    broken plugin. A distribution named ``cortex`` counts as built-in (plain names).
     """
     extra: list[_plugins.PluginEntry] = []
     real = _plugins.discover
@@ -48,7 +48,8 @@ def fake_distribution(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
     def install(name: str, plugins: dict[str, Any], version: str = "1.0") -> None:
         for namespace, target in plugins.items():
             value = getattr(target, "__name__", type(target).__name__)
-            source = PluginSource(name, version, namespace, value, builtin=False)
+            builtin = name.lower() == _plugins.BUILTIN_DISTRIBUTION
+            source = PluginSource(name, version, namespace, value, builtin=builtin)
             extra.append(_plugins.PluginEntry(source, _loader(target)))
 
     return install

@@ -1,0 +1,101 @@
+"""Shared test plugins: small but real components, registered through fake distributions."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from pydantic import Field
+
+from cortex import hookimpl
+from cortex.interfaces import CognitiveFeature, MemoryTier, PlasticityRule, Retrieval, Settings
+
+
+class ExactTier(MemoryTier):
+    """An exact FIFO key-value buffer: enough to exercise the kernel's tier plumbing."""
+
+    name = "stm"
+
+    class Settings(Settings):
+        capacity: int = Field(64, gt=0)
+        temperature: float = Field(1.0, gt=0)
+
+    def __init__(self, settings, context):
+        super().__init__(settings, context)
+        self.keys = torch.zeros(0, context.model.dim)
+        self.values = torch.zeros(0, context.model.dim)
+
+    def write(self, keys, values, meta=None):
+        self.keys = torch.cat([self.keys, keys])[-self.capacity:]
+        self.values = torch.cat([self.values, values])[-self.capacity:]
+
+    def read(self, queries, k):
+        scores = queries @ self.keys.T
+        top = scores.topk(min(k, len(self)), dim=-1)
+        return Retrieval(self.values[top.indices], top.values, top.indices)
+
+    def __len__(self):
+        return len(self.keys)
+
+    def state_dict(self):
+        return {"keys": self.keys, "values": self.values, "writes": len(self)}
+
+    def load_state_dict(self, state):
+        self.keys, self.values = state["keys"], state["values"]
+
+
+class ScaleRule(PlasticityRule):
+    """Multiplies target weights by a factor at each step end (observable, non-gradient)."""
+
+    name = "scale"
+
+    class Settings(Settings):
+        factor: float = Field(0.5, gt=0)
+
+    def __init__(self, settings, context, target="*"):
+        super().__init__(settings, context, target)
+        self.seen = 0
+
+    def observe(self, name, module, inputs, output):
+        self.seen += 1
+
+    def apply(self, name, module):
+        module.weight.mul_(self.settings.factor)
+
+
+class Counter(CognitiveFeature):
+    """Counts lifecycle events."""
+
+    name = "counter"
+
+    def __init__(self, settings, context):
+        super().__init__(settings, context)
+        self.events: list[str] = []
+
+    @hookimpl
+    def cortex_model_built(self, model):
+        self.events.append("built")
+
+    @hookimpl
+    def cortex_after_step(self, model, step, metrics):
+        self.events.append(f"step{step}")
+
+
+def make_plugin(*classes):
+    """A plugin module registering ``classes``."""
+    module = types.ModuleType("test_plugin")
+
+    @hookimpl
+    def cortex_register_components(register):
+        for cls in classes:
+            register(cls)
+
+    module.cortex_register_components = cortex_register_components
+    return module
+
+
+@pytest.fixture
+def builtin_stm(fake_distribution):
+    """Pretend the built-in distribution ships ``stm`` (an exact tier) and friends."""
+    fake_distribution("cortex", {"test_builtins": make_plugin(ExactTier, ScaleRule, Counter)})

@@ -1,0 +1,25 @@
+"""Every shipped manifest validates and builds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cortex.assemble import assemble
+from cortex.manifest import load_manifest
+
+EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "examples").glob("*.yaml"))
+
+
+def test_examples_exist():
+    names = {p.name for p in EXAMPLES}
+    assert {"minimal.yaml", "quickstart.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_validates_and_assembles(path):
+    model = assemble(load_manifest(path))
+    summary = model.summary()
+    assert summary["parameters"] > 0
+    assert summary["name"] == path.stem

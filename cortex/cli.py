@@ -7,10 +7,10 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 from typer.core import TyperGroup
 
 import cortex
@@ -20,19 +20,15 @@ console = Console()
 err_console = Console(stderr=True)
 
 
-class _UserError(click.ClickException):
-    def show(self, file: Any = None) -> None:
-        err_console.print(f"[bold red]error:[/] {self.message}", highlight=False, markup=True)
-
-
 class _Group(TyperGroup):
     """Turns a [`CortexError`][cortex.errors.CortexError] into a clean message and exit code 1."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
         except CortexError as exc:
-            raise _UserError(str(exc).replace("[", r"\[")) from None
+            err_console.print(Text.assemble(("error: ", "bold red"), str(exc)), highlight=False)
+            raise typer.Exit(code=1) from None
 
 
 def _typer(help: str) -> typer.Typer:
@@ -152,7 +148,7 @@ def plugins(as_json: bool = typer.Option(False, "--json", help="Machine-readable
         table.add_row(*(str(v) for v in row.values()))
     console.print(table)
     for error in pm.load_errors:
-        err_console.print(f"[yellow]warning:[/] {error}", markup=True, highlight=False)
+        err_console.print(Text.assemble(("warning: ", "yellow"), str(error)), highlight=False)
 
 
 @tokenizer_app.command("train")
@@ -221,10 +217,14 @@ def bench(
     from cortex.bench import run_suite
 
     report = run_suite(suite, list(targets or []), quick=quick, seeds=seeds, out_dir=output,
-                       command=["cortex", *sys.argv[1:]], console=console)
+                       command=["cortex", *_invocation], console=console)
     console.print(f"report: {report}")
+
+
+_invocation: list[str] = []
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``cortex`` script."""
+    _invocation[:] = sys.argv[1:] if argv is None else argv
     app(args=argv, prog_name="cortex")

@@ -55,7 +55,7 @@ def test_component_settings_errors_point_at_the_value(builtin_stm, tmp_path):
 def test_unknown_keys_missing_fields_and_version(tmp_path):
     lines = problems("cortex: 2\nmodle: {dim: 8}\n", tmp_path)
     text = "\n".join(lines)
-    assert ":1:8 cortex: schema version 2 is not supported" in text
+    assert ":1:9 cortex: schema version 2 is not supported" in text
     assert ":2:1 modle: unknown key" in text
     assert "name: required field `name` is missing" in text
 
@@ -77,7 +77,7 @@ def test_python_tags_are_refused_and_run_nothing(tmp_path):
 
 
 def test_invalid_yaml_duplicate_keys_and_empty(tmp_path):
-    assert ":2:" in problems("cortex: 1\nname: [unclosed\n", tmp_path)[0]
+    assert ":3:1: invalid YAML: expected ',' or ']'" in problems("cortex: 1\nname: [unclosed\n", tmp_path)[0]
     dup = problems("cortex: 1\nname: a\nname: b\n", tmp_path)
     assert any(":3:1 name: duplicate key" in l for l in dup)
     assert "the manifest is empty" in problems("", tmp_path)[0]
@@ -118,6 +118,6 @@ def test_data_source_names_and_paths(tmp_path):
 
 def test_positions_are_recorded_for_every_node():
     src = parse_yaml(GOOD, "g.yaml")
-    assert src.position(("memory", 0, "settings", "capacity")) == (6, 25)
+    assert src.position(("memory", 0, "settings", "capacity")) == (6, 26)
     assert src.position(("model", "dim")) == (3, 14)
     assert src.position(("model", "nonexistent")) == (3, 8)

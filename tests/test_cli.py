@@ -1,0 +1,111 @@
+"""The command line as users run it: messages, exit codes, run directories, reports."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cortex
+
+TINY = "cortex: 1\nname: tiny\nmodel: {dim: 32, layers: 2, heads: 2, context: 32}\n"
+
+
+def write(tmp_path: Path, text: str, name: str = "m.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    """The installed ``cortex`` entry point, in a fresh interpreter."""
+    code = "import sys; from cortex.cli import main; sys.argv[0] = 'cortex'; main()"
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
+def test_version(cortex_cli):
+    result = cortex_cli("--version")
+    assert result.exit_code == 0 and result.stdout.strip() == f"cortex {cortex.__version__}"
+
+
+def test_validate_reports_both_errors_with_suggestion(builtin_stm, cortex_cli, tmp_path):
+    path = write(tmp_path, TINY.replace("dim: 32", "dim: -1") + "memory:\n  - type: stmm\n")
+    result = cortex_cli("validate", path)
+    assert result.exit_code == 1
+    assert f"{path}:3:14 model.dim: Input should be greater than 0" in result.stderr
+    assert f"{path}:5:11 memory[0].type: unknown memory component 'stmm'; did you mean 'stm'?" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_real_script_prints_no_traceback(tmp_path):
+    path = write(tmp_path, TINY.replace("dim: 32", "dim: -1") + "train: {data: dmo}\n")
+    result = run_script("validate", path)
+    assert result.returncode == 1
+    assert "model.dim" in result.stderr and "did you mean 'demo'?" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_python_tag_is_refused_and_nothing_runs(tmp_path):
+    marker = tmp_path / "ran"
+    path = write(tmp_path, TINY + f"seed: !!python/object/apply:os.system ['touch {marker}']\n")
+    result = run_script("build", path, "-o", tmp_path / "runs")
+    assert result.returncode == 1
+    assert "python/object/apply" in result.stderr and "not allowed" in result.stderr
+    assert not marker.exists() and not (tmp_path / "runs").exists()
+
+
+def test_build_writes_a_complete_run_directory(cortex_cli, tmp_path):
+    path = write(tmp_path, TINY)
+    result = cortex_cli("build", path, "-o", tmp_path / "runs")
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "runs" / "tiny"
+    assert {p.name for p in run.iterdir()} == {
+        "manifest.yaml", "model.safetensors", "tokenizer.json", "state.safetensors", "state.json", "build.json"}
+    assert (run / "manifest.yaml").read_text() == TINY
+    info = json.loads((run / "build.json").read_text())
+    assert info["environment"]["cortex"] == cortex.__version__
+    assert info["summary"]["parameters"] > 0 and info["summary"]["model"]["dim"] == 32
+    assert "parameters" in result.stdout and "transformer" in result.stdout
+    assert not [p for p in (tmp_path / "runs").iterdir() if p.name.startswith(".")]  # no temp leftovers
+
+    again = cortex_cli("build", path, "-o", tmp_path / "runs")
+    assert again.exit_code == 1 and "already exists" in again.stderr
+    assert cortex_cli("build", path, "-o", tmp_path / "runs", "--overwrite").exit_code == 0
+
+
+def test_run_name_cannot_leave_the_output_directory(cortex_cli, tmp_path):
+    path = write(tmp_path, TINY)
+    result = cortex_cli("build", path, "-o", tmp_path / "runs", "--name", "../outside")
+    assert result.exit_code == 1 and "not allowed" in result.stderr
+    assert not (tmp_path / "outside").exists()
+
+
+def test_missing_manifest_and_unknown_suite(cortex_cli, tmp_path):
+    result = cortex_cli("build", tmp_path / "nope.yaml")
+    assert result.exit_code == 1 and "nope.yaml: no such manifest file" in result.stderr
+    result = cortex_cli("bench", "thruput")
+    assert result.exit_code == 1 and "did you mean 'throughput'?" in result.stderr
+
+
+def test_schema_includes_component_settings(cortex_cli):
+    result = cortex_cli("schema")
+    schema = json.loads(result.stdout)
+    assert "model" in schema["properties"]
+    assert "documents" in schema["x-cortex-components"]["data:demo"]["properties"]
+
+
+def test_bench_throughput_quick_writes_a_report(cortex_cli, tmp_path):
+    path = write(tmp_path, TINY)
+    result = cortex_cli("bench", "throughput", path, "--quick", "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out" / "throughput"
+    data = json.loads((out / "results.json").read_text())
+    assert data["command"] == ["cortex", "bench", "throughput", str(path), "--quick", "-o", str(tmp_path / "out")]
+    assert data["threads"] >= 1 and data["seeds"] == [0]
+    fp32 = data["figures"][f"{path}:fp32"]
+    assert fp32["core_tokens_per_s"]["median"] > 0 and fp32["ratio"]["mean"] > 0
+    assert {c["name"] for c in data["checks"]} == {f"{path} fp32 core/reference", f"{path} bf16 core/reference"}
+    report = (out / "report.md").read_text()
+    assert "core/reference" in report and "![throughput.png](throughput.png)" in report
+    assert (out / "throughput.png").stat().st_size > 1000

@@ -1,0 +1,151 @@
+"""Plugin discovery, namespacing, clashes, broken plugins and lifecycle hooks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cortex.errors import PluginError
+from cortex.plugins import create_plugin_manager
+from tests.conftest import Counter, ExactTier, ScaleRule, make_plugin
+
+THIRD_PARTY = """\
+cortex: 1
+name: tp
+model: {dim: 32, layers: 2, heads: 2, context: 16}
+memory:
+  - type: hopfield.stm
+    settings: {capacity: 4}
+plasticity:
+  - type: hopfield.scale
+    target: "blocks.*.mlp.proj"
+    settings: {factor: 0.5}
+features:
+  - type: hopfield.counter
+"""
+
+
+def test_builtins_come_through_entry_points():
+    pm = create_plugin_manager()
+    for kind, name in (("data", "demo"), ("data", "jsonl"), ("data", "text"), ("bench", "throughput")):
+        info = pm.registry.get(kind, name)
+        assert info is not None, name
+        assert info.source.distribution == "cortex" and info.source.builtin
+        assert info.source.value.startswith("cortex_plugins.")
+    assert not pm.load_errors
+
+
+def test_third_party_components_are_namespaced_listed_and_usable(fake_distribution, build_model, cortex_cli):
+    fake_distribution("hopfield-memory", {"hopfield": make_plugin(ExactTier, ScaleRule, Counter)}, version="2.1")
+    listed = json.loads(cortex_cli("plugins", "--json").stdout)["components"]
+    row = next(r for r in listed if r["name"] == "hopfield.stm")
+    assert row == {"name": "hopfield.stm", "kind": "memory", "distribution": "hopfield-memory",
+                   "version": "2.1", "entry_point": "hopfield"}
+    assert not any(r["name"] == "stm" for r in listed)  # never a plain, built-in-looking name
+
+    model = build_model(THIRD_PARTY)
+    [tier], [rule], [feature] = model.memory, model.plasticity, model.features
+    assert isinstance(tier, ExactTier) and tier.capacity == 4 and tier.key == "memory.0.hopfield.stm"
+    assert sorted(rule.targets) == ["blocks.0.mlp.proj", "blocks.1.mlp.proj"]
+    assert feature.events == ["built"]  # the component's own @hookimpl ran
+
+    # the rule observes forward passes and its non-gradient update runs at step end
+    before = model.core.blocks[0].mlp.proj.weight.clone()
+    model(torch.zeros(1, 8, dtype=torch.long))
+    assert rule.seen == 2
+    model.pm.hook.cortex_after_step(model=model, step=0, metrics={})
+    assert torch.allclose(model.core.blocks[0].mlp.proj.weight, before * 0.5)
+    assert feature.events == ["built", "step0"]
+
+
+def test_broken_plugin_warns_in_listing_and_fails_build(fake_distribution, cortex_cli, tmp_path):
+    fake_distribution("broken-dist", {"broken": ImportError("No module named 'missing_dep'")}, version="0.3")
+    result = cortex_cli("plugins")
+    assert result.exit_code == 0
+    assert "broken-dist 0.3 (entry point broken" in result.stderr and "missing_dep" in result.stderr
+    assert "demo" in result.stdout
+
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text("cortex: 1\nname: b\nfeatures:\n  - type: broken.thing\n")
+    result = cortex_cli("build", manifest, "-o", tmp_path / "runs")
+    assert result.exit_code == 1
+    assert "broken-dist 0.3" in result.stderr and "Traceback" not in result.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_build_imports_only_the_namespaces_it_names(monkeypatch):
+    from cortex import plugins
+    from cortex.registry import PluginSource
+
+    loaded = []
+
+    def loader(namespace):
+        def load():
+            loaded.append(namespace)
+            return make_plugin()
+        return load
+
+    real = plugins.discover
+    extra = [plugins.PluginEntry(PluginSource("d", "1", ns, ns), loader(ns)) for ns in ("one", "two")]
+    monkeypatch.setattr(plugins, "discover", lambda: real() + extra)
+    pm = create_plugin_manager({"two"})
+    assert loaded == ["two"]
+    assert pm.installed_namespaces == {"one", "two"}
+
+
+def test_component_clash_names_both_sources(fake_distribution):
+    fake_distribution("cortex", {"a": make_plugin(ExactTier)})
+    fake_distribution("cortex", {"b": make_plugin(type("Other", (ExactTier,), {}))})
+    with pytest.raises(PluginError) as info:
+        create_plugin_manager()
+    message = str(info.value)
+    assert "memory component 'stm' is registered twice" in message
+    assert "entry point a" in message and "entry point b" in message
+
+
+def test_namespace_provided_twice_names_both(fake_distribution):
+    fake_distribution("first-dist", {"hop": make_plugin(ExactTier)})
+    fake_distribution("second-dist", {"hop": make_plugin(Counter)})
+    with pytest.raises(PluginError, match="first-dist 1.0.*second-dist 1.0"):
+        create_plugin_manager()
+
+
+def test_malformed_component_is_reported(fake_distribution):
+    class NoKind:
+        name = "x"
+
+    fake_distribution("odd-dist", {"odd": make_plugin(NoKind)})
+    pm = create_plugin_manager(strict=False)
+    [error] = pm.load_errors
+    assert "odd-dist 1.0" in str(error) and "kind None is not one of" in str(error)
+    assert pm.registry.get("memory", "odd.x") is None
+
+
+def test_autoload_switches(fake_distribution, monkeypatch):
+    fake_distribution("a-dist", {"alpha": make_plugin(ExactTier)})
+    fake_distribution("b-dist", {"beta": make_plugin(ExactTier)})
+    assert {"alpha.stm", "beta.stm"} <= set(create_plugin_manager().registry.names("memory"))
+    monkeypatch.setenv("CORTEX_PLUGINS", "beta")
+    assert set(create_plugin_manager().registry.names("memory")) == {"beta.stm"}
+    monkeypatch.setenv("CORTEX_DISABLE_PLUGIN_AUTOLOAD", "1")
+    pm = create_plugin_manager()
+    assert pm.registry.names("memory") == [] and pm.registry.get("data", "demo") is not None
+
+
+def test_plugin_state_round_trips_through_a_run_directory(builtin_stm, build_model, tmp_path):
+    from cortex.rundir import load_run, save_run
+
+    model = build_model("cortex: 1\nname: st\nmodel: {dim: 16, layers: 1, heads: 2, context: 8}\n"
+                        "memory:\n  - {type: stm, settings: {capacity: 3}}\n")
+    tier = model.memory[0]
+    tier.write(torch.randn(5, 16), torch.randn(5, 16))
+    path = save_run(model, tmp_path)
+    again = load_run(path)
+    assert len(again.memory[0]) == 3
+    assert torch.equal(again.memory[0].keys, tier.keys)
+    queries = torch.randn(2, 16)
+    assert torch.equal(again.memory[0].read(queries, 2).ids, tier.read(queries, 2).ids)
+    for name, tensor in model.core.state_dict().items():
+        assert torch.equal(again.core.state_dict()[name], tensor), name

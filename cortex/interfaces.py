@@ -80,38 +80,70 @@ class Component:
 
 
 @dataclass
-class Retrieval:
-    """The top-k result of a memory read for ``Q`` queries: values, scores and ids."""
+class Entries:
+    """A batch of ``N`` memory entries moving into, between or out of tiers.
 
-    values: torch.Tensor  # (Q, k, value_dim)
-    scores: torch.Tensor  # (Q, k), higher is more similar
-    ids: torch.Tensor  # (Q, k) int64, -1 where fewer than k entries exist
+    ``keys`` are what queries are compared with (cosine similarity: tiers normalise);
+    ``values`` are the vectors kNN-attention mixes in; ``tokens`` the token that followed
+    the key's position (kNN-LM's value, -1 if none); ``streams`` the stream each entry
+    belongs to (a batch row in training, a session at inference); ``uses`` how often it
+    was strengthened or retrieved; ``steps`` the step it was last written or used.
+    """
+
+    keys: torch.Tensor  # (N, key_dim) float32
+    values: torch.Tensor  # (N, value_dim) float32
+    tokens: torch.Tensor  # (N,) int64
+    streams: torch.Tensor  # (N,) int64
+    uses: torch.Tensor | None = None  # (N,) int64, zeros when None
+    steps: torch.Tensor | None = None  # (N,) int64, the writing step when None
+    meta: list[dict[str, Any]] | None = None  # e.g. {"text": "...", "span": [a, b]}
+
+    def __len__(self) -> int:
+        return int(self.keys.shape[0])
 
 
 @dataclass
-class Entries:
-    """A batch of memory entries moving into or out of a tier."""
+class Retrieval:
+    """The top-``k`` result of a memory read for ``Q`` queries.
 
-    keys: torch.Tensor  # (N, key_dim)
-    values: torch.Tensor  # (N, value_dim)
-    meta: list[dict[str, Any]] | None = None
+    Slots with no entry (fewer than ``k`` stored) have ``ids == -1``, ``scores == -inf``,
+    zero ``values`` and ``tokens == -1``.
+    """
+
+    values: torch.Tensor  # (Q, k, value_dim)
+    tokens: torch.Tensor  # (Q, k) int64
+    scores: torch.Tensor  # (Q, k) cosine similarity, descending
+    ids: torch.Tensor  # (Q, k) int64, tier-local entry ids
 
 
 class MemoryTier(Component):
-    """A store of (key, value) pairs searched by similarity.
+    """A bounded store of memory entries searched by cosine similarity, per stream.
 
-    Tiers are chained in manifest order (e.g. STM -> LTM -> Archive): what one tier
-    hands over is written to the next. A tier never holds more than ``capacity`` entries.
+    Tiers are chained in manifest order (STM -> LTM -> Archive): what one tier hands
+    over is written to the next. A tier never holds more than ``capacity`` entries, and a
+    read only ever sees entries of the stream it asks for. Keys and values have the
+    model's width (``context.model.dim``).
     """
 
     kind: ClassVar[str] = "memory"
 
-    def write(self, keys: torch.Tensor, values: torch.Tensor, meta: list[dict] | None = None) -> None:
-        """Store ``keys`` (N, key_dim) with ``values`` (N, value_dim), evicting as needed."""
+    def write(self, entries: Entries, *, step: int = 0) -> None:
+        """Store ``entries``, evicting (never the newest) so the tier stays within capacity."""
         raise NotImplementedError
 
-    def read(self, queries: torch.Tensor, k: int) -> Retrieval:
-        """Return the ``k`` most similar entries for each of ``queries`` (Q, key_dim)."""
+    def read(self, queries: torch.Tensor, k: int, *, stream: int = 0, step: int = 0) -> Retrieval:
+        """The ``k`` entries of ``stream`` most similar to each of ``queries`` (Q, key_dim).
+
+        Counts a use and refreshes the last-access step of every entry returned.
+        """
+        raise NotImplementedError
+
+    def handover(self, *, step: int = 0) -> Entries | None:
+        """Remove and return the entries due for the next tier (consolidation), if any."""
+        return None
+
+    def clear(self, stream: int | None = None) -> None:
+        """Forget the entries of ``stream`` (all streams when ``None``)."""
         raise NotImplementedError
 
     def __len__(self) -> int:
@@ -121,10 +153,6 @@ class MemoryTier(Component):
     def capacity(self) -> int:
         """The most entries this tier will ever hold."""
         return int(getattr(self.settings, "capacity"))
-
-    def handover(self) -> Entries | None:
-        """Remove and return the entries ready for the next tier (consolidation)."""
-        return None
 
 
 class PlasticityRule(Component):

@@ -9,7 +9,7 @@ import torch
 from pydantic import Field
 
 from cortex import hookimpl
-from cortex.interfaces import CognitiveFeature, MemoryTier, PlasticityRule, Retrieval, Settings
+from cortex.interfaces import CognitiveFeature, Entries, MemoryTier, PlasticityRule, Retrieval, Settings
 
 
 class ExactTier(MemoryTier):
@@ -26,14 +26,17 @@ class ExactTier(MemoryTier):
         self.keys = torch.zeros(0, context.model.dim)
         self.values = torch.zeros(0, context.model.dim)
 
-    def write(self, keys, values, meta=None):
-        self.keys = torch.cat([self.keys, keys])[-self.capacity:]
-        self.values = torch.cat([self.values, values])[-self.capacity:]
+    def write(self, entries: Entries, *, step=0):
+        self.keys = torch.cat([self.keys, entries.keys])[-self.capacity:]
+        self.values = torch.cat([self.values, entries.values])[-self.capacity:]
 
-    def read(self, queries, k):
+    def read(self, queries, k, *, stream=0, step=0):
         scores = queries @ self.keys.T
         top = scores.topk(min(k, len(self)), dim=-1)
-        return Retrieval(self.values[top.indices], top.values, top.indices)
+        return Retrieval(self.values[top.indices], torch.full_like(top.indices, -1), top.values, top.indices)
+
+    def clear(self, stream=None):
+        self.keys, self.values = self.keys[:0], self.values[:0]
 
     def __len__(self):
         return len(self.keys)

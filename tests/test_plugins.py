@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from cortex.errors import PluginError
+from cortex.interfaces import Entries
 from cortex.plugins import create_plugin_manager
 from tests.conftest import Counter, ExactTier, ScaleRule, make_plugin
 
@@ -140,7 +141,8 @@ def test_plugin_state_round_trips_through_a_run_directory(builtin_stm, build_mod
     model = build_model("cortex: 1\nname: st\nmodel: {dim: 16, layers: 1, heads: 2, context: 8}\n"
                         "memory:\n  - {type: stm, settings: {capacity: 3}}\n")
     tier = model.memory[0]
-    tier.write(torch.randn(5, 16), torch.randn(5, 16))
+    tier.write(Entries(torch.randn(5, 16), torch.randn(5, 16), torch.zeros(5, dtype=torch.long),
+                       torch.zeros(5, dtype=torch.long)))
     path = save_run(model, tmp_path)
     again = load_run(path)
     assert len(again.memory[0]) == 3

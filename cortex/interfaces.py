@@ -114,6 +114,7 @@ class Retrieval:
     tokens: torch.Tensor  # (Q, k) int64
     scores: torch.Tensor  # (Q, k) cosine similarity, descending
     ids: torch.Tensor  # (Q, k) int64, tier-local entry ids
+    keys: torch.Tensor | None = None  # (Q, k, key_dim) the stored (normalised) keys
 
 
 class MemoryTier(Component):

@@ -115,6 +115,7 @@ class Retrieval:
     scores: torch.Tensor  # (Q, k) cosine similarity, descending
     ids: torch.Tensor  # (Q, k) int64, tier-local entry ids
     keys: torch.Tensor | None = None  # (Q, k, key_dim) the stored (normalised) keys
+    uses: torch.Tensor | None = None  # (Q, k) int64 use counts (strength) of the entries
 
 
 class MemoryTier(Component):

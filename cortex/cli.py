@@ -83,7 +83,11 @@ def build(
     name: Optional[str] = typer.Option(None, "--name", help="Run name (default: the manifest's `name`)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run of the same name."),
 ) -> None:
-    """Validate MANIFEST, assemble the model, print its summary and write a run directory."""
+    """Validate MANIFEST, assemble the model, print its summary and write a run directory.
+
+    With a `train:` section the model is then trained into the run directory, which ends
+    up holding the best model (by validation loss) with its checkpoints and metrics.
+    """
     from cortex.assemble import assemble
     from cortex.manifest import load_manifest
     from cortex.rundir import run_path, save_run
@@ -92,10 +96,143 @@ def build(
     dest = run_path(output, name or built.manifest.name)
     if dest.exists() and not overwrite:
         raise CortexError(f"{dest} already exists; pass --overwrite or choose another --name")
-    model = assemble(built)
+    settings = built.manifest.train
+    device = "cpu"
+    if settings is not None:
+        from cortex.train import resolve_device
+
+        device = resolve_device(settings.device)
+    model = assemble(built, device=device)
     console.print(_summary_table(model.summary()))
     path = save_run(model, output, name=dest.name, overwrite=overwrite)
     console.print(f"run directory: {path}")
+    if settings is not None:
+        _train_into(model, path, settings)
+
+
+def _train_into(model: Any, path: Path, settings: Any, **options: Any) -> None:
+    from cortex.train import train
+
+    try:
+        summary = train(model, path, settings, console=console, **options)
+    except KeyboardInterrupt:
+        err_console.print(f"interrupted; continue with `cortex train {path} --resume auto`")
+        raise typer.Exit(code=130) from None
+    val = summary["best_val_loss"]
+    console.print(
+        f"trained {summary['steps']} steps ({summary['tokens']:,} tokens, {summary['precision']}, "
+        f"{summary['tokens_per_s'] or 0:,.0f} tokens/s, {summary['elapsed_s']:.0f} s); "
+        + (f"best validation loss {val:.4f} at step {summary['best_step']}" if val is not None
+           else f"final loss {summary['loss']:.4f}")
+    )
+    console.print(f"model: {path}  (try `cortex generate {path} --prompt ...`, `cortex plot {path}`)")
+
+
+@app.command("train")
+def train_command(
+    target: Path = typer.Argument(..., help="A manifest (builds a new run directory first) or a run directory."),
+    data: Optional[str] = typer.Option(None, "--data", help="Data source name, .jsonl/.txt file or prepared dataset folder; overrides train.data."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="`auto` (the run's latest checkpoint) or a checkpoint folder."),
+    output: Path = typer.Option(Path("runs"), "-o", "--output", help="Directory that receives a manifest's run directory."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Optimiser steps (default: train.tokens / (batch x context))."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run built from the same manifest."),
+) -> None:
+    """Train a run directory, or build MANIFEST into a new one and train it."""
+    from cortex.assemble import assemble
+    from cortex.manifest import TrainSection, load_manifest
+    from cortex.rundir import load_run, run_path, save_run
+    from cortex.train import resolve_device
+
+    if target.is_dir():
+        run = target
+        if not (run / "manifest.yaml").is_file():
+            raise CortexError(f"{run}: not a run directory (no manifest.yaml); pass a manifest or a run directory")
+        settings = load_manifest(run / "manifest.yaml").manifest.train or TrainSection()
+        model = load_run(run, device=str(resolve_device(settings.device)))
+    elif target.is_file():
+        built = load_manifest(target)
+        settings = built.manifest.train or TrainSection()
+        device = resolve_device(settings.device)
+        run = run_path(output, built.manifest.name)
+        if run.exists() and resume is not None and not overwrite:
+            model = load_run(run, device=str(device))
+        elif run.exists() and not overwrite:
+            raise CortexError(f"{run} already exists; continue it with `cortex train {run} --resume auto`, "
+                              "or pass --overwrite to start again")
+        else:
+            model = assemble(built, device=device)
+            console.print(_summary_table(model.summary()))
+            run = save_run(model, output, name=run.name, overwrite=overwrite)
+            console.print(f"run directory: {run}")
+    else:
+        raise CortexError(f"{target}: no such manifest file or run directory")
+    _train_into(model, run, settings, data=data, resume=resume, steps=steps)
+
+
+class _StopGeneration(Exception):
+    pass
+
+
+@app.command()
+def generate(
+    run: Path = typer.Argument(..., help="The run directory."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue."),
+    max_tokens: int = typer.Option(200, "--max-tokens", min=1, help="Tokens to generate at most."),
+    temperature: float = typer.Option(0.8, "--temperature", min=0.0, help="Sampling temperature; 0 is greedy."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", min=1, help="Sample from the k likeliest tokens."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed: the same seed gives the same text."),
+) -> None:
+    """Continue PROMPT with the run's model, streaming tokens as they come (KV cache)."""
+    import torch
+
+    from cortex.rundir import load_run
+
+    if top_p is not None and top_p <= 0:
+        raise CortexError("--top-p must be in (0, 1]")
+    model = load_run(run)
+    tok = model.tokenizer
+    ids = tok.encode(prompt) or [tok.eos_id]
+    idx = torch.tensor([ids], dtype=torch.long)
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    new: list[int] = []
+    shown = [""]
+
+    def emit(final: bool = False) -> None:
+        text = tok.decode(new)
+        if not final:
+            text = text.rstrip("\ufffd")  # an incomplete multi-byte character: wait for the rest
+        if len(text) > len(shown[0]) and text.startswith(shown[0]):
+            console.print(text[len(shown[0]):], end="", markup=False, highlight=False, emoji=False, soft_wrap=True)
+            console.file.flush()
+            shown[0] = text
+
+    def on_token(token: int) -> None:
+        if token == tok.eos_id:
+            raise _StopGeneration
+        new.append(token)
+        emit()
+
+    console.print(prompt, end="", markup=False, highlight=False, emoji=False, soft_wrap=True, style="bold")
+    generate_fn = model.generate if hasattr(model, "generate") else model.core.generate
+    try:
+        generate_fn(idx, max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                    generator=generator, stream=on_token)
+    except _StopGeneration:
+        pass
+    emit(final=True)
+    console.print()
+
+
+@app.command()
+def plot(
+    run: Path = typer.Argument(..., help="The run directory (or its metrics.jsonl)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="PNG file (default: RUN/metrics.png)."),
+) -> None:
+    """Plot loss, validation loss, learning rate, tokens/s and plugin metrics to a PNG."""
+    from cortex.plot import plot_metrics
+
+    console.print(f"plot: {plot_metrics(run, output)}")
 
 
 @app.command()

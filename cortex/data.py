@@ -814,5 +814,44 @@ class TokenDataset:
             w += count
             yield w * seq_len, self._rows(ids * seq_len, seq_len)
 
+    def lanes(self, batch: int, seq_len: int, start: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
+        """Parallel sequential streams, one per batch row, yielding ``(position, tensor)`` forever.
+
+        The split is cut into ``batch`` equal contiguous lanes (the last ``len % batch``
+        tokens are unused). Row ``r`` of every batch reads lane ``r`` in order, so row ``r``
+        of the next batch continues exactly where row ``r`` of this one ended (its first
+        token is this row's last, as in [`batches`][cortex.data.TokenDataset.batches]): a
+        model that carries per-row memory across segments sees each lane as one long
+        document stream. ``tensor`` is ``(batch, seq_len + 1)``.
+
+        ``position`` is the number of tokens each lane has advanced *including this batch*
+        — pass it as ``start`` to resume right after it (same ``batch`` and ``seq_len``).
+        A lane holds ``(lane_len - 1) // seq_len`` windows; after the last one every lane
+        starts over from its beginning and positions keep growing.
+        """
+        if batch < 1:
+            raise DataError(f"batch must be at least 1, got {batch}")
+        if seq_len < 1:
+            raise DataError(f"seq_len must be at least 1, got {seq_len}")
+        lane_len = len(self) // batch
+        windows = (lane_len - 1) // seq_len if lane_len > 0 else 0
+        if windows < 1:
+            raise DataError(
+                f"{self.path}: split {self.split!r} has {len(self)} tokens, too few for {batch} "
+                f"lanes of at least seq_len + 1 = {seq_len + 1} tokens — use more data, a smaller "
+                "batch or a shorter context"
+            )
+        if start < 0 or start % seq_len:
+            raise DataError(
+                f"start position {start} is not a multiple of seq_len {seq_len} — resume with the "
+                "batch and seq_len the position was saved with"
+            )
+        bases = np.arange(batch, dtype=np.int64) * lane_len
+        position = start
+        while True:
+            offset = (position // seq_len) % windows * seq_len
+            position += seq_len
+            yield position, self._rows(bases + offset, seq_len)
+
     def __repr__(self) -> str:
         return f"TokenDataset({str(self.path)!r}, split={self.split!r}, tokens={len(self)})"

@@ -104,7 +104,48 @@ class TrainSection(_Section):
     warmup: int = Field(100, ge=0, description="Linear warm-up steps before cosine decay.")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay.")
     clip: float = Field(1.0, gt=0, description="Gradient-norm clipping threshold.")
-    precision: Literal["fp32", "bf16"] = Field("bf16", description="Autocast precision.")
+    precision: Literal["fp32", "bf16", "auto"] = Field(
+        "bf16", description="Autocast precision; `auto` picks bf16 where the device runs it fast, else fp32.")
+    min_lr: float | None = Field(
+        None, ge=0, description="Learning rate at the end of the cosine decay (default: `lr / 10`).")
+    micro_batch: int | None = Field(
+        None, gt=0, description="Sequences per forward pass; `batch / micro_batch` passes are accumulated "
+        "(default: from `grad_accum`, else picked for the device).")
+    grad_accum: int | None = Field(
+        None, gt=0, description="Micro-batches accumulated per step; `batch` must be a multiple of it.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where to train; `auto` uses CUDA when present.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute each block's activations in backward: less memory, ~30% slower.")
+    val_fraction: float = Field(
+        0.05, ge=0, lt=0.5, description="Share of documents held out for validation when preparing data.")
+    eval_every: int = Field(200, ge=0, description="Validation loss every N steps (0: only at the end).")
+    eval_batches: int = Field(8, gt=0, description="Micro-batches of the validation split per evaluation.")
+    sample_every: int = Field(0, ge=0, description="Log a sample generation every N steps (0: never).")
+    sample_prompt: str = Field("", description="Prompt of the sample generations (default: start of val).")
+    sample_tokens: int = Field(64, gt=0, description="Tokens per sample generation.")
+    checkpoint_every: int = Field(500, ge=0, description="Write a resumable checkpoint every N steps (0: only at the end).")
+    keep_checkpoints: int = Field(2, ge=1, description="How many of the latest checkpoints to keep.")
+    spike_factor: float = Field(
+        3.0, gt=1, description="A loss above this multiple of the recent mean rolls back to the last checkpoint.")
+    spike_window: int = Field(
+        20, gt=0, description="Recent steps averaged for spike detection; no detection before that many steps.")
+    max_rollbacks: int = Field(10, ge=0, description="Rollbacks allowed in one run before training stops.")
+
+    @model_validator(mode="after")
+    def _accumulation(self) -> TrainSection:
+        mb, acc = self.micro_batch, self.grad_accum
+        if mb is not None and mb > self.batch:
+            raise ValueError(f"micro_batch {mb} is larger than batch {self.batch}")
+        if mb is not None and self.batch % mb:
+            raise ValueError(f"batch {self.batch} is not a multiple of micro_batch {mb}")
+        if acc is not None and self.batch % acc:
+            raise ValueError(f"batch {self.batch} is not a multiple of grad_accum {acc}")
+        if mb is not None and acc is not None and mb * acc != self.batch:
+            raise ValueError(f"micro_batch {mb} x grad_accum {acc} must equal batch {self.batch}")
+        if self.min_lr is not None and self.min_lr > self.lr:
+            raise ValueError(f"min_lr {self.min_lr} is above lr {self.lr}")
+        return self
 
 
 class Manifest(_Section):

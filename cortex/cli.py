@@ -118,6 +118,10 @@ def _train_into(model: Any, path: Path, settings: Any, **options: Any) -> None:
     except KeyboardInterrupt:
         err_console.print(f"interrupted; continue with `cortex train {path} --resume auto`")
         raise typer.Exit(code=130) from None
+    from cortex.distributed import is_main
+
+    if not is_main():
+        return
     val = summary["best_val_loss"]
     console.print(
         f"trained {summary['steps']} steps ({summary['tokens']:,} tokens, {summary['precision']}, "
@@ -150,20 +154,27 @@ def train_command(
         settings = load_manifest(run / "manifest.yaml").manifest.train or TrainSection()
         model = load_run(run, device=str(resolve_device(settings.device)))
     elif target.is_file():
+        from cortex import distributed
+
         built = load_manifest(target)
         settings = built.manifest.train or TrainSection()
         device = resolve_device(settings.device)
+        main = distributed.init_from_env(device).main  # under torchrun only rank 0 writes the run
         run = run_path(output, built.manifest.name)
-        if run.exists() and resume is not None and not overwrite:
+        exists = run.exists()
+        distributed.barrier()
+        if exists and resume is not None and not overwrite:
             model = load_run(run, device=str(device))
-        elif run.exists() and not overwrite:
+        elif exists and not overwrite:
             raise CortexError(f"{run} already exists; continue it with `cortex train {run} --resume auto`, "
                               "or pass --overwrite to start again")
         else:
             model = assemble(built, device=device)
-            console.print(_summary_table(model.summary()))
-            run = save_run(model, output, name=run.name, overwrite=overwrite)
-            console.print(f"run directory: {run}")
+            if main:
+                console.print(_summary_table(model.summary()))
+                save_run(model, output, name=run.name, overwrite=overwrite)
+                console.print(f"run directory: {run}")
+            distributed.barrier()
     else:
         raise CortexError(f"{target}: no such manifest file or run directory")
     _train_into(model, run, settings, data=data, resume=resume, steps=steps)
@@ -365,3 +376,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``cortex`` script."""
     _invocation[:] = sys.argv[1:] if argv is None else argv
     app(args=argv, prog_name="cortex")
+
+
+if __name__ == "__main__":  # `python -m cortex.cli ...`, e.g. under `torchrun -m cortex.cli train RUN`
+    main()

@@ -820,7 +820,7 @@ class TokenDataset:
         The split is cut into ``batch`` equal contiguous lanes (the last ``len % batch``
         tokens are unused). Row ``r`` of every batch reads lane ``r`` in order, so row ``r``
         of the next batch continues exactly where row ``r`` of this one ended (its first
-        token is this row's last, as in [`batches`][cortex.data.TokenDataset.batches]): a
+        token is this row's last, as in ``batches``): a
         model that carries per-row memory across segments sees each lane as one long
         document stream. ``tensor`` is ``(batch, seq_len + 1)``.
 

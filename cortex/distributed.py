@@ -34,9 +34,11 @@ from torch import nn
 
 __all__ = [
     "DistInfo",
+    "all_reduce_floats",
     "all_reduce_mean",
     "barrier",
     "broadcast_",
+    "destroy",
     "init_from_env",
     "is_distributed",
     "is_main",

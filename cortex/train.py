@@ -409,7 +409,7 @@ def train(
     steps: int | None = None,
     stop_at: int | None = None,
 ) -> dict[str, Any]:
-    """Train ``model`` (a [`CortexModel`][cortex.assemble.CortexModel]) into ``run_dir``.
+    """Train ``model`` (a ``CortexModel``) into ``run_dir``.
 
     Args:
         model: the assembled model, on the device to train on.

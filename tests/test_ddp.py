@@ -1,0 +1,87 @@
+"""`torchrun`-style DDP on CPU (gloo): two ranks make the same update as one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+from cortex import distributed
+from cortex.assemble import assemble
+from cortex.data import prepare
+from cortex.manifest import TrainSection, load_manifest
+from cortex.rundir import save_run
+from cortex.tokenizer import ByteTokenizer
+from cortex.train import train
+from tests.test_train import (  # noqa: F401 (one_thread is an autouse fixture)
+    manifest_text,
+    one_thread,
+    write_corpus,
+)
+
+SETTINGS = dict(tokens=10**9, batch=4, lr=1e-2, warmup=0, precision="fp32", eval_every=0,
+                checkpoint_every=0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank(rank: int, world: int, port: int, manifest: str, data: str, run: str, out: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    model = assemble(load_manifest(manifest))
+    summary = train(model, Path(run), TrainSection(**SETTINGS), data=data, steps=1)
+    mean = distributed.all_reduce_mean(torch.tensor([rank + 1.0, 10.0 * rank]))
+    count = distributed.all_reduce_mean(torch.tensor([rank * 4], dtype=torch.long))
+    shared = distributed.broadcast_(torch.tensor([float(rank) + 7.0]))
+    torch.save({"weights": model.core.state_dict(), "mean": mean, "count": count, "shared": shared,
+                "summary": summary, "main": distributed.is_main()}, Path(out) / f"rank{rank}.pt")
+    distributed.destroy()
+
+
+def test_two_gloo_ranks_equal_one_process_with_the_whole_batch(tmp_path):
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(manifest_text(), encoding="utf-8")
+    data = tmp_path / "data"
+    prepare([("corpus", write_corpus(tmp_path / "corpus.jsonl"), None)], data, ByteTokenizer(), workers=1)
+
+    single = assemble(load_manifest(manifest))
+    initial = {k: v.clone() for k, v in single.core.state_dict().items()}
+    run_1 = save_run(single, tmp_path / "runs", name="single")
+    train(single, run_1, TrainSection(**SETTINGS), data=str(data), steps=1)
+
+    run_2 = save_run(assemble(load_manifest(manifest)), tmp_path / "runs", name="ddp")
+    mp.spawn(_rank, args=(2, _free_port(), str(manifest), str(data), str(run_2), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+    changed = False
+    for name, expected in single.core.state_dict().items():
+        a, b = ranks[0]["weights"][name], ranks[1]["weights"][name]
+        assert torch.equal(a, b), name  # the ranks never drift apart
+        assert torch.allclose(a, expected, atol=2e-6, rtol=1e-5), (name, (a - expected).abs().max())
+        changed |= not torch.equal(a, initial[name])
+    assert changed
+    assert [r["main"] for r in ranks] == [True, False]
+    for r in ranks:
+        assert r["mean"].tolist() == [1.5, 5.0] and r["count"].tolist() == [2] and r["shared"].tolist() == [7.0]
+        assert r["summary"]["world_size"] == 2 and r["summary"]["micro_batch"] == 2
+    assert json.loads((run_2 / "train.json").read_text())["world_size"] == 2  # written by rank 0
+    line = json.loads((run_2 / "metrics.jsonl").read_text().splitlines()[0])
+    single_line = json.loads((run_1 / "metrics.jsonl").read_text().splitlines()[0])
+    assert abs(line["loss"] - single_line["loss"]) < 1e-5  # logged loss is the mean over ranks
+
+
+def test_helpers_are_no_ops_in_one_process():
+    t = torch.tensor([3.0])
+    assert distributed.all_reduce_mean(t) is t and t.item() == 3.0
+    assert distributed.broadcast_(t).item() == 3.0
+    assert distributed.world_size() == 1 and distributed.rank() == 0 and distributed.is_main()
+    assert distributed.init_from_env().world_size == 1

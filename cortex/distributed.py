@@ -140,20 +140,25 @@ def barrier() -> None:
         dist.barrier()
 
 
-def wrap(module: nn.Module) -> nn.Module:
+def wrap(module: nn.Module, *, find_unused_parameters: bool = False) -> nn.Module:
     """``module`` in ``DistributedDataParallel`` when distributed, else ``module`` itself.
 
-    Buffers are not broadcast at every forward (memory and plugin state is reconciled by
-    the plugins, see the module docs); parameters that a forward does not use are allowed.
+    Buffers are not synchronised at every forward (memory and plugin state is reconciled
+    by the plugins, see the module docs). ``find_unused_parameters`` allows parameters that
+    a forward does not use (at the cost of a graph traversal per step); the training loop
+    turns it on for models with memory tiers.
     """
     if not is_distributed():
         return module
+    import inspect
+
     from torch.nn.parallel import DistributedDataParallel
 
     device = next(module.parameters()).device
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False,
-                                   find_unused_parameters=True)
+    options = inspect.signature(DistributedDataParallel).parameters
+    sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in options else {"broadcast_buffers": False}
+    return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=find_unused_parameters, **sync)
 
 
 def destroy() -> None:

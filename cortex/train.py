@@ -536,7 +536,7 @@ def train(
     if _accepts_streams(model):
         lane_streams = _LaneStreams(model)
         step_model = lane_streams
-    step_model = dist.wrap(step_model)
+    step_model = dist.wrap(step_model, find_unused_parameters=bool(getattr(model, "memory", None)))
     hook = _Hooks(model.pm.hook, model) if step_model is not model else model.pm.hook
     model.train()
 

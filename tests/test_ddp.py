@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -14,7 +17,7 @@ from cortex import distributed
 from cortex.assemble import assemble
 from cortex.data import prepare
 from cortex.manifest import TrainSection, load_manifest
-from cortex.rundir import save_run
+from cortex.rundir import load_run, save_run
 from cortex.tokenizer import ByteTokenizer
 from cortex.train import train
 from tests.test_train import (  # noqa: F401 (one_thread is an autouse fixture)
@@ -85,3 +88,24 @@ def test_helpers_are_no_ops_in_one_process():
     assert distributed.broadcast_(t).item() == 3.0
     assert distributed.world_size() == 1 and distributed.rank() == 0 and distributed.is_main()
     assert distributed.init_from_env().world_size == 1
+
+
+@pytest.mark.slow
+def test_torchrun_trains_a_manifest_from_the_command_line(tmp_path):
+    """The real launcher: `torchrun -m cortex.cli train MANIFEST` with two gloo ranks."""
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(manifest_text(more="train: {tokens: 40000, batch: 8, precision: fp32, checkpoint_every: 2}\n"),
+                        encoding="utf-8")
+    corpus = write_corpus(tmp_path / "corpus.jsonl")
+    torchrun = Path(sys.executable).parent / "torchrun"
+    result = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "cortex.cli", "train", str(manifest),
+         "-o", str(tmp_path / "runs"), "--data", str(corpus), "--steps", "4"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    run = tmp_path / "runs" / "tiny"
+    assert json.loads((run / "train.json").read_text())["world_size"] == 2
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 4
+    assert result.stdout.count("trained 4 steps") == 1  # rank 0 reports, rank 1 stays quiet
+    load_run(run)

@@ -12,6 +12,16 @@ from cortex.model import KVCache, ModelConfig, Transformer, apply_rope, rope_fre
 from cortex.reference import ReferenceGPT, comparable_parameters
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from a second thread, and two OpenMP threads stall badly
+    when another process holds a core; restore the caller's setting afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny(**overrides) -> ModelConfig:
     settings = dict(vocab_size=61, dim=32, layers=2, heads=4, context=16)
     settings.update(overrides)

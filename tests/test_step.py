@@ -15,6 +15,16 @@ from cortex.model import ModelConfig, Transformer
 from cortex.step import cosine_schedule, make_optimizer, train_step
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from a second thread, and two OpenMP threads stall badly
+    when another process holds a core; restore the caller's setting afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_model(seed: int = 0, **overrides) -> Transformer:
     settings = dict(vocab_size=32, dim=32, layers=2, heads=4, context=32)
     settings.update(overrides)

@@ -8,9 +8,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from cortex.errors import PluginError
+from cortex.errors import CortexError, PluginError
 from cortex.interfaces import BuildContext, Component, MemoryTier, PlasticityRule
 from cortex.manifest import ResolvedComponent, ValidatedManifest
+from cortex.memory import MemorySystem, session_stream
 from cortex.model import ModelConfig, Transformer
 from cortex.plugins import CortexPluginManager
 from cortex.tokenizer import Tokenizer, tokenizer_from_spec
@@ -40,6 +41,10 @@ class CortexModel(nn.Module):
         self.memory: list[MemoryTier] = components.get("memory", [])
         self.plasticity: list[PlasticityRule] = components.get("plasticity", [])
         self.features: list[Component] = components.get("features", [])
+        self.memory_system: MemorySystem | None = None
+        if self.memory:
+            self.memory_system = MemorySystem(self.manifest.memory_system, self.memory, core)
+            pm.register(self.memory_system, name="memory_system")
 
     @property
     def config(self) -> ModelConfig:
@@ -49,8 +54,52 @@ class CortexModel(nn.Module):
     def components(self) -> list[Component]:
         return [*self.memory, *self.plasticity, *self.features]
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        return self.core(idx, targets)
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                streams: torch.Tensor | None = None):
+        """``(logits, loss)``. With memory, row ``b`` reads and writes stream ``streams[b]``
+        (default: the row index, as in training); in eval mode kNN-LM, when enabled, turns
+        the logits into interpolated log-probabilities."""
+        if self.memory_system is None:
+            return self.core(idx, targets)
+        if streams is None:
+            streams = torch.arange(idx.shape[0])
+        return self.memory_system.forward(idx, targets, streams, training=self.training)
+
+    # -- real-time use ---------------------------------------------------------------
+
+    def remember(self, text: str, session: str = "self") -> int:
+        """Store ``text`` in the memory of ``session`` (no training switch); returns entries."""
+        if self.memory_system is None:
+            raise CortexError("this model has no memory tiers; add `memory:` to its manifest")
+        ids = torch.tensor(self.tokenizer.encode(text), dtype=torch.long)
+        return self.memory_system.remember(ids, session_stream(session), {"text": text, "session": session})
+
+    @torch.no_grad()
+    def generate_text(self, prompt: str, *, session: str = "self", max_new_tokens: int = 64,
+                      temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                      seed: int | None = None, stream: Any = None, stop_at_eos: bool = True) -> str:
+        """Continue ``prompt``, reading the memory of ``session``; returns the new text."""
+        ids = torch.tensor([self.tokenizer.encode(prompt)], dtype=torch.long)
+        if ids.numel() == 0:
+            ids = torch.tensor([[self.tokenizer.eos_id]])
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        out = self.generate(ids, max_new_tokens, session=session, temperature=temperature, top_k=top_k,
+                            top_p=top_p, generator=generator, stream=stream)
+        new = out[0, ids.shape[1]:].tolist()
+        if stop_at_eos and self.tokenizer.eos_id in new:
+            new = new[: new.index(self.tokenizer.eos_id)]
+        return self.tokenizer.decode(new)
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, *, session: str = "self", **sampling: Any):
+        """Token generation with the KV cache, reading ``session``'s memory (see ``Transformer.generate``)."""
+        ms = self.memory_system
+        if ms is None:
+            return self.core.generate(idx, max_new_tokens, **sampling)
+        stream = session_stream(session)
+        adjust = (lambda ids, logits: ms.knn_lm_next(ids, logits, stream)) if "knn_lm" in ms.settings.read else None
+        with ms.segment(torch.full((idx.shape[0],), stream)):
+            return self.core.generate(idx, max_new_tokens, adjust=adjust, **sampling)
 
     def plugin_state(self) -> dict[str, Any]:
         """Merge what every plugin returns from ``cortex_state_save``; a key twice is an error."""

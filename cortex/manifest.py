@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cortex.errors import CortexError
+from cortex.memory import MemorySettings
 
 SCHEMA_VERSION = 1
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -157,6 +158,8 @@ class Manifest(_Section):
     model: ModelSection = Field(default_factory=ModelSection, description="Transformer core.")
     tokenizer: TokenizerSection = Field(default_factory=TokenizerSection, description="Tokenizer.")
     memory: list[ComponentSpec] = Field(default_factory=list, description="Memory tiers, in hand-over order.")
+    memory_system: MemorySettings = Field(
+        default_factory=MemorySettings, description="How the model writes, reads and consolidates its tiers.")
     plasticity: list[RuleSpec] = Field(default_factory=list, description="Plasticity rules, applied in order.")
     features: list[ComponentSpec] = Field(default_factory=list, description="Cognitive features.")
     train: TrainSection | None = Field(None, description="Training; omit to build an untrained model.")
@@ -441,11 +444,26 @@ def validate(src: Source, path: Path | None = None, *, plugins: Any = None) -> V
             data_component = resolved
         else:
             components.append(resolved)
+    if manifest is not None:
+        _cross_checks(src, manifest)
     if src.problems:
         src.problems.sort(key=lambda p: (p.line, p.column))
         raise ManifestError(src.problems)
     assert manifest is not None
     return ValidatedManifest(manifest, src, path, components, pm, data_component)
+
+
+def _cross_checks(src: Source, m: Manifest) -> None:
+    """Constraints between sections."""
+    ms = m.memory_system
+    given = isinstance(src.data, dict) and "memory_system" in src.data
+    if given and not m.memory:
+        src.problem(("memory_system",), "a memory system needs at least one tier under `memory:`")
+    if m.memory and "knn_attention" in ms.read and not m.model.memory_layers:
+        src.problem(("memory_system", "read"),
+                    "knn_attention reads at the memory layers: set model.memory_layers, e.g. [1]")
+    if ms.key_layer is not None and ms.key_layer >= m.model.layers:
+        src.problem(("memory_system", "key_layer"), f"must be a block index below model.layers ({m.model.layers})")
 
 
 def load_manifest(path: str | Path, *, plugins: Any = None) -> ValidatedManifest:

@@ -108,7 +108,8 @@ class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps, out_dtype):
         dim = x.size(-1)
-        rstd = torch.mul(x, x).sum(-1, keepdim=True).div_(dim).add_(eps).rsqrt_()
+        # Tensor.norm is the fastest single-pass sum of squares on CPU here
+        rstd = x.norm(dim=-1, keepdim=True).square_().div_(dim).add_(eps).rsqrt_()
         ctx.save_for_backward(x, rstd, weight)
         normed = torch.mul(x, rstd)
         if out_dtype == x.dtype:
@@ -289,7 +290,10 @@ class Attention(nn.Module):
         q, k, v = _RotaryQKV.apply(self.qkv(x), freqs, H)
         if cache is None:
             dropout = self.dropout if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+            if mask is None:
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+            else:  # an explicit mask, e.g. the banded one of memory keys
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         else:
             k, v = cache.update(layer, k, v, start_pos)
             if mask is None and T > 1:  # prefill from position 0
@@ -331,13 +335,24 @@ class Block(nn.Module):
         start_pos: int = 0,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        a = self.attn(self.norm1(x), freqs, cache, self.index, start_pos, mask)
-        x = x + (a if self.drop is None else self.drop(a))
-        m = self.mlp(self.norm2(x))
-        x = x + (m if self.drop is None else self.drop(m))
+        x = self.body(x, freqs, cache, start_pos, mask)
         if self.memory is not None:
             x = self.memory(x)
         return x
+
+    def body(
+        self,
+        x: torch.Tensor,
+        freqs: torch.Tensor,
+        cache: KVCache | None = None,
+        start_pos: int = 0,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Attention and MLP with their residuals, without the memory module."""
+        a = self.attn(self.norm1(x), freqs, cache, self.index, start_pos, mask)
+        x = x + (a if self.drop is None else self.drop(a))
+        m = self.mlp(self.norm2(x))
+        return x + (m if self.drop is None else self.drop(m))
 
 
 # --------------------------------------------------------------------------- the model
@@ -426,6 +441,27 @@ class Transformer(nn.Module):
             )
         return logits, loss
 
+    def hidden_states(self, idx: torch.Tensor, *, layer: int, window: int = 0) -> torch.Tensor:
+        """The residual stream (B, T, dim) after block ``layer`` (before its memory module).
+
+        With ``window > 0`` each position attends to at most the last ``window`` tokens
+        (itself included), so the result does not depend on distant context — the memory
+        system's keys. Memory modules are skipped: keys are a function of the weights alone.
+        """
+        T = idx.size(1)
+        if T > self.config.context:
+            raise ValueError(f"sequence length {T} exceeds the model context {self.config.context}")
+        mask = None
+        if 0 < window < T:
+            pos = torch.arange(T, device=idx.device)
+            offset = pos[:, None] - pos[None, :]
+            mask = (offset >= 0) & (offset < window)
+        x = self.tok_emb(idx)
+        freqs = self._freqs(0, T)
+        for block in self.blocks[: layer + 1]:
+            x = block.body(x, freqs, None, 0, mask)
+        return x
+
     def new_cache(self, batch_size: int) -> KVCache:
         return KVCache(self.config, batch_size)
 
@@ -468,12 +504,15 @@ class Transformer(nn.Module):
         top_p: float | None = None,
         generator: torch.Generator | None = None,
         stream: Callable[[int], None] | None = None,
+        adjust: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Append ``max_new_tokens`` sampled tokens to ``idx`` (B, T); return (B, T + new).
 
         ``temperature=0`` is greedy. ``top_k`` keeps the k likeliest tokens, ``top_p`` the
         smallest set whose probability reaches p. ``stream(token_id)`` is called for each
-        new token (batch size 1 only). The model runs in eval mode meanwhile.
+        new token (batch size 1 only). ``adjust(ids, logits)`` may replace the next-token
+        logits (B, vocab) given the ids so far (kNN-LM uses it). The model runs in eval
+        mode meanwhile.
 
         Sliding window: the model attends to at most ``context`` tokens. When the cache is
         full, it is rebuilt from the last ``context // 2`` tokens (positions restart at 0)
@@ -496,6 +535,8 @@ class Transformer(nn.Module):
             logits = self.forward_cached(window, cache, 0)[:, -1]
             pos = window.size(1)
             for i in range(max_new_tokens):
+                if adjust is not None:
+                    logits = adjust(out, logits)
                 token = _sample(logits, temperature, top_k, top_p, generator)
                 out = torch.cat([out, token], dim=1)
                 if stream is not None:

@@ -15,7 +15,7 @@ from cortex.interfaces import CognitiveFeature, Entries, MemoryTier, PlasticityR
 class ExactTier(MemoryTier):
     """An exact FIFO key-value buffer: enough to exercise the kernel's tier plumbing."""
 
-    name = "stm"
+    name = "exact"
 
     class Settings(Settings):
         capacity: int = Field(64, gt=0)
@@ -99,6 +99,7 @@ def make_plugin(*classes):
 
 
 @pytest.fixture
-def builtin_stm(fake_distribution):
-    """Pretend the built-in distribution ships ``stm`` (an exact tier) and friends."""
-    fake_distribution("cortex", {"test_builtins": make_plugin(ExactTier, ScaleRule, Counter)})
+def test_components(fake_distribution):
+    """A third-party distribution ``test-components`` providing ``test.exact``, ``test.scale``
+    and ``test.counter``."""
+    fake_distribution("test-components", {"test": make_plugin(ExactTier, ScaleRule, Counter)})

@@ -29,7 +29,7 @@ def test_version(cortex_cli):
     assert result.exit_code == 0 and result.stdout.strip() == f"cortex {cortex.__version__}"
 
 
-def test_validate_reports_both_errors_with_suggestion(builtin_stm, cortex_cli, tmp_path):
+def test_validate_reports_both_errors_with_suggestion(cortex_cli, tmp_path):
     path = write(tmp_path, TINY.replace("dim: 32", "dim: -1") + "memory:\n  - type: stmm\n")
     result = cortex_cli("validate", path)
     assert result.exit_code == 1

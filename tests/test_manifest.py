@@ -29,14 +29,14 @@ def problems(text: str, tmp_path: Path) -> list[str]:
     return lines
 
 
-def test_good_manifest_validates(builtin_stm):
+def test_good_manifest_validates():
     built = load_manifest_text(GOOD)
     assert built.manifest.model.dim == 32
     [tier] = built.section("memory")
     assert tier.info.name == "stm" and tier.settings.capacity == 8
 
 
-def test_misspelt_component_and_negative_dim_reported_together(builtin_stm, tmp_path):
+def test_misspelt_component_and_negative_dim_reported_together(tmp_path):
     text = GOOD.replace("dim: 32", "dim: -4").replace("type: stm", "type: stmm")
     lines = problems(text, tmp_path)
     assert len(lines) == 2
@@ -45,7 +45,7 @@ def test_misspelt_component_and_negative_dim_reported_together(builtin_stm, tmp_
     assert re.match(r".*m\.yaml:5:11 memory\[0\]\.type: unknown memory component 'stmm'; did you mean 'stm'\?", comp)
 
 
-def test_component_settings_errors_point_at_the_value(builtin_stm, tmp_path):
+def test_component_settings_errors_point_at_the_value(tmp_path):
     text = GOOD.replace("capacity: 8", "capacity: 0, colour: red")
     lines = problems(text, tmp_path)
     assert any(":6:" in l and "memory[0].settings.capacity: Input should be greater than 0" in l for l in lines)
@@ -96,11 +96,11 @@ def test_run_name_cannot_escape(tmp_path):
     assert "not a valid run name" in lines[0]
 
 
-def test_wrong_kind_and_unknown_namespace(builtin_stm, fake_distribution, tmp_path):
+def test_wrong_kind_and_unknown_namespace(fake_distribution, tmp_path):
     from tests.conftest import ExactTier, make_plugin
 
     fake_distribution("hopfield-memory", {"hopfield": make_plugin(ExactTier)})
-    text = GOOD + "features:\n  - type: stm\n  - type: hopfeld.stm\n"
+    text = GOOD + "features:\n  - type: stm\n  - type: hopfeld.exact\n"
     lines = problems(text, tmp_path)
     assert any("features[0].type: 'stm' is a memory component, not a feature component" in l for l in lines)
     assert any("no installed plugin provides the namespace 'hopfeld'; did you mean 'hopfield'?" in l for l in lines)

@@ -17,7 +17,7 @@ cortex: 1
 name: tp
 model: {dim: 32, layers: 2, heads: 2, context: 16}
 memory:
-  - type: hopfield.stm
+  - type: hopfield.exact
     settings: {capacity: 4}
 plasticity:
   - type: hopfield.scale
@@ -41,14 +41,14 @@ def test_builtins_come_through_entry_points():
 def test_third_party_components_are_namespaced_listed_and_usable(fake_distribution, build_model, cortex_cli):
     fake_distribution("hopfield-memory", {"hopfield": make_plugin(ExactTier, ScaleRule, Counter)}, version="2.1")
     listed = json.loads(cortex_cli("plugins", "--json").stdout)["components"]
-    row = next(r for r in listed if r["name"] == "hopfield.stm")
-    assert row == {"name": "hopfield.stm", "kind": "memory", "distribution": "hopfield-memory",
+    row = next(r for r in listed if r["name"] == "hopfield.exact")
+    assert row == {"name": "hopfield.exact", "kind": "memory", "distribution": "hopfield-memory",
                    "version": "2.1", "entry_point": "hopfield"}
-    assert not any(r["name"] == "stm" for r in listed)  # never a plain, built-in-looking name
+    assert not any(r["name"] == "exact" for r in listed)  # never a plain, built-in-looking name
 
     model = build_model(THIRD_PARTY)
     [tier], [rule], [feature] = model.memory, model.plasticity, model.features
-    assert isinstance(tier, ExactTier) and tier.capacity == 4 and tier.key == "memory.0.hopfield.stm"
+    assert isinstance(tier, ExactTier) and tier.capacity == 4 and tier.key == "memory.0.hopfield.exact"
     assert sorted(rule.targets) == ["blocks.0.mlp.proj", "blocks.1.mlp.proj"]
     assert feature.events == ["built"]  # the component's own @hookimpl ran
 
@@ -102,7 +102,7 @@ def test_component_clash_names_both_sources(fake_distribution):
     with pytest.raises(PluginError) as info:
         create_plugin_manager()
     message = str(info.value)
-    assert "memory component 'stm' is registered twice" in message
+    assert "memory component 'exact' is registered twice" in message
     assert "entry point a" in message and "entry point b" in message
 
 
@@ -127,19 +127,21 @@ def test_malformed_component_is_reported(fake_distribution):
 def test_autoload_switches(fake_distribution, monkeypatch):
     fake_distribution("a-dist", {"alpha": make_plugin(ExactTier)})
     fake_distribution("b-dist", {"beta": make_plugin(ExactTier)})
-    assert {"alpha.stm", "beta.stm"} <= set(create_plugin_manager().registry.names("memory"))
+    assert {"alpha.exact", "beta.exact"} <= set(create_plugin_manager().registry.names("memory"))
     monkeypatch.setenv("CORTEX_PLUGINS", "beta")
-    assert set(create_plugin_manager().registry.names("memory")) == {"beta.stm"}
+    third_party = {n for n in create_plugin_manager().registry.names("memory") if "." in n}
+    assert third_party == {"beta.exact"}
     monkeypatch.setenv("CORTEX_DISABLE_PLUGIN_AUTOLOAD", "1")
     pm = create_plugin_manager()
-    assert pm.registry.names("memory") == [] and pm.registry.get("data", "demo") is not None
+    assert [n for n in pm.registry.names("memory") if "." in n] == []
+    assert pm.registry.get("data", "demo") is not None
 
 
-def test_plugin_state_round_trips_through_a_run_directory(builtin_stm, build_model, tmp_path):
+def test_plugin_state_round_trips_through_a_run_directory(test_components, build_model, tmp_path):
     from cortex.rundir import load_run, save_run
 
     model = build_model("cortex: 1\nname: st\nmodel: {dim: 16, layers: 1, heads: 2, context: 8}\n"
-                        "memory:\n  - {type: stm, settings: {capacity: 3}}\n")
+                        "memory:\n  - {type: test.exact, settings: {capacity: 3}}\n")
     tier = model.memory[0]
     tier.write(Entries(torch.randn(5, 16), torch.randn(5, 16), torch.zeros(5, dtype=torch.long),
                        torch.zeros(5, dtype=torch.long)))

@@ -1,0 +1,407 @@
+"""The memory system: how the model writes to, reads from and consolidates its memory tiers.
+
+Entries are written per processed segment: the **key** of position ``t`` is the hidden
+state after block ``key_layer`` computed over only the last ``key_window`` tokens
+(a banded causal mask, so keys do not depend on distant context), the **value** is the
+full-context hidden state after the memory layer, and the **token** is what followed.
+An importance score chooses which positions are stored (``write``/``write_fraction``).
+
+Two read modes, both configurable and both measured:
+
+* ``knn_attention`` (Memorizing Transformers): at each memory layer a learned query looks
+  up the ``k`` nearest entries of every tier in the row's own stream; attention over the
+  retrieved (stop-gradient) values is mixed into the residual stream through a learned
+  gate; tiers are weighted by a temperature-controlled softmax of their best score.
+* ``knn_lm`` (Khandelwal et al.): training-free; at evaluation and generation the
+  next-token distribution of the retrieved neighbours is interpolated with the model's.
+
+Consolidation hands entries down the tier chain (STM -> LTM -> Archive) at every step end
+or only during sleep (``consolidate: sleep``; the sleep plugin calls
+[`MemorySystem.consolidate`][cortex.memory.MemorySystem.consolidate]).
+
+How often each tier is read: with ``knn_attention`` every tier is read once per memory
+layer per segment, for every token of every row (one batched search per tier); with
+``knn_lm`` only at evaluation/generation, once per token. Writes happen once per segment.
+"""
+
+from __future__ import annotations
+
+import zlib
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator, Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+from torch.nn import functional as F
+
+from cortex.hookspecs import hookimpl
+from cortex.interfaces import Entries, MemoryTier, Retrieval, Settings
+
+if TYPE_CHECKING:
+    from cortex.model import Transformer
+
+#: stream ids of sessions start here, above any batch-row stream used in training
+SESSION_BASE = 1 << 32
+
+
+def session_stream(session: str) -> int:
+    """The stable stream id of a named session (``"self"`` is the persistent one)."""
+    return SESSION_BASE + zlib.crc32(session.encode("utf-8"))
+
+
+class MemorySettings(Settings):
+    """The ``memory_system:`` section of a manifest."""
+
+    read: list[Literal["knn_attention", "knn_lm"]] = Field(
+        default_factory=lambda: ["knn_lm"], description="Read modes in use.")
+    k: int = Field(8, gt=0, description="Neighbours retrieved per tier and query.")
+    key_layer: int | None = Field(
+        None, ge=0, description="Block whose output gives memory keys (default: the first memory layer, "
+                                "else the last block).")
+    key_window: int = Field(16, ge=0, description="Tokens a key sees (0: the full context).")
+    tier_temperature: float = Field(1.0, gt=0, description="Softmax temperature over tiers' best scores.")
+    lm_lambda: float = Field(0.5, ge=0, le=1, description="kNN-LM weight of the memory distribution.")
+    lm_temperature: float = Field(0.01, gt=0, description="kNN-LM softmax temperature over cosine scores.")
+    lm_min_score: float = Field(0.5, ge=-1, le=1, description="kNN-LM ignores neighbours below this cosine.")
+    use_bonus: float = Field(1.0, ge=0, description="kNN-LM log-weight bonus per log(1 + uses): "
+                                                     "repetition raises confidence.")
+    read_temperature: float = Field(0.1, gt=0, description="Initial temperature of kNN-attention scores.")
+    gate_init: float = Field(-1.0, description="Initial logit of the kNN-attention gate.")
+    residual_weight: float = Field(1.0, ge=0, description="Scale of the memory output added to the stream.")
+    memory_dropout: float = Field(0.0, ge=0, lt=1, description="Share of retrieved slots dropped in training.")
+    gumbel_temperature: float | None = Field(
+        None, gt=0, description="Gumbel-softmax soft sparsity over slots in training (None: plain softmax).")
+    write: Literal["all", "surprise"] = Field(
+        "surprise", description="What to store: every position, or the most surprising (highest loss).")
+    write_fraction: float = Field(0.25, gt=0, le=1, description="Share of positions stored with `surprise`.")
+    write_in_training: bool = Field(True, description="Write each training segment to STM.")
+    consolidate: Literal["step", "sleep"] = Field(
+        "step", description="Hand entries down the tiers at every step end, or only during sleep (NREM).")
+
+
+def tier_weights(best_scores: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Softmax over tiers (last dim) of their best scores / ``temperature``.
+
+    Empty tiers (score ``-inf``) get weight 0; when every tier is empty all weights are 0.
+    A low temperature favours the best-matching tier, a high one spreads evenly — never a
+    hard winner-take-all.
+    """
+    logits = best_scores / temperature
+    empty = torch.isneginf(best_scores)
+    weights = torch.softmax(logits.masked_fill(empty, -1e9), dim=-1)
+    return weights.masked_fill(empty, 0.0)
+
+
+class MemoryAttention(nn.Module):
+    """kNN-attention after one block: a learned query reads every tier, a gate mixes it in."""
+
+    def __init__(self, system: MemorySystem, dim: int, settings: MemorySettings) -> None:
+        super().__init__()
+        self._system = [system]  # a list: not a registered child (the system is not a Module of the core)
+        self.norm = nn.RMSNorm(dim)
+        self.query = nn.Linear(dim, dim, bias=False)
+        self.value = nn.Linear(dim, dim, bias=False)
+        self.out = nn.Linear(dim, dim, bias=False)
+        self.gate = nn.Parameter(torch.full((dim,), float(settings.gate_init)))
+        self.log_scale = nn.Parameter(torch.tensor(-float(torch.log(torch.tensor(settings.read_temperature)))))
+        self.settings = settings
+        with torch.no_grad():
+            self.query.weight.copy_(torch.eye(dim))
+            self.value.weight.copy_(torch.eye(dim))
+            nn.init.normal_(self.out.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        system = self._system[0]
+        segment = system.active
+        if segment is None:  # a plain core call: memory is not consulted
+            return x
+        if segment.value is None:
+            segment.value = x.detach()
+        q = F.normalize(self.query(self.norm(x)), dim=-1)
+        reads = system.read_batch(q.detach().float(), segment.streams)
+        if not reads:
+            return x
+        mixed, best = [], []
+        for r in reads:
+            keys = r.keys.to(q.dtype)
+            logits = torch.einsum("btd,btkd->btk", q, keys) * self.log_scale.exp()
+            empty = r.ids < 0
+            if self.training and self.settings.memory_dropout > 0:
+                empty = empty | (torch.rand_like(logits) < self.settings.memory_dropout)
+            logits = logits.masked_fill(empty, -1e9)
+            if self.training and self.settings.gumbel_temperature:
+                attn = F.gumbel_softmax(logits, tau=self.settings.gumbel_temperature, dim=-1)
+            else:
+                attn = torch.softmax(logits, dim=-1)
+            attn = attn.masked_fill(empty, 0.0)
+            mixed.append(torch.einsum("btk,btkd->btd", attn, r.values.to(q.dtype)))
+            best.append(r.scores[..., 0])
+        weights = tier_weights(torch.stack(best, dim=-1), self.settings.tier_temperature).to(q.dtype)
+        memory = torch.einsum("btn,nbtd->btd", weights, torch.stack(mixed))
+        system.record_read(weights)
+        out = self.out(self.value(memory))
+        return x + self.settings.residual_weight * torch.sigmoid(self.gate) * out
+
+
+@dataclass
+class _Segment:
+    streams: torch.Tensor
+    value: torch.Tensor | None = None  # the residual stream entering the first reader
+
+
+class MemorySystem:
+    """Owns the tier chain of one model: writes, reads, kNN-LM and consolidation."""
+
+    def __init__(self, settings: MemorySettings, tiers: list[MemoryTier], core: Transformer) -> None:
+        if not tiers:
+            raise ValueError("a memory system needs at least one tier")
+        self.settings = settings
+        self.tiers = tiers
+        self.core = core
+        layers = core.config.layers
+        self.memory_layers = list(core.config.memory_layers)
+        self.key_layer = settings.key_layer if settings.key_layer is not None else (
+            self.memory_layers[0] if self.memory_layers else layers - 1)
+        if self.key_layer >= layers:
+            raise ValueError(f"memory_system.key_layer {self.key_layer} is not a block index (< {layers})")
+        self.active: _Segment | None = None
+        self.step = 0
+        self.stats = {"writes": 0, "reads": 0, "consolidated": 0}
+        self._tier_weight_sum = torch.zeros(len(tiers))
+        self.readers: list[MemoryAttention] = []
+        if "knn_attention" in settings.read:
+            if not self.memory_layers:
+                raise ValueError("knn_attention needs model.memory_layers, e.g. [1]")
+            for layer in self.memory_layers:
+                reader = MemoryAttention(self, core.config.dim, settings)
+                core.set_memory_layer(layer, reader)
+                self.readers.append(reader)
+
+    # -- reading ----------------------------------------------------------------------
+
+    def read_batch(self, queries: torch.Tensor, streams: torch.Tensor) -> list[Retrieval]:
+        """Every non-empty tier's top-k for ``queries`` (B, T, d), one stream per row."""
+        self.stats["reads"] += 1
+        return [
+            tier.read_batch(queries, streams, self.settings.k, step=self.step)
+            for tier in self.tiers if len(tier)
+        ]
+
+    def record_read(self, weights: torch.Tensor) -> None:
+        self._tier_weight_sum[: weights.shape[-1]] += weights.detach().float().reshape(-1, weights.shape[-1]).sum(0)
+
+    # -- keys -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def keys(self, idx: torch.Tensor) -> torch.Tensor:
+        """Memory keys (B, T, d) for every position of ``idx``: local-window hidden states."""
+        return self.core.hidden_states(idx, layer=self.key_layer, window=self.settings.key_window).float()
+
+    # -- a segment's forward pass -----------------------------------------------------
+
+    @contextmanager
+    def segment(self, streams: torch.Tensor) -> Iterator[_Segment]:
+        """Reads during the forward pass inside this block use ``streams`` (one per row)."""
+        self.active = _Segment(streams)
+        try:
+            yield self.active
+        finally:
+            self.active = None
+
+    @torch.no_grad()
+    def write_segment(self, idx: torch.Tensor, targets: torch.Tensor, streams: torch.Tensor,
+                      *, importance: torch.Tensor | None = None, values: torch.Tensor | None = None,
+                      meta: list[dict[str, Any]] | None = None) -> int:
+        """Write the chosen positions of a processed segment to the first tier.
+
+        ``importance`` (B, T) ranks positions for ``write: surprise``; ``values`` (B, T, d)
+        are what kNN-attention will read (the stream entering the memory layer); without
+        readers the keys serve as values. Positions whose target is -1 are never written.
+        Returns the number of entries written.
+        """
+        B, T = idx.shape
+        keys = self.keys(idx)
+        values = keys if values is None else values.float()
+        keep = targets >= 0
+        if self.settings.write == "surprise" and importance is not None and T > 1:
+            n = max(1, round(T * self.settings.write_fraction))
+            ranked = importance.float().masked_fill(~keep, float("-inf"))
+            top = ranked.topk(min(n, T), dim=1).indices
+            chosen = torch.zeros_like(keep)
+            chosen.scatter_(1, top, True)
+            keep = keep & chosen
+        rows, cols = keep.nonzero(as_tuple=True)
+        if rows.numel() == 0:
+            return 0
+        entries = Entries(
+            keys=keys[rows, cols],
+            values=values[rows, cols],
+            tokens=targets[rows, cols].long(),
+            streams=streams[rows].long(),
+            meta=[meta[i] for i in (rows * T + cols).tolist()] if meta is not None else None,
+        )
+        self.tiers[0].write(entries, step=self.step)
+        self.stats["writes"] += len(entries)
+        return len(entries)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None, streams: torch.Tensor,
+                *, training: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The core's forward pass with memory: reads, then (training) writes or (eval) kNN-LM."""
+        with self.segment(streams) as segment:
+            logits, loss = self.core(idx, targets)
+        if training:
+            if targets is not None and self.settings.write_in_training:
+                importance = None
+                if self.settings.write == "surprise":
+                    with torch.no_grad():
+                        importance = F.cross_entropy(logits.detach().float().transpose(1, 2),
+                                                     targets.clamp_min(0), reduction="none")
+                self.write_segment(idx, targets, streams, importance=importance, values=segment.value)
+        elif "knn_lm" in self.settings.read:
+            logits = self.knn_lm_logits(idx, logits, streams)
+            if targets is not None:
+                loss = F.cross_entropy(logits.flatten(0, 1), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    @torch.no_grad()
+    def remember(self, ids: torch.Tensor, stream: int, meta: dict[str, Any] | None = None) -> int:
+        """Store every position of token ids (1-D) in ``stream``; returns entries written.
+
+        Texts longer than the context are stored window by window.
+        """
+        ids = ids.reshape(-1)
+        ctx = self.core.config.context
+        written = 0
+        for start in range(0, max(1, ids.numel() - 1), ctx):
+            chunk = ids[start : start + ctx + 1]
+            if chunk.numel() < 2:
+                break
+            inputs, targets = chunk[:-1].unsqueeze(0), chunk[1:].unsqueeze(0)
+            streams = torch.tensor([stream])
+            with self.segment(streams) as segment:
+                self.core(inputs)
+            entry_meta = None
+            if meta is not None:
+                entry_meta = [{**meta, "position": start + t} for t in range(inputs.shape[1])]
+            written += self.write_segment(inputs, targets, streams, values=segment.value, meta=entry_meta,
+                                          importance=None)
+        return written
+
+    @torch.no_grad()
+    def knn_lm_logits(self, idx: torch.Tensor, logits: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
+        """kNN-LM log-probabilities (B, T, vocab) for every position of ``idx``."""
+        keys = self.keys(idx)
+        vocab = logits.shape[-1]
+        rows = []
+        for b in range(idx.shape[0]):
+            dist, mass = self.knn_distribution(keys[b], int(streams[b]), vocab)
+            rows.append(self.interpolate(logits[b], dist, mass))
+        return torch.stack(rows)
+
+    @torch.no_grad()
+    def knn_lm_next(self, ids: torch.Tensor, logits: torch.Tensor, stream: int) -> torch.Tensor:
+        """kNN-LM log-probabilities (B, vocab) of the token after ``ids`` (B, T)."""
+        window = self.settings.key_window or self.core.config.context
+        tail = ids[:, -min(window, self.core.config.context):]
+        keys = self.core.hidden_states(tail, layer=self.key_layer, window=window)[:, -1].float()
+        dist, mass = self.knn_distribution(keys, stream, logits.shape[-1])
+        return self.interpolate(logits, dist, mass)
+
+    # -- kNN-LM -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def knn_distribution(self, keys: torch.Tensor, stream: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next-token distribution (Q, vocab) of the neighbours of ``keys`` (Q, d) in ``stream``,
+        and the total neighbour weight per query (0 where nothing close was found)."""
+        Q = keys.shape[0]
+        dist = torch.zeros(Q, vocab)
+        found = torch.zeros(Q, dtype=torch.bool)
+        reads, best = [], []
+        for tier in self.tiers:
+            if not len(tier):
+                continue
+            r = tier.read(keys, self.settings.k, stream=stream, step=self.step)
+            reads.append(r)
+            best.append(r.scores[:, 0])
+        if not reads:
+            return dist, torch.zeros(Q)
+        weights = tier_weights(torch.stack(best, dim=-1), self.settings.tier_temperature)
+        s = self.settings
+        for t, r in enumerate(reads):
+            valid = (r.ids >= 0) & (r.scores >= s.lm_min_score) & (r.tokens >= 0) & (r.tokens < vocab)
+            uses = self._uses(r)
+            logits = r.scores / s.lm_temperature + s.use_bonus * torch.log1p(uses)
+            logits = logits.masked_fill(~valid, float("-inf"))
+            has = valid.any(dim=1)
+            p = torch.zeros_like(logits)
+            p[has] = torch.softmax(logits[has], dim=1)
+            dist.scatter_add_(1, r.tokens.clamp(min=0), p * weights[:, t : t + 1])
+            found |= has
+        mass = dist.sum(dim=1)
+        dist[found] = dist[found] / mass[found].unsqueeze(1)
+        return dist, mass
+
+    @staticmethod
+    def _uses(r: Retrieval) -> torch.Tensor:
+        return r.uses.float() if r.uses is not None else torch.zeros_like(r.scores)
+
+    def interpolate(self, logits: torch.Tensor, knn: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+        """Log of ``(1 - λ) p_model + λ p_knn`` where neighbours were found, else the model's."""
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        lam = self.settings.lm_lambda * (mass > 0).float().unsqueeze(-1)
+        mixed = torch.logaddexp(logp + torch.log1p(-lam.clamp(max=1 - 1e-6)), torch.log(knn.clamp_min(1e-12)) + torch.log(lam.clamp_min(1e-12)))
+        return torch.where(mass.unsqueeze(-1) > 0, mixed, logp)
+
+    # -- consolidation ----------------------------------------------------------------
+
+    def consolidate(self, step: int | None = None) -> int:
+        """Hand entries down the tier chain; returns how many moved."""
+        step = self.step if step is None else step
+        moved = 0
+        for upper, lower in zip(self.tiers, self.tiers[1:]):
+            entries = upper.handover(step=step)
+            if entries is not None and len(entries):
+                lower.write(entries, step=step)
+                moved += len(entries)
+        self.stats["consolidated"] += moved
+        return moved
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    @hookimpl
+    def cortex_before_step(self, model: Any, step: int, batch: torch.Tensor) -> None:
+        self.step = step
+
+    @hookimpl
+    def cortex_after_step(self, model: Any, step: int, metrics: dict[str, float]) -> None:
+        if self.settings.consolidate == "step":
+            metrics["memory/consolidated"] = float(self.consolidate(step))
+        metrics["memory/writes"] = float(self.stats["writes"])
+
+    @hookimpl
+    def cortex_sleep(self, model: Any, phase: str, step: int) -> None:
+        if phase == "nrem":
+            self.consolidate(step)
+
+    @hookimpl
+    def cortex_state_save(self, model: Any) -> dict[str, Any]:
+        return {"memory_system": {"step": self.step, "stats": dict(self.stats),
+                                  "tier_weight_sum": self._tier_weight_sum.clone()}}
+
+    @hookimpl
+    def cortex_state_load(self, model: Any, state: dict[str, Any]) -> None:
+        mine = state.get("memory_system")
+        if mine:
+            self.step = int(mine["step"])
+            self.stats.update({k: int(v) for k, v in mine["stats"].items()})
+            self._tier_weight_sum = mine["tier_weight_sum"].clone()
+
+    def summary(self) -> dict[str, Any]:
+        total = self._tier_weight_sum.sum().clamp_min(1e-9)
+        return {
+            **self.stats,
+            "read": list(self.settings.read),
+            "tier_weight_share": {t.key: float(w / total) for t, w in zip(self.tiers, self._tier_weight_sum)},
+        }

@@ -1,0 +1,138 @@
+"""The memory system inside a model: writes, both read modes, streams, consolidation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cortex.memory import session_stream, tier_weights
+
+BASE = """\
+cortex: 1
+name: mem
+model: {{dim: 64, layers: 2, heads: 2, context: 64, memory_layers: {layers}}}
+memory:
+  - {{type: stm, settings: {{capacity: 256, consolidate_after: {after}, threshold: 0.999}}}}
+  - {{type: ltm, settings: {{capacity: 4096, idle_steps: 2}}}}
+  - {{type: archive, settings: {{capacity: 8192, pq_m: 8, train_after: 64}}}}
+memory_system:
+  read: {read}
+  key_window: 16
+"""
+
+
+def manifest(read="[knn_lm]", layers="[]", after=3):
+    return BASE.format(read=read, layers=layers, after=after)
+
+
+def test_tier_weights_follow_the_temperature():
+    best = torch.tensor([[0.9, 0.5, float("-inf")]])
+    sharp, soft = tier_weights(best, 0.05), tier_weights(best, 10.0)
+    assert sharp[0, 2] == 0 and soft[0, 2] == 0  # an empty tier never gets weight
+    assert 0.99 < sharp[0, 0] < 1.0  # sharp: nearly, never exactly, winner-take-all
+    assert abs(soft[0, 0] - soft[0, 1]) < 0.05  # soft: nearly even
+    assert torch.allclose(sharp.sum(), torch.tensor(1.0)) and torch.allclose(soft.sum(), torch.tensor(1.0))
+    assert tier_weights(torch.full((1, 2), float("-inf")), 1.0).sum() == 0
+
+
+def test_knn_lm_recalls_a_fact_told_once_whatever_precedes_the_cue(build_model):
+    torch.manual_seed(0)
+    model = build_model(manifest()).eval()
+    plain = build_model(manifest().split("memory:")[0]).eval()  # the same core, no memory
+    plain.core.load_state_dict(model.core.state_dict())
+    fact = "Mina's locker number is 3817."
+    assert model.remember(fact) > 0
+    cue = "We talked about the weather for a while. Then: Mina's locker number is"
+    assert model.generate_text(cue, max_new_tokens=5).startswith(" 3817")
+    assert not plain.generate_text(cue, max_new_tokens=5).startswith(" 3817")
+    # another session's memory is not consulted
+    assert not model.generate_text(cue, max_new_tokens=5, session="someone-else").startswith(" 3817")
+
+
+def test_knn_attention_reads_only_the_rows_own_stream_and_no_gradient_reaches_memory(build_model):
+    torch.manual_seed(0)
+    model = build_model(manifest(read="[knn_attention]", layers="[0]"))
+    model.train()
+    x = torch.randint(0, 200, (2, 17))
+    model(x[:, :-1], x[:, 1:])  # writes both rows' segments to their own streams
+    stm = model.memory[0]
+    assert len(stm) > 0
+    stored = stm.state_dict()
+    reader = model.core.blocks[0].memory
+    torch.nn.init.normal_(reader.out.weight, std=1.0)  # make the memory path visible in the output
+    with torch.no_grad():
+        reader.gate.fill_(5.0)
+    y = torch.randint(0, 200, (2, 16))
+    logits, _ = model(y, streams=torch.tensor([0, 1]))
+    changed_other, _ = model(y, streams=torch.tensor([0, 7]))  # row 1 now reads an empty stream
+    assert torch.allclose(logits[0], changed_other[0], atol=1e-5)
+    assert not torch.allclose(logits[1], changed_other[1], atol=1e-3)
+    loss = logits.float().pow(2).mean()
+    loss.backward()
+    assert reader.query.weight.grad is not None and reader.query.weight.grad.abs().sum() > 0
+    after = stm.state_dict()
+    for key in ("keys", "values"):  # reads count uses; contents never change
+        assert not after[key].requires_grad
+        assert torch.equal(stored[key], after[key]), key
+
+
+def test_training_steps_fill_every_tier_with_consolidation(build_model):
+    from cortex.step import make_optimizer, train_step
+
+    torch.manual_seed(0)
+    model = build_model(manifest(read="[knn_attention, knn_lm]", layers="[1]", after=1))
+    model.train()
+    opt = make_optimizer(model, lr=1e-3)
+    data = torch.randint(0, 50, (4, 33))
+    metrics = {}
+    for step in range(8):
+        metrics = train_step(model, opt, [data], step=step, hook=model.pm.hook)
+    stm, ltm, archive = model.memory
+    assert len(stm) > 0 and len(ltm) > 0 and len(archive) > 0
+    assert model.memory_system.stats["consolidated"] > 0
+    assert metrics["memory/writes"] > 0
+    assert stm.stats()["consolidated_out"] > 0 and ltm.stats()["consolidated_in"] > 0
+
+
+def test_consolidation_waits_for_sleep_when_configured(build_model):
+    from cortex.step import make_optimizer, train_step
+
+    model = build_model(manifest(read="[knn_attention]", layers="[1]", after=1) + "  consolidate: sleep\n")
+    model.train()
+    opt = make_optimizer(model, lr=1e-3)
+    data = torch.randint(0, 50, (2, 33))
+    for step in range(3):
+        train_step(model, opt, [data], step=step, hook=model.pm.hook)
+    stm, ltm, _ = model.memory
+    assert len(ltm) == 0 and len(stm) > 0
+    model.pm.hook.cortex_sleep(model=model, phase="rem", step=3)
+    assert len(ltm) == 0
+    model.pm.hook.cortex_sleep(model=model, phase="nrem", step=3)
+    assert len(ltm) > 0
+
+
+def test_memory_survives_a_restart(build_model, tmp_path):
+    from cortex.rundir import load_run, save_run
+
+    torch.manual_seed(0)
+    model = build_model(manifest()).eval()
+    model.remember("Jisoo's bike code is 5521.")
+    path = save_run(model, tmp_path)
+    again = load_run(path).eval()
+    cue = "Unrelated words first. Jisoo's bike code is"
+    assert again.generate_text(cue, max_new_tokens=5) == model.generate_text(cue, max_new_tokens=5)
+    assert again.generate_text(cue, max_new_tokens=5).startswith(" 5521")
+
+
+def test_sessions_map_to_stable_streams_outside_training_rows():
+    assert session_stream("self") == session_stream("self") != session_stream("other")
+    assert session_stream("self") >= 1 << 32
+
+
+def test_manifest_cross_checks(tmp_path):
+    from cortex.manifest import ManifestError, load_manifest_text
+
+    with pytest.raises(ManifestError, match="knn_attention reads at the memory layers"):
+        load_manifest_text(manifest(read="[knn_attention]"))
+    with pytest.raises(ManifestError, match="needs at least one tier"):
+        load_manifest_text("cortex: 1\nname: x\nmemory_system: {k: 4}\n")

@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 __all__ = ["KVCache", "ModelConfig", "RMSNorm", "Transformer", "apply_rope", "rope_frequencies"]
 
@@ -374,6 +375,9 @@ class Transformer(nn.Module):
         # imaginary part; viewed as complex float32 in forward
         freqs = rope_frequencies(config.head_dim, config.context, config.rope_base)
         self.register_buffer("rope_freqs", torch.view_as_real(freqs), persistent=False)
+        #: recompute each block's activations in backward when training (less memory, more
+        #: compute); blocks with a memory module are not recomputed (their reads have effects)
+        self.gradient_checkpointing = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -431,8 +435,12 @@ class Transformer(nn.Module):
         if self.drop is not None:
             x = self.drop(x)
         freqs = self._freqs(0, T)
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, freqs)
+            if recompute and block.memory is None:
+                x = checkpoint(block, x, freqs, use_reentrant=False)
+            else:
+                x = block(x, freqs)
         logits = self.lm_head(self.norm(x))
         loss = None
         if targets is not None:

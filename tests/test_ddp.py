@@ -69,7 +69,9 @@ def test_two_gloo_ranks_equal_one_process_with_the_whole_batch(tmp_path):
     for name, expected in single.core.state_dict().items():
         a, b = ranks[0]["weights"][name], ranks[1]["weights"][name]
         assert torch.equal(a, b), name  # the ranks never drift apart
-        assert torch.allclose(a, expected, atol=2e-6, rtol=1e-5), (name, (a - expected).abs().max())
+        # Adam's first update is lr * g / (|g| + eps): rounding in tiny gradients moves it by a
+        # small fraction of lr, while a missing gradient sync moves it by up to 2 lr
+        assert torch.allclose(a, expected, atol=0.01 * SETTINGS["lr"], rtol=0), (name, (a - expected).abs().max())
         changed |= not torch.equal(a, initial[name])
     assert changed
     assert [r["main"] for r in ranks] == [True, False]

@@ -332,3 +332,22 @@ def test_bad_data_is_a_clear_error(tmp_path):
     small = write_corpus(tmp_path / "small.jsonl", docs=2)
     with pytest.raises(DataError, match="too few"):
         train(model, run, settings(), data=str(small), steps=2)
+
+
+def test_gradient_checkpointing_gives_the_same_training(tmp_path, monkeypatch):
+    import cortex.model
+
+    calls = []
+    real = cortex.model.checkpoint
+    monkeypatch.setattr(cortex.model, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    corpus = write_corpus(tmp_path / "corpus.jsonl")
+    weights = []
+    for name, flag in (("plain", False), ("recomputed", True)):
+        model, run = new_run(tmp_path, manifest_text(extra=", layers: 2, dropout: 0.1").replace("layers: 1, ", ""),
+                             name=name)
+        torch.manual_seed(5)
+        train(model, run, settings(gradient_checkpointing=flag), data=str(corpus), steps=3)
+        assert model.core.gradient_checkpointing is flag
+        weights.append(torch.cat([p.detach().flatten() for p in model.core.parameters()]))
+    assert torch.allclose(weights[0], weights[1], atol=1e-6)
+    assert len(calls) == 3 * 2  # two blocks recomputed per step, only in the second run

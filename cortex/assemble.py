@@ -56,10 +56,13 @@ class CortexModel(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 streams: torch.Tensor | None = None):
-        """``(logits, loss)``. With memory, row ``b`` reads and writes stream ``streams[b]``
-        (default: the row index, as in training); in eval mode kNN-LM, when enabled, turns
-        the logits into interpolated log-probabilities."""
-        if self.memory_system is None:
+        """``(logits, loss)``. With memory, row ``b`` reads and writes stream ``streams[b]``.
+
+        In training ``streams`` defaults to the row index. In eval mode memory is consulted
+        only when ``streams`` is given (so validation measures the weights alone); then
+        kNN-LM, when enabled, turns the logits into interpolated log-probabilities.
+        """
+        if self.memory_system is None or (streams is None and not self.training):
             return self.core(idx, targets)
         if streams is None:
             streams = torch.arange(idx.shape[0])

@@ -247,6 +247,30 @@ def plot(
 
 
 @app.command()
+def memory(
+    run: Path = typer.Argument(..., help="A run directory."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Per memory tier: entries, capacity, bytes of stored state, hit rate and consolidations."""
+    from cortex.rundir import load_run
+
+    model = load_run(run)
+    if model.memory_system is None:
+        raise CortexError(f"{run}: this model has no memory tiers")
+    rows = [{"tier": tier.key, **tier.stats()} for tier in model.memory]
+    if as_json:
+        sys.stdout.write(json.dumps({"tiers": rows, "system": model.memory_system.summary()}, indent=2) + "\n")
+        return
+    columns = ("tier", "entries", "capacity", "bytes", "hit_rate", "consolidated_in", "consolidated_out", "evicted")
+    table = Table(title=f"memory of {run}")
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(f"{row.get(c, 0):.3f}" if c == "hit_rate" else str(row.get(c, "")) for c in columns))
+    console.print(table)
+
+
+@app.command()
 def validate(manifests: list[Path] = typer.Argument(..., help="Manifest files to check.")) -> None:
     """Check manifests without building them; report every problem with FILE:LINE:COL."""
     from cortex.manifest import load_manifest

@@ -104,8 +104,22 @@ def test_bench_throughput_quick_writes_a_report(cortex_cli, tmp_path):
     assert data["command"] == ["cortex", "bench", "throughput", str(path), "--quick", "-o", str(tmp_path / "out")]
     assert data["threads"] >= 1 and data["seeds"] == [0]
     fp32 = data["figures"][f"{path}:fp32"]
-    assert fp32["core_tokens_per_s"]["median"] > 0 and fp32["ratio"]["mean"] > 0
+    assert fp32["tokens_per_s"]["median"] > 0 and fp32["vs_reference"]["mean"] > 0
     assert {c["name"] for c in data["checks"]} == {f"{path} fp32 core/reference", f"{path} bf16 core/reference"}
     report = (out / "report.md").read_text()
     assert "core/reference" in report and "![throughput.png](throughput.png)" in report
     assert (out / "throughput.png").stat().st_size > 1000
+
+
+def test_bench_throughput_compares_a_memory_manifest_with_the_plain_one(cortex_cli, tmp_path):
+    plain = write(tmp_path, TINY)
+    memory = write(tmp_path, TINY.replace("name: tiny", "name: mem").replace("context: 32}", "context: 32, memory_layers: [1]}")
+                   + "memory:\n  - {type: stm, settings: {capacity: 16}}\n"
+                   + "memory_system: {read: [knn_attention]}\n", "mem.yaml")
+    result = cortex_cli("bench", "throughput", plain, memory, "--quick", "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "out" / "throughput" / "results.json").read_text())
+    names = {c["name"] for c in data["checks"]}
+    assert f"{memory} bf16 vs {plain}" in names and f"{plain} bf16 core/reference" in names
+    assert data["figures"][f"{memory}:fp32"]["vs_first_target"]["mean"] > 0
+    assert data["figures"][f"{plain}:fp32"]["vs_first_target"]["mean"] == 1.0

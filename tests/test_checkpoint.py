@@ -193,3 +193,36 @@ def test_resume_refuses_a_checkpoint_of_another_batch(tmp_path):
         train(model, run, settings(batch=4), data=str(corpus), resume="auto")
     with pytest.raises(CheckpointError, match="has checkpoints from an earlier training"):
         train(model, run, settings(), data=str(corpus))
+
+
+def _flat(state, prefix=""):
+    if isinstance(state, dict):
+        for key, value in state.items():
+            yield from _flat(value, f"{prefix}/{key}")
+    elif isinstance(state, (list, tuple)):
+        for i, value in enumerate(state):
+            yield from _flat(value, f"{prefix}[{i}]")
+    else:
+        yield prefix, state
+
+
+def test_exact_resume_includes_memory_tiers(tmp_path):
+    """STM + LTM (FAISS) with kNN-attention: weights and every tier's state resume exactly."""
+    text = manifest_text(extra=", layers: 2, memory_layers: [1]").replace("layers: 1, ", "") + (
+        "memory:\n  - {type: stm, settings: {capacity: 16}}\n  - {type: ltm, settings: {capacity: 256}}\n"
+        "memory_system: {read: [knn_attention]}\n")
+    corpus = write_corpus(tmp_path / "corpus.jsonl")
+    s = settings(checkpoint_every=3, eval_every=3, micro_batch=4)
+    straight, run_a = new_run(tmp_path, text, name="a")
+    train(straight, run_a, s, data=str(corpus), steps=8)
+    first, run_b = new_run(tmp_path, text, name="b")
+    train(first, run_b, s, data=str(corpus), steps=8, stop_at=4)
+    resumed = load_run(run_b)
+    train(resumed, run_b, s, data=str(corpus), resume="auto")
+    for (name, a), b in zip(straight.core.state_dict().items(), resumed.core.state_dict().values()):
+        assert torch.equal(a, b), name
+    sa, sb = dict(_flat(straight.plugin_state())), dict(_flat(resumed.plugin_state()))
+    assert sa.keys() == sb.keys() and any(k.startswith("/memory.0.stm") for k in sa)
+    for key, value in sa.items():
+        other = sb[key]
+        assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, key

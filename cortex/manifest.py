@@ -110,8 +110,8 @@ class TrainSection(_Section):
     min_lr: float | None = Field(
         None, ge=0, description="Learning rate at the end of the cosine decay (default: `lr / 10`).")
     micro_batch: int | None = Field(
-        None, gt=0, description="Sequences per forward pass; `batch / micro_batch` passes are accumulated "
-        "(default: from `grad_accum`, else picked for the device).")
+        None, gt=0, description="Sequences per forward pass (per process under torchrun); the passes of a "
+        "step are accumulated (default: from `grad_accum`, else picked for the device).")
     grad_accum: int | None = Field(
         None, gt=0, description="Micro-batches accumulated per step; `batch` must be a multiple of it.")
     device: Literal["auto", "cpu", "cuda"] = Field(

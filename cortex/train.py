@@ -445,7 +445,7 @@ def train(
     if settings.micro_batch is not None:
         micro = settings.micro_batch
     elif settings.grad_accum is not None:
-        micro = max(1, settings.batch // settings.grad_accum)
+        micro = max(1, local_batch // settings.grad_accum)
     else:
         micro = preset.micro_batch
     micro = _divisor_at_most(local_batch, micro)

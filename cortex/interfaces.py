@@ -9,7 +9,7 @@ lifecycle.
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Iterator
 
@@ -139,6 +139,27 @@ class MemoryTier(Component):
         Counts a use and refreshes the last-access step of every entry returned.
         """
         raise NotImplementedError
+
+    def read_batch(self, queries: torch.Tensor, streams: torch.Tensor, k: int, *, step: int = 0) -> Retrieval:
+        """[`read`][cortex.interfaces.MemoryTier.read] for (B, T, d) queries, row ``b`` in
+        stream ``streams[b]``; results have shapes (B, T, k, ...). Tiers may vectorise it."""
+        parts = [self.read(q, k, stream=int(s), step=step) for q, s in zip(queries, streams)]
+
+        def stack(name: str) -> torch.Tensor | None:
+            items = [getattr(part, name) for part in parts]
+            return None if items[0] is None else torch.stack(items)
+
+        return Retrieval(**{f.name: stack(f.name) for f in fields(Retrieval)})
+
+    def slots(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """For small exact tiers: every slot of each row's stream as ``(keys (B, S, d),
+        values (B, S, d), valid (B, S))``, so a reader can attend to them densely; ``None``
+        (the default) when the tier must be searched."""
+        return None
+
+    def touch(self, streams: torch.Tensor, used: torch.Tensor, *, step: int = 0) -> None:
+        """Count a use of the slots marked in ``used`` (B, S) after a dense read of
+        [`slots`][cortex.interfaces.MemoryTier.slots]."""
 
     def handover(self, *, step: int = 0) -> Entries | None:
         """Remove and return the entries due for the next tier (consolidation), if any."""

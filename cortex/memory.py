@@ -73,6 +73,9 @@ class MemorySettings(Settings):
     memory_dropout: float = Field(0.0, ge=0, lt=1, description="Share of retrieved slots dropped in training.")
     gumbel_temperature: float | None = Field(
         None, gt=0, description="Gumbel-softmax soft sparsity over slots in training (None: plain softmax).")
+    train_read_tiers: int = Field(
+        1, ge=1, description="Tiers kNN-attention reads in training (the first N; all at inference). "
+                             "Exact batched search of the first tier is cheap; FAISS per token is not.")
     write: Literal["all", "surprise"] = Field(
         "surprise", description="What to store: every position, or the most surprising (highest loss).")
     write_fraction: float = Field(0.25, gt=0, le=1, description="Share of positions stored with `surprise`.")
@@ -120,29 +123,58 @@ class MemoryAttention(nn.Module):
         if segment.value is None:
             segment.value = x.detach()
         q = F.normalize(self.query(self.norm(x)), dim=-1)
-        reads = system.read_batch(q.detach().float(), segment.streams)
-        if not reads:
-            return x
+        tiers = system.readable_tiers(self.training)
         mixed, best = [], []
-        for r in reads:
-            keys = r.keys.to(q.dtype)
-            logits = torch.einsum("btd,btkd->btk", q, keys) * self.log_scale.exp()
-            empty = r.ids < 0
-            if self.training and self.settings.memory_dropout > 0:
-                empty = empty | (torch.rand_like(logits) < self.settings.memory_dropout)
-            logits = logits.masked_fill(empty, -1e9)
-            if self.training and self.settings.gumbel_temperature:
-                attn = F.gumbel_softmax(logits, tau=self.settings.gumbel_temperature, dim=-1)
+        for tier in tiers:
+            slots = tier.slots(segment.streams)
+            if slots is not None:
+                read = self._dense(tier, slots, q, segment.streams, system.step)
             else:
-                attn = torch.softmax(logits, dim=-1)
-            attn = attn.masked_fill(empty, 0.0)
-            mixed.append(torch.einsum("btk,btkd->btd", attn, r.values.to(q.dtype)))
-            best.append(r.scores[..., 0])
+                read = self._searched(tier, q, segment.streams, system.step)
+            if read is not None:
+                mixed.append(read[0])
+                best.append(read[1])
+        if not mixed:
+            return x
         weights = tier_weights(torch.stack(best, dim=-1), self.settings.tier_temperature).to(q.dtype)
         memory = torch.einsum("btn,nbtd->btd", weights, torch.stack(mixed))
         system.record_read(weights)
         out = self.out(self.value(memory))
         return x + self.settings.residual_weight * torch.sigmoid(self.gate) * out
+
+    def _attend(self, logits: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
+        """Attention weights over slots: memory dropout and Gumbel-softmax in training."""
+        if self.training and self.settings.memory_dropout > 0:
+            empty = empty | (torch.rand_like(logits) < self.settings.memory_dropout)
+        logits = logits.masked_fill(empty, -1e9)
+        if self.training and self.settings.gumbel_temperature:
+            attn = F.gumbel_softmax(logits, tau=self.settings.gumbel_temperature, dim=-1)
+        else:
+            attn = torch.softmax(logits, dim=-1)
+        return attn.masked_fill(empty, 0.0)
+
+    def _dense(self, tier: MemoryTier, slots: tuple, q: torch.Tensor, streams: torch.Tensor, step: int):
+        """Attend to the top-k of every slot of a small exact tier with batched matmuls."""
+        keys, values, valid = slots
+        if not bool(valid.any()):
+            return None
+        scores = torch.bmm(q.float().detach(), keys.transpose(1, 2)).masked_fill(~valid[:, None, :], float("-inf"))
+        k = min(self.settings.k, scores.shape[-1])
+        top = scores.topk(k, dim=-1)
+        keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top.indices, True) & valid[:, None, :]
+        tier.touch(streams, keep.any(dim=1), step=step)
+        logits = torch.bmm(q, keys.to(q.dtype).transpose(1, 2)) * self.log_scale.exp()
+        attn = self._attend(logits, ~keep)
+        return torch.bmm(attn, values.to(q.dtype)), top.values[..., 0]
+
+    def _searched(self, tier: MemoryTier, q: torch.Tensor, streams: torch.Tensor, step: int):
+        """Attend to the k nearest entries found by the tier's search."""
+        r = tier.read_batch(q.detach().float(), streams, self.settings.k, step=step)
+        if not bool((r.ids >= 0).any()):
+            return None
+        logits = torch.einsum("btd,btkd->btk", q, r.keys.to(q.dtype)) * self.log_scale.exp()
+        attn = self._attend(logits, r.ids < 0)
+        return torch.einsum("btk,btkd->btd", attn, r.values.to(q.dtype)), r.scores[..., 0]
 
 
 @dataclass
@@ -181,13 +213,11 @@ class MemorySystem:
 
     # -- reading ----------------------------------------------------------------------
 
-    def read_batch(self, queries: torch.Tensor, streams: torch.Tensor) -> list[Retrieval]:
-        """Every non-empty tier's top-k for ``queries`` (B, T, d), one stream per row."""
+    def readable_tiers(self, training: bool) -> list[MemoryTier]:
+        """Tiers kNN-attention reads: the first ``train_read_tiers`` in training, all otherwise."""
         self.stats["reads"] += 1
-        return [
-            tier.read_batch(queries, streams, self.settings.k, step=self.step)
-            for tier in self.tiers if len(tier)
-        ]
+        tiers = self.tiers[: self.settings.train_read_tiers] if training else self.tiers
+        return [t for t in tiers if len(t)]
 
     def record_read(self, weights: torch.Tensor) -> None:
         self._tier_weight_sum[: weights.shape[-1]] += weights.detach().float().reshape(-1, weights.shape[-1]).sum(0)

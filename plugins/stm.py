@@ -214,6 +214,25 @@ class ShortTermMemory(MemoryTier):
 
     # ------------------------------------------------------------------ read
 
+    def slots(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every slot of each row's stream: keys, values (B, capacity, d) and valid (B, capacity)."""
+        if self.stream_ids.numel() == 0:
+            b, c = streams.numel(), self.settings.capacity
+            zeros = torch.zeros(b, c, self.dim, device=self.device)
+            return zeros, zeros, torch.zeros(b, c, dtype=torch.bool, device=self.device)
+        rows, known = self._rows(streams.reshape(-1))
+        return self.keys[rows], self.values[rows], self.valid[rows] & known[:, None]
+
+    @torch.no_grad()
+    def touch(self, streams: torch.Tensor, used: torch.Tensor, *, step: int = 0) -> None:
+        """Count one use of each slot marked in ``used`` (B, capacity), as a read would."""
+        if self.stream_ids.numel() == 0:
+            return
+        rows, known = self._rows(streams.reshape(-1))
+        bi, si = (used.to(self.device) & known[:, None] & self.valid[rows]).nonzero(as_tuple=True)
+        self.uses.index_put_((rows[bi], si), torch.ones_like(si), accumulate=True)
+        self.steps[rows[bi], si] = step
+
     @torch.no_grad()
     def read(self, queries: torch.Tensor, k: int, *, stream: int = 0, step: int = 0, touch: bool = True) -> Retrieval:
         streams = torch.tensor([stream], dtype=torch.long, device=queries.device)

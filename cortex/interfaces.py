@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Iterator
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from cortex.hookspecs import hookimpl
 
@@ -178,14 +178,50 @@ class MemoryTier(Component):
         return int(getattr(self.settings, "capacity"))
 
 
+def firing_rate(activity: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
+    """Cortex's one definition of a unit's firing rate, used by every rule and feature.
+
+    ``activity`` (..., units) is what a module outputs for a batch of tokens; a unit
+    *fires* on a token when its activation exceeds ``threshold``. Returns (units,) float32:
+    the fraction of tokens (every leading position) on which each unit fired. For an MLP's
+    ``fc`` output and ``threshold=0`` that is the share of tokens a hidden unit is in the
+    active (positive) half of its GELU.
+    """
+    flat = activity.detach().reshape(-1, activity.shape[-1])
+    return (flat > threshold).float().mean(0)
+
+
+class RuleSettings(Settings):
+    """Settings every rule built on [`PlasticityRule`][cortex.interfaces.PlasticityRule] may use.
+
+    Rules subclass it (and may change the defaults); the runtime reads ``lr``, ``warmup``
+    and ``max_norm``.
+    """
+
+    lr: float = Field(1e-3, ge=0, description="Learning rate of the rule's non-gradient update.")
+    warmup: int = Field(0, ge=0, description="Steps of linear warm-up of `lr` from 0 (0: constant).")
+    max_norm: float | None = Field(
+        None, gt=0, description="Bound on the L2 norm of each row of the target's weight after every update.")
+    threshold: float = Field(0.0, description="Activation above which a unit counts as firing (see `firing_rate`).")
+
+
 class PlasticityRule(Component):
     """A non-gradient weight update on the modules matched by a glob ``target``.
 
-    The kernel selects modules by ``fnmatch`` over ``model.core.named_modules()`` names,
-    calls [`observe`][cortex.interfaces.PlasticityRule.observe] from forward hooks while
-    [`observing`][cortex.interfaces.PlasticityRule.observing] is true, and calls
-    [`apply`][cortex.interfaces.PlasticityRule.apply] for each target at step end under
-    ``torch.no_grad()``.
+    The kernel selects modules by ``fnmatch`` over ``model.core.named_modules()`` names.
+    Forward hooks are registered only when the subclass overrides
+    [`observe`][cortex.interfaces.PlasticityRule.observe]; they call it (under
+    ``torch.no_grad()``) while [`observing`][cortex.interfaces.PlasticityRule.observing] is
+    true and the module is in training mode, so evaluation and generation never feed a
+    rule. With no rule in a manifest nothing is hooked: zero cost.
+
+    At step end (``cortex_after_step``) every rule of a model runs, **in manifest order**,
+    [`step_end`][cortex.interfaces.PlasticityRule.step_end]: ``apply`` for each target under
+    ``torch.no_grad()`` with ``self.lr`` set from the schedule, then the ``max_norm`` bound.
+    Statistics a rule gathered from its rank's data must go through
+    [`reduce_mean_`][cortex.interfaces.PlasticityRule.reduce_mean_] before they change
+    weights, so DDP ranks never drift apart. State a rule returns from ``state_dict`` is
+    saved in run directories and checkpoints.
     """
 
     kind: ClassVar[str] = "plasticity"
@@ -197,6 +233,13 @@ class PlasticityRule(Component):
         self.target = target
         self.targets: dict[str, torch.nn.Module] = {}
         self._handles: list[Any] = []
+        #: the learning rate of the current step's update (set by ``step_end``)
+        self.lr = float(getattr(settings, "lr", 1.0))
+
+    @property
+    def needs_hooks(self) -> bool:
+        """Whether this rule observes forward passes (it overrides ``observe``)."""
+        return type(self).observe is not PlasticityRule.observe
 
     def attach(self, root: torch.nn.Module) -> None:
         """Select the target modules under ``root`` and hook their forward passes."""
@@ -205,8 +248,9 @@ class PlasticityRule(Component):
             for name, module in root.named_modules()
             if name and fnmatch.fnmatchcase(name, self.target)
         }
-        for name, module in self.targets.items():
-            self._handles.append(module.register_forward_hook(self._hook(name)))
+        if self.needs_hooks:
+            for name, module in self.targets.items():
+                self._handles.append(module.register_forward_hook(self._hook(name)))
 
     def detach(self) -> None:
         for handle in self._handles:
@@ -215,7 +259,7 @@ class PlasticityRule(Component):
 
     def _hook(self, name: str):
         def hook(module: torch.nn.Module, inputs: tuple, output: Any) -> None:
-            if self.observing:
+            if self.observing and module.training:
                 with torch.no_grad():
                     self.observe(name, module, inputs, output)
 
@@ -227,11 +271,51 @@ class PlasticityRule(Component):
     def apply(self, name: str, module: torch.nn.Module) -> None:
         """Update target ``name``'s weights from the recorded activity."""
 
+    # -- runtime helpers ---------------------------------------------------------------
+
+    def lr_at(self, step: int) -> float:
+        """``settings.lr``, ramped linearly over the first ``settings.warmup`` steps."""
+        lr = float(getattr(self.settings, "lr", 1.0))
+        warmup = int(getattr(self.settings, "warmup", 0) or 0)
+        return lr * min(1.0, (step + 1) / warmup) if warmup > 0 else lr
+
+    def firing_rate(self, activity: torch.Tensor) -> torch.Tensor:
+        """[`firing_rate`][cortex.interfaces.firing_rate] at this rule's ``threshold`` setting."""
+        return firing_rate(activity, float(getattr(self.settings, "threshold", 0.0)))
+
+    def bound_(self, weight: torch.Tensor) -> torch.Tensor:
+        """Scale down, in place, the rows of ``weight`` whose L2 norm exceeds ``max_norm``."""
+        max_norm = getattr(self.settings, "max_norm", None)
+        if max_norm is not None:
+            weight.copy_(torch.renorm(weight, 2, 0, float(max_norm)))
+        return weight
+
+    @staticmethod
+    def reduce_mean_(tensor: torch.Tensor) -> torch.Tensor:
+        """Average ``tensor`` over DDP ranks in place (a no-op in a single process)."""
+        from cortex.distributed import all_reduce_mean
+
+        return all_reduce_mean(tensor)
+
+    def step_end(self, model: Any, step: int, metrics: dict[str, float]) -> None:
+        """This rule's part of step end: ``apply`` to every target, then the weight bound."""
+        self.lr = self.lr_at(step)
+        for name, module in self.targets.items():
+            self.apply(name, module)
+            weight = getattr(module, "weight", None)
+            if isinstance(weight, torch.Tensor) and getattr(self.settings, "max_norm", None) is not None:
+                self.bound_(weight)
+
     @hookimpl
     def cortex_after_step(self, model: CortexModel, step: int, metrics: dict[str, float]) -> None:
+        rules = [r for r in getattr(model, "plasticity", ()) if isinstance(r, PlasticityRule)]
+        if not any(r is self for r in rules):
+            rules = [self]
+        elif rules[0] is not self:
+            return  # the model's first rule runs them all, in manifest order
         with torch.no_grad():
-            for name, module in self.targets.items():
-                self.apply(name, module)
+            for rule in rules:
+                rule.step_end(model, step, metrics)
 
 
 class CognitiveFeature(Component):

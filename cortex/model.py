@@ -229,6 +229,65 @@ class _RotaryQKV(torch.autograd.Function):
         return grad, None, None
 
 
+_flash_forward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_flash_backward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+class _RotaryAttentionBF16(torch.autograd.Function):
+    """RoPE on q and k plus causal attention for bf16 training on CPU: (B, T, 3*dim) ->
+    (B, heads, T, head_dim).
+
+    The forward runs the very kernel ``F.scaled_dot_product_attention`` picks on CPU
+    (flash attention, bf16). The backward runs that kernel's backward in float32, on the
+    bf16 values the forward used: PyTorch's CPU flash-attention backward is markedly
+    slower in bf16 than in float32 (it dominates a bf16 training step), and float32 is
+    also the more accurate. The rotation of the gradients then needs no extra casts.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, freqs: torch.Tensor, heads: int):
+        C = qkv.size(-1) // 3
+        hd = C // heads
+        rotated = _as_complex(qkv[..., : 2 * C].unflatten(-1, (2 * heads, hd)).float())
+        rotated = torch.view_as_real(rotated * freqs.unsqueeze(1)).flatten(-2).to(qkv.dtype)
+        q = rotated[:, :, :heads].transpose(1, 2)
+        k = rotated[:, :, heads:].transpose(1, 2)
+        v = qkv[..., 2 * C :].unflatten(-1, (heads, hd)).transpose(1, 2)
+        out, logsumexp = _flash_forward(q, k, v, 0.0, True)
+        ctx.save_for_backward(q, k, v, out, logsumexp, freqs)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, out, logsumexp, freqs = ctx.saved_tensors
+        B, H, T, hd = q.shape
+        C = H * hd
+        grads = _flash_backward(
+            grad_out.float(), q.float(), k.float(), v.float(), out.float(), logsumexp, 0.0, True
+        )
+        grad = torch.empty(B, T, 3 * C, dtype=q.dtype, device=q.device)
+        inverse = freqs.conj().unsqueeze(1)
+        for i, g in enumerate(grads):
+            dst = grad[..., i * C : (i + 1) * C].unflatten(-1, (H, hd))
+            if i < 2:  # undo the rotation of q and k
+                g = torch.view_as_real(_as_complex(g.transpose(1, 2)) * inverse).flatten(-2)
+                dst.copy_(g)
+            else:
+                dst.copy_(g.transpose(1, 2))
+        return grad, None, None
+
+
+def _use_bf16_cpu_attention(qkv: torch.Tensor) -> bool:
+    return (
+        qkv.dtype == torch.bfloat16
+        and qkv.device.type == "cpu"
+        and qkv.requires_grad
+        and torch.is_grad_enabled()
+        and _flash_backward is not None
+    )
+
+
 # ---------------------------------------------------------------------------- KV cache
 
 
@@ -288,9 +347,13 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         B, T, C = x.shape
         H, hd = self.heads, self.head_dim
-        q, k, v = _RotaryQKV.apply(self.qkv(x), freqs, H)
+        qkv = self.qkv(x)
+        dropout = self.dropout if self.training else 0.0
+        if cache is None and mask is None and dropout == 0.0 and _use_bf16_cpu_attention(qkv):
+            y = _RotaryAttentionBF16.apply(qkv, freqs, H)
+            return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        q, k, v = _RotaryQKV.apply(qkv, freqs, H)
         if cache is None:
-            dropout = self.dropout if self.training else 0.0
             if mask is None:
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
             else:  # an explicit mask, e.g. the banded one of memory keys

@@ -151,6 +151,37 @@ def test_bf16_autocast_forward_backward():
     assert abs(loss.item() - fp32_loss.item()) < 0.05
 
 
+def test_bf16_cpu_attention_path_matches_sdpa(monkeypatch):
+    """bf16 training on CPU takes a fused path (flash forward in bf16, backward in float32);
+    it must give the loss and, within bf16 precision, the gradients of the plain path."""
+    import cortex.model as core
+
+    torch.manual_seed(0)
+    model = Transformer(tiny(dim=64, context=32))
+    idx, targets = tokens(3, 32), tokens(3, 32, seed=4)
+
+    def run(fast: bool):
+        model.zero_grad()
+        if not fast:
+            monkeypatch.setattr(core, "_use_bf16_cpu_attention", lambda qkv: False)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, loss = model(idx, targets)
+        loss.backward()
+        monkeypatch.undo()
+        return loss.detach(), {n: p.grad.float().clone() for n, p in model.named_parameters()}
+
+    calls = []
+    original = core._RotaryAttentionBF16.apply
+    monkeypatch.setattr(core._RotaryAttentionBF16, "apply", lambda *a: calls.append(1) or original(*a))
+    fast_loss, fast = run(True)
+    assert calls, "the fused path was not taken"
+    plain_loss, plain = run(False)
+    torch.testing.assert_close(fast_loss, plain_loss)
+    for name in fast:
+        error = (fast[name] - plain[name]).norm() / plain[name].norm()
+        assert error < 0.02, (name, error.item())
+
+
 def test_num_parameters(model):
     cfg = model.config
     per_block = 2 * cfg.dim + 4 * cfg.dim * cfg.dim + 2 * cfg.dim * cfg.hidden_dim

@@ -77,6 +77,34 @@ class CortexModel(nn.Module):
         ids = torch.tensor(self.tokenizer.encode(text), dtype=torch.long)
         return self.memory_system.remember(ids, session_stream(session), {"text": text, "session": session})
 
+    def interact(self, prompt: str, *, session: str = "self", learn: bool = True, **generation: Any) -> str:
+        """One turn of real-time use: answer ``prompt``, then learn from it.
+
+        The answer reads ``session``'s memory; the prompt is then stored there (with
+        ``learn``) and ``cortex_interaction`` fires, so features such as a fast-weight
+        path can learn from the turn. There is no train/inference switch.
+        """
+        response = self.generate_text(prompt, session=session, **generation)
+        if learn and self.memory_system is not None:
+            self.remember(prompt, session)
+        self.pm.hook.cortex_interaction(model=self, session=session, prompt=prompt, response=response)
+        return response
+
+    @torch.no_grad()
+    def confidence(self, prompt: str, answer: str, *, session: str = "self") -> float:
+        """Mean probability the model (with ``session``'s memory) gives ``answer``'s tokens
+        after ``prompt``, teacher-forced. Looking does not strengthen any memory."""
+        p_ids, a_ids = self.tokenizer.encode(prompt), self.tokenizer.encode(answer)
+        ids = torch.tensor([(p_ids + a_ids)[-(self.config.context + 1):]], dtype=torch.long)
+        n = min(len(a_ids), ids.shape[1] - 1)
+        inputs, targets = ids[:, :-1], ids[:, 1:]
+        logits, _ = self.core(inputs)
+        if self.memory_system is not None and "knn_lm" in self.memory_system.settings.read:
+            streams = torch.tensor([session_stream(session)])
+            logits = self.memory_system.knn_lm_logits(inputs, logits, streams, touch=False)
+        logp = torch.log_softmax(logits.float(), dim=-1)[0, -n:].gather(1, targets[0, -n:, None])
+        return float(logp.exp().mean())
+
     @torch.no_grad()
     def generate_text(self, prompt: str, *, session: str = "self", max_new_tokens: int = 64,
                       temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,

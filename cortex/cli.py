@@ -247,6 +247,37 @@ def plot(
 
 
 @app.command()
+def chat(
+    run: Path = typer.Argument(..., help="A run directory."),
+    session: str = typer.Option("self", "--session", help="Memory stream of this conversation."),
+    max_tokens: int = typer.Option(64, "--max-tokens", min=1, help="Tokens per answer at most."),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 answers greedily."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling."),
+    learn: bool = typer.Option(True, "--learn/--no-learn", help="Store each turn in memory."),
+) -> None:
+    """Talk to a model; it learns from every turn and keeps what it learnt in RUN.
+
+    Reads lines from standard input (``/quit`` ends). After each turn the memory state is
+    written back to RUN atomically, so a restart remembers the conversation.
+    """
+    from cortex.rundir import load_run, save_state
+
+    model = load_run(run).eval()
+    console.print(f"chatting with {run} (session {session!r}); /quit to leave", highlight=False)
+    for line in sys.stdin:
+        prompt = line.rstrip("\n")
+        if prompt.strip() in ("/quit", "/exit"):
+            break
+        if not prompt.strip():
+            continue
+        answer = model.interact(prompt, session=session, learn=learn, max_new_tokens=max_tokens,
+                                temperature=temperature, seed=seed)
+        console.print(Text(answer), highlight=False)
+        if learn:
+            save_state(Path(run), model.plugin_state())
+
+
+@app.command()
 def memory(
     run: Path = typer.Argument(..., help="A run directory."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),

@@ -133,17 +133,20 @@ class MemoryTier(Component):
         """Store ``entries``, evicting (never the newest) so the tier stays within capacity."""
         raise NotImplementedError
 
-    def read(self, queries: torch.Tensor, k: int, *, stream: int = 0, step: int = 0) -> Retrieval:
+    def read(self, queries: torch.Tensor, k: int, *, stream: int = 0, step: int = 0,
+             touch: bool = True) -> Retrieval:
         """The ``k`` entries of ``stream`` most similar to each of ``queries`` (Q, key_dim).
 
-        Counts a use and refreshes the last-access step of every entry returned.
+        With ``touch`` it counts a use and refreshes the last-access step of every entry
+        returned (retrieval strengthens a memory); ``touch=False`` only looks.
         """
         raise NotImplementedError
 
-    def read_batch(self, queries: torch.Tensor, streams: torch.Tensor, k: int, *, step: int = 0) -> Retrieval:
+    def read_batch(self, queries: torch.Tensor, streams: torch.Tensor, k: int, *, step: int = 0,
+                   touch: bool = True) -> Retrieval:
         """[`read`][cortex.interfaces.MemoryTier.read] for (B, T, d) queries, row ``b`` in
         stream ``streams[b]``; results have shapes (B, T, k, ...). Tiers may vectorise it."""
-        parts = [self.read(q, k, stream=int(s), step=step) for q, s in zip(queries, streams)]
+        parts = [self.read(q, k, stream=int(s), step=step, touch=touch) for q, s in zip(queries, streams)]
 
         def stack(name: str) -> torch.Tensor | None:
             items = [getattr(part, name) for part in parts]

@@ -60,9 +60,13 @@ class MemorySettings(Settings):
     key_layer: int | None = Field(
         None, ge=0, description="Block whose output gives memory keys (default: the first memory layer, "
                                 "else the last block).")
-    key_window: int = Field(16, ge=0, description="Tokens a key sees (0: the full context).")
+    key_window: int = Field(16, ge=0, description="Tokens a key's hidden state sees (0: the full context).")
+    key_shingle: int = Field(3, ge=1, description="Positions whose hidden states are summed into a key.")
+    key_decay: float = Field(0.8, gt=0, le=1, description="Weight ratio of each earlier position in a key.")
     tier_temperature: float = Field(1.0, gt=0, description="Softmax temperature over tiers' best scores.")
-    lm_lambda: float = Field(0.5, ge=0, le=1, description="kNN-LM weight of the memory distribution.")
+    lm_lambda: float = Field(
+        0.8, ge=0, le=1, description="kNN-LM weight of memory at full strength; a match of strength s "
+                                     "(1 + its uses) weighs lm_lambda * s / (s + 1).")
     lm_temperature: float = Field(0.01, gt=0, description="kNN-LM softmax temperature over cosine scores.")
     lm_min_score: float = Field(0.5, ge=-1, le=1, description="kNN-LM ignores neighbours below this cosine.")
     use_bonus: float = Field(1.0, ge=0, description="kNN-LM log-weight bonus per log(1 + uses): "
@@ -226,8 +230,24 @@ class MemorySystem:
 
     @torch.no_grad()
     def keys(self, idx: torch.Tensor) -> torch.Tensor:
-        """Memory keys (B, T, d) for every position of ``idx``: local-window hidden states."""
-        return self.core.hidden_states(idx, layer=self.key_layer, window=self.settings.key_window).float()
+        """Memory keys (B, T, d) for every position of ``idx``.
+
+        The hidden state after ``key_layer`` over only the last ``key_window`` tokens,
+        normalised, plus those of the previous ``key_shingle - 1`` positions with weights
+        ``key_decay ** i``: a key that tells "is 7" from "is 77" even before training has
+        made hidden states context-sensitive, and never depends on distant context.
+        """
+        s = self.settings
+        h = F.normalize(self.core.hidden_states(idx, layer=self.key_layer, window=s.key_window).float(), dim=-1)
+        keys = h.clone()
+        for i in range(1, min(s.key_shingle, h.shape[1])):
+            keys[:, i:] += s.key_decay**i * h[:, :-i]
+        return F.normalize(keys, dim=-1)
+
+    def key_span(self) -> int:
+        """Tokens the key of the last position depends on (the whole context when unbounded)."""
+        s, context = self.settings, self.core.config.context
+        return min(context, s.key_window + s.key_shingle - 1) if s.key_window else context
 
     # -- a segment's forward pass -----------------------------------------------------
 
@@ -320,69 +340,68 @@ class MemorySystem:
         return written
 
     @torch.no_grad()
-    def knn_lm_logits(self, idx: torch.Tensor, logits: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
+    def knn_lm_logits(self, idx: torch.Tensor, logits: torch.Tensor, streams: torch.Tensor, *,
+                      touch: bool = True) -> torch.Tensor:
         """kNN-LM log-probabilities (B, T, vocab) for every position of ``idx``."""
         keys = self.keys(idx)
         vocab = logits.shape[-1]
         rows = []
         for b in range(idx.shape[0]):
-            dist, mass = self.knn_distribution(keys[b], int(streams[b]), vocab)
-            rows.append(self.interpolate(logits[b], dist, mass))
+            dist, lam = self.knn_distribution(keys[b], int(streams[b]), vocab, touch=touch)
+            rows.append(self.interpolate(logits[b], dist, lam))
         return torch.stack(rows)
 
     @torch.no_grad()
     def knn_lm_next(self, ids: torch.Tensor, logits: torch.Tensor, stream: int) -> torch.Tensor:
         """kNN-LM log-probabilities (B, vocab) of the token after ``ids`` (B, T)."""
-        window = self.settings.key_window or self.core.config.context
-        tail = ids[:, -min(window, self.core.config.context):]
-        keys = self.core.hidden_states(tail, layer=self.key_layer, window=window)[:, -1].float()
-        dist, mass = self.knn_distribution(keys, stream, logits.shape[-1])
-        return self.interpolate(logits, dist, mass)
+        keys = self.keys(ids[:, -self.key_span():])[:, -1]
+        dist, lam = self.knn_distribution(keys, stream, logits.shape[-1])
+        return self.interpolate(logits, dist, lam)
 
     # -- kNN-LM -----------------------------------------------------------------------
 
     @torch.no_grad()
-    def knn_distribution(self, keys: torch.Tensor, stream: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def knn_distribution(self, keys: torch.Tensor, stream: int, vocab: int, *,
+                         touch: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Next-token distribution (Q, vocab) of the neighbours of ``keys`` (Q, d) in ``stream``,
-        and the total neighbour weight per query (0 where nothing close was found)."""
+        and the memory weight λ per query: 0 where nothing close was found, else
+        ``lm_lambda * s / (s + 1)`` with ``s`` the strength (1 + uses) of the best match."""
+        s = self.settings
         Q = keys.shape[0]
         dist = torch.zeros(Q, vocab)
-        found = torch.zeros(Q, dtype=torch.bool)
-        reads, best = [], []
-        for tier in self.tiers:
-            if not len(tier):
-                continue
-            r = tier.read(keys, self.settings.k, stream=stream, step=self.step)
-            reads.append(r)
-            best.append(r.scores[:, 0])
+        strength = torch.zeros(Q)
+        reads = [tier.read(keys, s.k, stream=stream, step=self.step, touch=touch) for tier in self.tiers if len(tier)]
         if not reads:
-            return dist, torch.zeros(Q)
-        weights = tier_weights(torch.stack(best, dim=-1), self.settings.tier_temperature)
-        s = self.settings
+            return dist, strength
+        weights = tier_weights(torch.stack([r.scores[:, 0] for r in reads], dim=-1), s.tier_temperature)
+        best = torch.full((Q,), float("-inf"))
         for t, r in enumerate(reads):
             valid = (r.ids >= 0) & (r.scores >= s.lm_min_score) & (r.tokens >= 0) & (r.tokens < vocab)
             uses = self._uses(r)
-            logits = r.scores / s.lm_temperature + s.use_bonus * torch.log1p(uses)
-            logits = logits.masked_fill(~valid, float("-inf"))
+            logits = (r.scores / s.lm_temperature + s.use_bonus * torch.log1p(uses)).masked_fill(~valid, float("-inf"))
             has = valid.any(dim=1)
             p = torch.zeros_like(logits)
             p[has] = torch.softmax(logits[has], dim=1)
             dist.scatter_add_(1, r.tokens.clamp(min=0), p * weights[:, t : t + 1])
-            found |= has
-        mass = dist.sum(dim=1)
-        dist[found] = dist[found] / mass[found].unsqueeze(1)
-        return dist, mass
+            top = r.scores.masked_fill(~valid, float("-inf")).max(dim=1)
+            better = top.values > best
+            best = torch.where(better, top.values, best)
+            strength = torch.where(better, 1 + uses.gather(1, top.indices[:, None])[:, 0], strength)
+        found = strength > 0
+        dist[found] = dist[found] / dist[found].sum(dim=1, keepdim=True).clamp_min(1e-12)
+        return dist, torch.where(found, s.lm_lambda * strength / (strength + 1), torch.zeros(Q))
 
     @staticmethod
     def _uses(r: Retrieval) -> torch.Tensor:
         return r.uses.float() if r.uses is not None else torch.zeros_like(r.scores)
 
-    def interpolate(self, logits: torch.Tensor, knn: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
-        """Log of ``(1 - λ) p_model + λ p_knn`` where neighbours were found, else the model's."""
+    def interpolate(self, logits: torch.Tensor, knn: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        """Log of ``(1 - λ) p_model + λ p_knn`` per row (λ = 0 leaves the model's)."""
         logp = torch.log_softmax(logits.float(), dim=-1)
-        lam = self.settings.lm_lambda * (mass > 0).float().unsqueeze(-1)
-        mixed = torch.logaddexp(logp + torch.log1p(-lam.clamp(max=1 - 1e-6)), torch.log(knn.clamp_min(1e-12)) + torch.log(lam.clamp_min(1e-12)))
-        return torch.where(mass.unsqueeze(-1) > 0, mixed, logp)
+        lam = lam.unsqueeze(-1)
+        mixed = torch.logaddexp(logp + torch.log1p(-lam.clamp(max=1 - 1e-6)),
+                                torch.log(knn.clamp_min(1e-12)) + torch.log(lam.clamp_min(1e-12)))
+        return torch.where(lam > 0, mixed, logp)
 
     # -- consolidation ----------------------------------------------------------------
 

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_model, save_file, save_model
 
 import cortex
 from cortex.errors import CheckpointError, CortexError
@@ -113,17 +113,27 @@ def unflatten_state(tensors: dict[str, torch.Tensor], data: Any) -> Any:
 
 
 def save_state(directory: Path, state: dict[str, Any]) -> None:
+    """Write plugin state as ``state.safetensors`` (authoritative: tensors plus the JSON
+    part in its metadata, replaced in one rename) and a readable copy ``state.json``."""
     tensors, data = flatten_state(state)
+    text = json.dumps(data, ensure_ascii=False)
     fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
     os.close(fd)
-    save_file(tensors, tmp)
-    os.replace(tmp, directory / "state.safetensors")
+    try:
+        save_file(tensors, tmp, metadata={"cortex_state": text})
+        os.replace(tmp, directory / "state.safetensors")
+    finally:
+        Path(tmp).unlink(missing_ok=True)
     write_json(directory / "state.json", data)
 
 
 def load_state(directory: Path) -> dict[str, Any]:
-    tensors = load_file(directory / "state.safetensors")
-    data = json.loads((directory / "state.json").read_text(encoding="utf-8"))
+    """Read what [`save_state`][cortex.rundir.save_state] wrote."""
+    path = directory / "state.safetensors"
+    with safe_open(path, framework="pt") as fh:
+        text = (fh.metadata() or {}).get("cortex_state")
+        tensors = {key: fh.get_tensor(key) for key in fh.keys()}
+    data = json.loads(text) if text is not None else json.loads((directory / "state.json").read_text("utf-8"))
     return unflatten_state(tensors, data)
 
 

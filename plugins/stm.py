@@ -2,7 +2,7 @@
 
 ```yaml
 memory:
-  - {type: stm, settings: {capacity: 64, threshold: 0.9, consolidate_after: 3}}
+  - {type: stm, settings: {capacity: 64, threshold: 0.995, consolidate_after: 3}}
 ```
 
 Every stream (a batch row in training, a session at inference) owns ``capacity`` slots:
@@ -50,7 +50,7 @@ class ShortTermMemory(MemoryTier):
 
     class Settings(Settings):
         capacity: int = Field(64, gt=0, description="Slots per stream (the tier holds at most capacity x streams entries).")
-        threshold: float = Field(0.9, ge=-1.0, le=1.0, description="Cosine similarity at which a write matches (strengthens) an existing slot.")
+        threshold: float = Field(0.995, ge=-1.0, le=1.0, description="Cosine similarity at which a write matches (strengthens) an existing slot; high, so that only a repeat of the same context strengthens and distinct contexts keep their own slots.")
         consolidate_after: int = Field(3, ge=1, description="Uses (strengthenings + retrievals) after which an entry is handed over to the next tier.")
         value_mix: float = Field(0.5, ge=0.0, le=1.0, description="How far a matching write moves the slot's key and value toward the new ones (0 keeps the old, 1 takes the new).")
 

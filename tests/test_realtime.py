@@ -1,0 +1,85 @@
+"""Real-time learning: a fact told once is recalled, after a restart too; repetition
+raises confidence; a correction wins. No train/inference switch."""
+
+from __future__ import annotations
+
+import io
+import sys
+
+import torch
+
+from cortex import hookimpl
+from cortex.rundir import load_run, save_run
+
+MANIFEST = """\
+cortex: 1
+name: rt
+model: {dim: 64, layers: 2, heads: 2, context: 64}
+memory:
+  - {type: stm, settings: {capacity: 128}}
+  - {type: ltm, settings: {capacity: 1024}}
+memory_system: {read: [knn_lm], key_window: 16}
+"""
+FACT = "Mina's locker number is 3817."
+CUE = "Before that we talked about lunch. Mina's locker number is"
+
+
+def test_confidence_rises_with_each_telling(build_model):
+    torch.manual_seed(0)
+    model = build_model(MANIFEST).eval()
+    before = model.confidence(CUE, " 3817")
+    seen = []
+    for _ in range(3):
+        model.remember(FACT)
+        seen.append(model.confidence(CUE, " 3817"))
+    assert before < 0.2
+    assert before < seen[0] < seen[1] < seen[2]
+    assert model.confidence(CUE, " 3817") == seen[2]  # measuring does not strengthen
+
+
+def test_a_correction_wins_over_the_stale_fact_before_and_after_a_restart(build_model, tmp_path):
+    torch.manual_seed(0)
+    model = build_model(MANIFEST).eval()
+    model.remember("Jisoo's bike code is 5521.")
+    model.remember("Correction: Jisoo's bike code is 7740.")
+    model.remember("Correction: Jisoo's bike code is 7740.")
+    cue = "Anyway. Jisoo's bike code is"
+    assert model.confidence(cue, " 7740") > model.confidence(cue, " 5521")
+    again = load_run(save_run(model, tmp_path)).eval()
+    assert again.confidence(cue, " 7740") > again.confidence(cue, " 5521")
+    assert again.generate_text(cue, max_new_tokens=5).startswith(" 7740")
+
+
+def test_interact_answers_then_learns_and_fires_the_hook(build_model, register_plugin):
+    turns = []
+
+    class Listener:
+        @hookimpl
+        def cortex_interaction(self, model, session, prompt, response):
+            turns.append((session, prompt, response))
+
+    torch.manual_seed(0)
+    model = build_model(MANIFEST).eval()
+    model.pm.register(Listener())
+    model.interact(FACT, session="alice")
+    assert turns and turns[0][:2] == ("alice", FACT)
+    assert model.interact(CUE, session="alice", max_new_tokens=5).startswith(" 3817")
+    assert not model.interact(CUE, session="bob", max_new_tokens=5).startswith(" 3817")
+    assert len(model.memory[0]) > 0
+
+
+def test_chat_remembers_across_a_restart(cortex_cli, monkeypatch, tmp_path):
+    manifest = tmp_path / "rt.yaml"
+    manifest.write_text(MANIFEST)
+    assert cortex_cli("build", manifest, "-o", tmp_path / "runs").exit_code == 0
+    run = tmp_path / "runs" / "rt"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(FACT + "\n/quit\n"))
+    first = cortex_cli("chat", run)
+    assert first.exit_code == 0, first.output
+    monkeypatch.setattr(sys, "stdin", io.StringIO(CUE + "\n"))
+    second = cortex_cli("chat", run, "--max-tokens", "5")  # a new process would load the same files
+    assert second.exit_code == 0, second.output
+    assert second.stdout.strip().splitlines()[-1].strip().startswith("3817")
+    monkeypatch.setattr(sys, "stdin", io.StringIO(CUE + "\n"))
+    other = cortex_cli("chat", run, "--session", "stranger", "--max-tokens", "5", "--no-learn")
+    assert not other.stdout.strip().splitlines()[-1].strip().startswith("3817")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,19 @@ class CortexModel(nn.Module):
             raise CortexError("this model has no memory tiers; add `memory:` to its manifest")
         ids = torch.tensor(self.tokenizer.encode(text), dtype=torch.long)
         return self.memory_system.remember(ids, session_stream(session), {"text": text, "session": session})
+
+    def chat(self, text: str, *, session: str = "self", learn: bool = True, **generation: Any) -> Reply:
+        """A chat turn: the answer, its confidence and the detected language."""
+        answer = self.interact(text, session=session, learn=learn, **generation)
+        confidence = self.confidence(text, answer, session=session) if answer else 0.0
+        return Reply(answer, confidence, detect_language(answer or text))
+
+    def stats(self) -> dict[str, Any]:
+        """Memory use per tier, consolidation counts and every component's figures."""
+        out: dict[str, Any] = {c.key: c.stats() for c in self.components}
+        if self.memory_system is not None:
+            out["memory_system"] = self.memory_system.summary()
+        return out
 
     def interact(self, prompt: str, *, session: str = "self", learn: bool = True, **generation: Any) -> str:
         """One turn of real-time use: answer ``prompt``, then learn from it.
@@ -175,6 +189,32 @@ class CortexModel(nn.Module):
                                        ("features", self.features))
             },
         }
+
+
+@dataclass
+class Reply:
+    """A chat answer with the mean probability of its tokens and its language (``ko``/``en``)."""
+
+    text: str
+    confidence: float
+    language: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def detect_language(text: str) -> str:
+    """``ko`` when Hangul makes up at least a third of the letters, else ``en``."""
+    letters = [ch for ch in text if ch.isalpha()]
+    hangul = sum(1 for ch in letters if "\uac00" <= ch <= "\ud7a3" or "\u3131" <= ch <= "\u318e")
+    return "ko" if letters and hangul * 3 >= len(letters) else "en"
+
+
+def load(run: str | Path, *, device: str = "cpu") -> CortexModel:
+    """Load a run directory for real-time use: ``cortex.load("runs/quickstart").chat("...")``."""
+    from cortex.rundir import load_run
+
+    return load_run(Path(run), device=device).eval()
 
 
 def assemble(built: ValidatedManifest, *, device: str | torch.device = "cpu",

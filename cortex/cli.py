@@ -270,9 +270,10 @@ def chat(
             break
         if not prompt.strip():
             continue
-        answer = model.interact(prompt, session=session, learn=learn, max_new_tokens=max_tokens,
-                                temperature=temperature, seed=seed)
-        console.print(Text(answer), highlight=False)
+        reply = model.chat(prompt, session=session, learn=learn, max_new_tokens=max_tokens,
+                           temperature=temperature, seed=seed)
+        console.print(Text(reply.text), highlight=False)
+        err_console.print(f"  confidence {reply.confidence:.2f} · {reply.language}", highlight=False)
         if learn:
             save_state(Path(run), model.plugin_state())
 

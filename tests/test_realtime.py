@@ -83,3 +83,27 @@ def test_chat_remembers_across_a_restart(cortex_cli, monkeypatch, tmp_path):
     monkeypatch.setattr(sys, "stdin", io.StringIO(CUE + "\n"))
     other = cortex_cli("chat", run, "--session", "stranger", "--max-tokens", "5", "--no-learn")
     assert not other.stdout.strip().splitlines()[-1].strip().startswith("3817")
+
+
+def test_python_api_load_chat_and_stats(build_model, tmp_path):
+    import cortex
+
+    torch.manual_seed(0)
+    model = build_model(MANIFEST).eval()
+    path = save_run(model, tmp_path)
+    bot = cortex.load(path)
+    bot.chat(FACT)
+    reply = bot.chat(CUE, max_new_tokens=5)
+    assert reply.text.startswith(" 3817") and reply.language == "en"
+    assert 0.3 < reply.confidence <= 1.0
+    assert bot.chat("민아의 사물함 번호는", max_new_tokens=3).language in ("ko", "en")
+    stats = bot.stats()
+    assert stats["memory.0.stm"]["entries"] > 0 and "consolidated" in stats["memory_system"]
+
+
+def test_language_detection():
+    from cortex.assemble import detect_language
+
+    assert detect_language("민아는 부산에 산다.") == "ko"
+    assert detect_language("Mina lives in Busan.") == "en"
+    assert detect_language("Mina는 부산에 산다") == "ko"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
@@ -41,6 +42,8 @@ tokenizer_app = _typer("Train tokenizers.")
 data_app = _typer("Prepare training data.")
 app.add_typer(tokenizer_app, name="tokenizer")
 app.add_typer(data_app, name="data")
+plugin_app = _typer("Create plugin packages.")
+app.add_typer(plugin_app, name="plugin")
 
 
 def _version(value: bool) -> None:
@@ -293,10 +296,11 @@ def memory(
     if as_json:
         sys.stdout.write(json.dumps({"tiers": rows, "system": model.memory_system.summary()}, indent=2) + "\n")
         return
-    columns = ("tier", "entries", "capacity", "bytes", "hit_rate", "consolidated_in", "consolidated_out", "evicted")
+    columns = {"tier": "tier", "entries": "entries", "capacity": "capacity", "bytes": "bytes",
+               "hit_rate": "hit rate", "consolidated_in": "in", "consolidated_out": "out", "evicted": "evicted"}
     table = Table(title=f"memory of {run}")
-    for column in columns:
-        table.add_column(column)
+    for label in columns.values():
+        table.add_column(label, no_wrap=True)
     for row in rows:
         table.add_row(*(f"{row.get(c, 0):.3f}" if c == "hit_rate" else str(row.get(c, "")) for c in columns))
     console.print(table)
@@ -353,6 +357,87 @@ def plugins(as_json: bool = typer.Option(False, "--json", help="Machine-readable
     console.print(table)
     for error in pm.load_errors:
         err_console.print(Text.assemble(("warning: ", "yellow"), str(error)), highlight=False)
+
+
+
+def _answer(check: Any) -> Any:
+    """A prompt's value check: a wrong answer is asked again instead of ending the command."""
+
+    def proc(value: str) -> Any:
+        try:
+            return check(value)
+        except (CortexError, ValueError) as exc:
+            raise typer.BadParameter(str(exc)) from None
+
+    return proc
+
+
+def _size_answer(value: str) -> str:
+    if value.strip() not in _Size.__members__:
+        raise ValueError(f"{value.strip()!r} is not a size; answer {', '.join(_Size.__members__)}")
+    return value.strip()
+
+
+class _Size(str, Enum):
+    tiny = "tiny"
+    small = "small"
+    base = "base"
+
+
+@app.command()
+def init(
+    path: Optional[Path] = typer.Argument(None, help="Manifest file to write, or a folder (default: NAME.yaml here)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Model name, also the run directory's name."),
+    memory: Optional[bool] = typer.Option(None, "--memory/--no-memory", help="Add short- and long-term memory tiers."),
+    size: Optional[_Size] = typer.Option(None, "--size", help="Preset shape and training budget."),
+    train: Optional[bool] = typer.Option(None, "--train/--no-train", help="Add a train: section, so `cortex build` trains."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Ask nothing: defaults for every answer not given."),
+) -> None:
+    """Write a commented first manifest that validates, from a few questions or flags.
+
+    Without flags it asks for the name, size, memory and training; with any of them, or
+    --yes, it asks nothing. It never overwrites a file.
+    """
+    from cortex.scaffold import SIZE_HELP, InitOptions, check_run_name, init_manifest
+
+    defaults = InitOptions(name=path.stem if path is not None and path.suffix else InitOptions.name)
+    if not yes and name is None and memory is None and size is None and train is None:
+        name = typer.prompt("Model name", default=defaults.name, value_proc=_answer(check_run_name))
+        for key, text in SIZE_HELP.items():
+            typer.echo(f"  {key}: {text}")
+        size = typer.prompt(f"Size ({', '.join(SIZE_HELP)})", default=defaults.size,
+                            value_proc=_answer(_size_answer))
+        memory = typer.confirm("Add memory tiers (stm, ltm)?", default=defaults.memory)
+        train = typer.confirm("Train on the bundled demo corpus when built?", default=defaults.train)
+    options = InitOptions(
+        name=defaults.name if name is None else name,
+        size=defaults.size if size is None else _Size(size).value,
+        memory=defaults.memory if memory is None else memory,
+        train=defaults.train if train is None else train,
+    )
+    written = init_manifest(path if path is not None else Path(f"{options.name}.yaml"), options)
+    console.print(f"wrote {written}")
+    console.print(f"next: cortex validate {written}  then  cortex build {written}", highlight=False)
+
+
+@plugin_app.command("new")
+def plugin_new(
+    name: str = typer.Argument(..., help="Plugin name: a lower-case Python identifier such as demo_tier; "
+                                         "the package name and the namespace of its components."),
+    output: Path = typer.Option(Path("."), "-o", "--output", help="Folder that receives the package folder NAME."),
+) -> None:
+    """Write a ready-to-install plugin package: pyproject with the entry point, a memory tier, tests.
+
+    The package is written into a temporary folder and renamed into place; an existing
+    folder is never touched.
+    """
+    from cortex.scaffold import distribution_name, new_plugin, plugin_files
+
+    dest = new_plugin(name, output)
+    console.print(f"wrote {dest} ({distribution_name(name)}, components {name}.recent):")
+    for file in plugin_files(name):
+        console.print(f"  {dest / file}", highlight=False)
+    console.print(f"next: pip install -e {dest}  then  cortex plugins  and  pytest {dest}", highlight=False)
 
 
 @tokenizer_app.command("train")

@@ -160,9 +160,10 @@ class MemoryTier(Component):
         (the default) when the tier must be searched."""
         return None
 
-    def touch(self, streams: torch.Tensor, used: torch.Tensor, *, step: int = 0) -> None:
-        """Count a use of the slots marked in ``used`` (B, S) after a dense read of
-        [`slots`][cortex.interfaces.MemoryTier.slots]."""
+    def touch(self, streams: torch.Tensor, used: torch.Tensor, *, step: int = 0, queries: int = 0,
+              hits: int = 0) -> None:
+        """After a dense read of [`slots`][cortex.interfaces.MemoryTier.slots]: count a use of
+        the slots marked in ``used`` (B, S), and ``queries`` reads of which ``hits`` found some."""
 
     def handover(self, *, step: int = 0) -> Entries | None:
         """Remove and return the entries due for the next tier (consolidation), if any."""

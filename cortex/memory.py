@@ -166,7 +166,8 @@ class MemoryAttention(nn.Module):
         k = min(self.settings.k, scores.shape[-1])
         top = scores.topk(k, dim=-1)
         keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top.indices, True) & valid[:, None, :]
-        tier.touch(streams, keep.any(dim=1), step=step)
+        found = torch.isfinite(top.values[..., 0])
+        tier.touch(streams, keep.any(dim=1), step=step, queries=found.numel(), hits=int(found.sum()))
         logits = torch.bmm(q, keys.to(q.dtype).transpose(1, 2)) * self.log_scale.exp()
         attn = self._attend(logits, ~keep)
         return torch.bmm(attn, values.to(q.dtype)), top.values[..., 0]

@@ -224,8 +224,11 @@ class ShortTermMemory(MemoryTier):
         return self.keys[rows], self.values[rows], self.valid[rows] & known[:, None]
 
     @torch.no_grad()
-    def touch(self, streams: torch.Tensor, used: torch.Tensor, *, step: int = 0) -> None:
+    def touch(self, streams: torch.Tensor, used: torch.Tensor, *, step: int = 0, queries: int = 0,
+              hits: int = 0) -> None:
         """Count one use of each slot marked in ``used`` (B, capacity), as a read would."""
+        self.counters.queries += queries
+        self.counters.hits += hits
         if self.stream_ids.numel() == 0:
             return
         rows, known = self._rows(streams.reshape(-1))

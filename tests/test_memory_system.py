@@ -92,6 +92,7 @@ def test_training_steps_fill_every_tier_with_consolidation(build_model):
     assert model.memory_system.stats["consolidated"] > 0
     assert metrics["memory/writes"] > 0
     assert stm.stats()["consolidated_out"] > 0 and ltm.stats()["consolidated_in"] > 0
+    assert 0 < stm.stats()["hit_rate"] <= 1  # dense reads are counted like searched ones
 
 
 def test_consolidation_waits_for_sleep_when_configured(build_model):

@@ -307,6 +307,38 @@ def memory(
 
 
 @app.command()
+def graph(
+    run: Path = typer.Argument(..., help="A run directory."),
+    export: Optional[Path] = typer.Option(None, "--export", help="Write the graph to FILE.graphml or FILE.json."),
+    png: Optional[Path] = typer.Option(None, "--png", help="Draw the graph to a PNG file."),
+) -> None:
+    """Build the concept / association / causal graph of a run's memory and summarise it."""
+    from cortex.rundir import load_run
+    from cortex_plugins.cognition_graph import graph_of_run
+
+    if export is not None and export.suffix not in (".graphml", ".json"):
+        raise CortexError(f"--export {export}: use a .graphml or .json file name")
+    g = graph_of_run(load_run(run))
+    s = g.summary()
+    console.print(f"graph of {run}: {s['nodes']} nodes ({s['concepts']} concepts), "
+                  f"{s['associations']} associations, {s['causal']} causal candidates", highlight=False)
+    table = Table(title="concepts (largest first)")
+    for column in ("concept", "size", "label", "causes", "effects"):
+        table.add_column(column)
+    for c in g.concepts()[:12]:
+        table.add_row(c["id"], str(c.get("size", "")), str(c.get("label", "")),
+                      ", ".join(u for u, _, _ in g.causes(c["id"])[:3]),
+                      ", ".join(v for v, _, _ in g.effects(c["id"])[:3]))
+    console.print(table)
+    for u, v, d in g.causal_edges()[:10]:
+        console.print(f"  {u} -> {v}  delta_p {d['delta_p']:.3f}  count {d['count']}", highlight=False)
+    if export is not None:
+        console.print(f"graph: {g.export(export)}")
+    if png is not None:
+        console.print(f"png: {g.draw(png)}")
+
+
+@app.command()
 def validate(manifests: list[Path] = typer.Argument(..., help="Manifest files to check.")) -> None:
     """Check manifests without building them; report every problem with FILE:LINE:COL."""
     from cortex.manifest import load_manifest

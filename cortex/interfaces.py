@@ -169,6 +169,14 @@ class MemoryTier(Component):
         """Remove and return the entries due for the next tier (consolidation), if any."""
         return None
 
+    #: set by the memory system when entries pushed out of a full tier should move down
+    #: the chain instead of being forgotten (see [`displaced`][cortex.interfaces.MemoryTier.displaced])
+    keep_displaced: bool = False
+
+    def displaced(self) -> Entries | None:
+        """Entries evicted since the last call, kept while ``keep_displaced`` is set."""
+        return None
+
     def clear(self, stream: int | None = None) -> None:
         """Forget the entries of ``stream`` (all streams when ``None``)."""
         raise NotImplementedError

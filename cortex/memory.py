@@ -84,6 +84,9 @@ class MemorySettings(Settings):
         "surprise", description="What to store: every position, or the most surprising (highest loss).")
     write_fraction: float = Field(0.25, gt=0, le=1, description="Share of positions stored with `surprise`.")
     write_in_training: bool = Field(True, description="Write each training segment to STM.")
+    spill: Literal["never", "inference", "always"] = Field(
+        "inference", description="When entries pushed out of a full tier move to the next one instead of "
+                                 "being forgotten: never, outside training (real-time use), or always.")
     consolidate: Literal["step", "sleep"] = Field(
         "step", description="Hand entries down the tiers at every step end, or only during sleep (NREM).")
 
@@ -205,7 +208,7 @@ class MemorySystem:
             raise ValueError(f"memory_system.key_layer {self.key_layer} is not a block index (< {layers})")
         self.active: _Segment | None = None
         self.step = 0
-        self.stats = {"writes": 0, "reads": 0, "consolidated": 0}
+        self.stats = {"writes": 0, "reads": 0, "consolidated": 0, "spilled": 0}
         self._tier_weight_sum = torch.zeros(len(tiers))
         self.readers: list[MemoryAttention] = []
         if "knn_attention" in settings.read:
@@ -264,7 +267,7 @@ class MemorySystem:
     @torch.no_grad()
     def write_segment(self, idx: torch.Tensor, targets: torch.Tensor, streams: torch.Tensor,
                       *, importance: torch.Tensor | None = None, values: torch.Tensor | None = None,
-                      meta: list[dict[str, Any]] | None = None) -> int:
+                      meta: list[dict[str, Any]] | None = None, training: bool = False) -> int:
         """Write the chosen positions of a processed segment to the first tier.
 
         ``importance`` (B, T) ranks positions for ``write: surprise``; ``values`` (B, T, d)
@@ -293,7 +296,16 @@ class MemorySystem:
             streams=streams[rows].long(),
             meta=[meta[i] for i in (rows * T + cols).tolist()] if meta is not None else None,
         )
+        spill = self.settings.spill == "always" or (self.settings.spill == "inference" and not training)
+        for tier in self.tiers[:-1]:
+            tier.keep_displaced = spill
         self.tiers[0].write(entries, step=self.step)
+        if spill:
+            for upper, lower in zip(self.tiers, self.tiers[1:]):
+                pushed = upper.displaced()
+                if pushed is not None and len(pushed):
+                    lower.write(pushed, step=self.step)
+                    self.stats["spilled"] += len(pushed)
         self.stats["writes"] += len(entries)
         return len(entries)
 
@@ -309,7 +321,8 @@ class MemorySystem:
                     with torch.no_grad():
                         importance = F.cross_entropy(logits.detach().float().transpose(1, 2),
                                                      targets.clamp_min(0), reduction="none")
-                self.write_segment(idx, targets, streams, importance=importance, values=segment.value)
+                self.write_segment(idx, targets, streams, importance=importance, values=segment.value,
+                                   training=True)
         elif "knn_lm" in self.settings.read:
             logits = self.knn_lm_logits(idx, logits, streams)
             if targets is not None:
@@ -320,7 +333,8 @@ class MemorySystem:
     def remember(self, ids: torch.Tensor, stream: int, meta: dict[str, Any] | None = None) -> int:
         """Store every position of token ids (1-D) in ``stream``; returns entries written.
 
-        Texts longer than the context are stored window by window.
+        Texts longer than the context are stored window by window. Entries pushed out of
+        a full tier move down the chain (``spill``), so what was told is not forgotten.
         """
         ids = ids.reshape(-1)
         ctx = self.core.config.context
@@ -338,6 +352,7 @@ class MemorySystem:
                 entry_meta = [{**meta, "position": start + t} for t in range(inputs.shape[1])]
             written += self.write_segment(inputs, targets, streams, values=segment.value, meta=entry_meta,
                                           importance=None)
+        self.step += 1  # outside training, each remembered text ages memory by one step
         return written
 
     @torch.no_grad()

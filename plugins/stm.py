@@ -64,6 +64,7 @@ class ShortTermMemory(MemoryTier):
         self.strengthened = 0
         self.next_id = 0
         self.meta: dict[int, Any] = {}
+        self._displaced: list[Entries] = []
         self._allocate(0)
 
     # ------------------------------------------------------------------ storage
@@ -195,6 +196,16 @@ class ShortTermMemory(MemoryTier):
         winners, slots = roots[roots.numel() - take:], slots[:take]
         lost = int(valid[slots].sum()) + int(size[roots[: roots.numel() - take]].sum())
         self.counters.evicted += lost
+        if self.keep_displaced:
+            self._displace_slots(row, slots[valid[slots]])
+            losers = free[roots[: roots.numel() - take]]
+            if losers.numel():
+                self._displaced.append(Entries(
+                    keys=keys[losers].clone(), values=values[losers].clone(), tokens=tokens[losers].clone(),
+                    streams=self.stream_ids[row].repeat(losers.numel()),
+                    uses=(size[roots[: roots.numel() - take]] - 1).clone(),
+                    steps=torch.full((losers.numel(),), step, dtype=torch.long, device=dev),
+                    meta=[meta[i] for i in losers.tolist()] if meta is not None else None))
         for old in self.ids[row, slots][valid[slots]].tolist():
             self.meta.pop(old, None)
         src = free[winners]
@@ -298,6 +309,27 @@ class ShortTermMemory(MemoryTier):
     # ------------------------------------------------------------------ consolidation
 
     @torch.no_grad()
+    def _displace_slots(self, row: int, slots: torch.Tensor) -> None:
+        if slots.numel():
+            ids = self.ids[row, slots]
+            self._displaced.append(Entries(
+                keys=self.keys[row, slots].clone(), values=self.values[row, slots].clone(),
+                tokens=self.tokens[row, slots].clone(), streams=self.stream_ids[row].repeat(slots.numel()),
+                uses=self.uses[row, slots].clone(), steps=self.steps[row, slots].clone(),
+                meta=[self.meta.get(i) for i in ids.tolist()]))
+
+    def displaced(self) -> Entries | None:
+        """Entries pushed out of full slots since the last call (kept only with ``keep_displaced``)."""
+        parts, self._displaced = self._displaced, []
+        if not parts:
+            return None
+        metas = [m for p in parts for m in (p.meta or [None] * len(p))]
+        return Entries(
+            keys=torch.cat([p.keys for p in parts]), values=torch.cat([p.values for p in parts]),
+            tokens=torch.cat([p.tokens for p in parts]), streams=torch.cat([p.streams for p in parts]),
+            uses=torch.cat([p.uses for p in parts]), steps=torch.cat([p.steps for p in parts]),
+            meta=metas if any(m is not None for m in metas) else None)
+
     def handover(self, *, step: int = 0) -> Entries | None:
         """Remove and return every entry with ``uses >= consolidate_after``, oldest step first."""
         due = self.valid & (self.uses >= self.settings.consolidate_after)

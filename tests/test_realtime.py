@@ -107,3 +107,22 @@ def test_language_detection():
     assert detect_language("민아는 부산에 산다.") == "ko"
     assert detect_language("Mina lives in Busan.") == "en"
     assert detect_language("Mina는 부산에 산다") == "ko"
+
+
+def test_a_fact_survives_a_long_conversation_through_spill(build_model):
+    torch.manual_seed(0)
+    small = MANIFEST.replace("capacity: 128}", "capacity: 16}")
+    model = build_model(small).eval()
+    model.remember(FACT)
+    for i in range(12):  # far more text than the STM holds
+        model.remember(f"Filler sentence number {i} about the weather, lunch and the bus schedule.")
+    stm, ltm = model.memory
+    assert len(stm) <= 16 and len(ltm) > 0
+    assert model.memory_system.stats["spilled"] > 0
+    assert model.generate_text(CUE, max_new_tokens=5).startswith(" 3817")
+    forgetful = build_model(small.replace("key_window: 16}", "key_window: 16, spill: never}")).eval()
+    forgetful.remember(FACT)
+    for i in range(12):
+        forgetful.remember(f"Filler sentence number {i} about the weather, lunch and the bus schedule.")
+    assert len(forgetful.memory[1]) == 0
+    assert not forgetful.generate_text(CUE, max_new_tokens=5).startswith(" 3817")

@@ -237,8 +237,8 @@ class PlasticityRule(Component):
     """
 
     kind: ClassVar[str] = "plasticity"
-    #: whether forward hooks should record activity right now
     observing: bool = True
+    """Whether forward hooks record activity right now (set it to ``False`` to pause a rule)."""
 
     def __init__(self, settings: Settings, context: BuildContext, target: str = "*") -> None:
         super().__init__(settings, context)

@@ -20,7 +20,8 @@ fed by the lifecycle:
 order inside the episode and the step (and write clock) at which it was written.
 
 **Keys.** Each item is keyed by a vector of its local context, the ``window`` items ending
-at it (earlier items of the same episode included, across turns):
+at it (and the one before, for the oldest bigram; earlier items of the same episode
+included, across turns):
 
 - ``ngram`` (default): a signed feature-hashing of position-tagged unigrams, order-free
   unigrams and position-tagged bigrams into ``key_dim`` buckets. A cue with 30% of its tokens
@@ -30,16 +31,17 @@ at it (earlier items of the same episode included, across turns):
   states), or the last block's local-window hidden states when there are no tiers.
 - ``both``: the two, concatenated with equal weight.
 
-**Recall** ([`recall`][cortex_plugins.episodic.EpisodicMemory.recall]) is two-stage: the
-``candidates`` items whose keys are most similar to the key of the cue's last token are
-found by one matrix product; each candidate is then *verified* by aligning the whole cue so
-that its last token falls on the candidate and counting the cue tokens that agree with the
-stored ones. The best alignment (agreement, then key similarity) gives the episode, the
+**Recall** ([`recall`][cortex_plugins.episodic.EpisodicMemory.recall]) is two-stage: for a
+few probe positions of the cue (its last token, then one every ``window`` tokens back) the
+``candidates`` items with the most similar keys are found by one matrix product; each
+candidate is then *verified* by aligning the whole cue on it and counting the cue tokens
+that agree with the stored ones. The best alignment (agreement, then key similarity) gives the episode, the
 position in it and the continuation (the items that came next). Below ``min_score``
 agreement nothing is returned.
 
 **Capacity and eviction.** At most ``capacity`` items are held. A write that would exceed
-it first evicts whole episodes, oldest first (by creation), never the episode being written;
+it first evicts whole episodes, oldest first (by creation), never the episode being written,
+until the write fits with 5% of the capacity to spare (eviction is amortised);
 an episode larger than the capacity on its own keeps its newest items.
 
 **Persistence.** Tokens, episode ids, orders and steps are saved as tensors, episode
@@ -147,7 +149,9 @@ class EpisodicMemory(CognitiveFeature):
             "ngram", description="Item keys: hashed local n-grams, the model's memory keys, or both.")
         key_dim: int = Field(512, ge=16, description="Width of the hashed n-gram keys.")
         window: int = Field(8, ge=1, description="Items of local context a key covers (the item and those before it).")
-        candidates: int = Field(64, gt=0, description="Items found by key similarity and verified by aligning the cue.")
+        candidates: int = Field(64, gt=0, description="Items found per probe by key similarity, then verified by aligning the cue.")
+        probes: int = Field(4, ge=1, description="Cue positions (one every `window` tokens from the end) whose keys are searched.")
+        max_cue: int = Field(64, ge=1, description="Only the last `max_cue` tokens of a cue are used.")
         continuation: int = Field(32, ge=0, description="Items returned after the matched position.")
         min_score: float = Field(0.25, ge=0, le=1, description="Least share of agreeing cue tokens for a recall.")
         episode_per: Literal["session", "turn"] = Field(
@@ -282,9 +286,10 @@ class EpisodicMemory(CognitiveFeature):
 
     def _evict_for(self, incoming: int, current: int) -> None:
         """Make room for ``incoming`` items: oldest episodes first, never ``current``."""
-        excess = self.n + incoming - self.capacity
-        if excess <= 0:
+        if self.n + incoming <= self.capacity:
             return
+        # free a chunk (5% of capacity) beyond what is needed, so eviction is amortised
+        excess = self.n + incoming - self.capacity + self.capacity // 20
         ep = self.cols["episode"][: self.n]
         counts = torch.bincount(ep, minlength=self.next_episode)
         drop: list[int] = []
@@ -348,11 +353,12 @@ class EpisodicMemory(CognitiveFeature):
         e = self._resolve(episode, meta)
         if tokens.numel() == 0:
             return e
-        if tokens.numel() > self.capacity:
-            tokens = tokens[-self.capacity:]
-        step = self.step if step is None else int(step)
         info = self.episodes[e]
         start = int(info["length"])
+        if tokens.numel() > self.capacity:  # longer than the capacity: keep the newest items
+            start += tokens.numel() - self.capacity
+            tokens = tokens[-self.capacity:]
+        step = self.step if step is None else int(step)
         left = self._episode_tokens(e)[-self.settings.window:] if start else None
         keys = self._keys(tokens, left)
         self._evict_for(tokens.numel(), e)
@@ -409,24 +415,35 @@ class EpisodicMemory(CognitiveFeature):
         cue_t = self._as_tokens(cue)
         if cue_t.numel() == 0 or self.n == 0:
             return []
-        cue_t = cue_t[-max(s.window, 64):]
+        cue_t = cue_t[-s.max_cue:]
         L = cue_t.numel()
-        q = self._keys(cue_t, None)[-1]
-        sims = self.keys[: self.n] @ q
-        top = sims.topk(min(s.candidates, self.n))
-        tokens_sorted, rank, start_of, end_of, perm = self._sorted_view()
-        cand = top.indices
-        ep = self.cols["episode"][cand]
+        tokens_sorted, rank, start_of, end_of, _ = self._sorted_view()
+        # query with the keys of a few positions spread over the cue (its last token first):
+        # a window the noise hit hard is made up for by another
+        cue_keys = self._keys(cue_t, None)
+        probes = list(range(L - 1, -1, -s.window))[: s.probes]
+        sims = cue_keys[probes] @ self.keys[: self.n].T  # (P, n)
+        c = min(s.candidates, self.n)
+        top = sims.topk(c, dim=1)
+        shift = torch.tensor([L - 1 - p for p in probes])[:, None].expand(-1, c)
+        rows, sim = top.indices.reshape(-1), top.values.reshape(-1)
+        ep = self.cols["episode"][rows]
+        end = rank[rows] + shift.reshape(-1)  # sorted position of the cue's last token
+        inside = end < end_of[ep]
+        rows, sim, ep, end = rows[inside], sim[inside], ep[inside], end[inside]
+        if rows.numel() == 0:
+            return []
         back = torch.arange(L - 1, -1, -1)
-        idx = rank[cand][:, None] - back[None, :]  # (C, L) sorted positions aligned with the cue
+        idx = end[:, None] - back[None, :]  # (C, L) sorted positions aligned with the cue
         valid = idx >= start_of[ep][:, None]
         agree = (tokens_sorted[idx.clamp(min=0)] == cue_t[None, :]) & valid
         score = agree.float().sum(1) / L
-        ranking = score + 1e-3 * top.values  # agreement first, key similarity breaks ties
+        ranking = score + 1e-3 * sim  # agreement first, key similarity breaks ties
         order = torch.argsort(ranking, descending=True)
         n_next = s.continuation if continuation is None else continuation
         out: list[Recall] = []
         seen: set[int] = set()
+        _, _, _, _, perm = self._sorted_view()
         for i in order.tolist():
             if len(out) >= k or float(score[i]) < s.min_score:
                 break
@@ -434,11 +451,11 @@ class EpisodicMemory(CognitiveFeature):
             if e in seen:
                 continue
             seen.add(e)
-            at = int(rank[cand[i]])
+            at = int(end[i])
             nxt = tokens_sorted[at + 1: min(at + 1 + n_next, int(end_of[e]))].tolist()
             text = self.tokenizer.decode(nxt) if self.tokenizer is not None else None
-            row = int(cand[i])
-            out.append(Recall(e, int(self.cols["order"][row]), float(score[i]), float(top.values[i]), nxt, text,
+            row = int(perm[at])
+            out.append(Recall(e, int(self.cols["order"][row]), float(score[i]), float(sim[i]), nxt, text,
                               dict(self.episodes.get(e, {}))))
         if out:
             self.counters["hits"] += 1
@@ -493,7 +510,7 @@ class EpisodicMemory(CognitiveFeature):
 
     def state_dict(self) -> dict[str, Any]:
         n = self.n
-        state: dict[str, Any] = {name: col[:n].clone() for name, col in self.cols.items()}
+        state: dict[str, Any] = {f"item_{name}": col[:n].clone() for name, col in self.cols.items()}
         if self.settings.key != "ngram":
             state["keys"] = self.keys[:n].clone()
         state["episodes"] = [[e, meta] for e, meta in self.episodes.items()]
@@ -511,10 +528,10 @@ class EpisodicMemory(CognitiveFeature):
             raise ValueError(f"episodic state was saved with key {state.get('key')!r} of width "
                              f"{state.get('key_width')}, this feature uses {self.settings.key!r} of width {self.key_width}")
         self._reset()
-        n = int(state["tokens"].numel())
+        n = int(state["item_tokens"].numel())
         self._reserve(n)
         for name in _COLUMNS:
-            self.cols[name][:n] = state[name].long()
+            self.cols[name][:n] = state[f"item_{name}"].long()
         self.n = n
         self.episodes = {int(e): dict(meta) for e, meta in state["episodes"]}
         self.names = {str(k): int(v) for k, v in state["names"].items()}

@@ -13,6 +13,7 @@ ignored), averaged over the tokens of a training step::
     dw_i   = lr * mean_tokens( x * y_i * (y_i - theta_i) )
     theta_i <- theta_i + (mean_tokens(y_i^2) - theta_i) / tau
 
+(``theta_i`` starts at the first step's ``mean_tokens(y_i^2)`` unless ``theta_init`` is set.)
 A unit whose response is above its threshold ``theta_i`` is potentiated by that input,
 below it depressed. The threshold slides with the unit's recent activity: ``theta_i`` is an
 exponential moving average of ``y_i^2`` with a time constant of ``tau`` steps, so it
@@ -71,31 +72,30 @@ class BCMRule(PlasticityRule):
 
     def observe(self, name: str, module: nn.Module, inputs: tuple, output: Any) -> None:
         x = _flat(inputs[0])
-        y = _flat(output)
-        if module.bias is not None:
-            y = y - module.bias.detach().float()
-        theta = self.theta.get(name)
-        if theta is None:  # first observation: start the threshold at this batch's E[y^2]
-            theta = self.theta[name] = y.square().mean(0)
-        phi = y * (y - theta)
-        parts = [phi.T @ x, y.square().sum(0), x.shape[0]]
-        if name in self._stats:
-            acc = self._stats[name]
-            acc[0] += parts[0]
-            acc[1] += parts[1]
-            acc[2] += parts[2]
-        else:
+        # y = W x recomputed in float32: the rule's y whatever autocast or an earlier rule's
+        # hook (e.g. homeostasis) made of the module's output
+        y = x @ module.weight.detach().float().T
+        # y (y - theta) x = y^2 x - theta y x: sums kept apart so that theta is applied at step
+        # end, after the statistics are averaged over ranks (the same theta on every rank)
+        parts = [y.square().T @ x, y.T @ x, y.square().sum(0), x.shape[0]]
+        acc = self._stats.get(name)
+        if acc is None:
             self._stats[name] = parts
+        else:
+            for i, p in enumerate(parts):
+                acc[i] += p
         self._rate[name] = self.firing_rate(output)
 
     def apply(self, name: str, module: nn.Module) -> None:
         acc = self._stats.pop(name, None)
         if acc is None:
             return
-        hebb = self.reduce_mean_(acc[0] / acc[2])
-        y2 = self.reduce_mean_(acc[1] / acc[2])
-        module.weight.add_((self.lr * hebb).to(module.weight.dtype))
-        theta = self.theta[name]
+        n = acc[3]
+        y2x, yx, y2 = (self.reduce_mean_(t / n) for t in acc[:3])
+        theta = self.theta.get(name)
+        if theta is None:  # first step: start the threshold at this step's E[y^2]
+            theta = self.theta[name] = y2.clone()
+        module.weight.add_((self.lr * (y2x - theta[:, None] * yx)).to(module.weight.dtype))
         theta += (y2 - theta) / self.settings.tau
         self.updates += 1
 

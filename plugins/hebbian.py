@@ -92,9 +92,9 @@ class HebbianRule(PlasticityRule):
 
     def observe(self, name: str, module: nn.Module, inputs: tuple, output: Any) -> None:
         x = _flat(inputs[0])
-        y = _flat(output)
-        if module.bias is not None:
-            y = y - module.bias.detach().float()
+        # y = W x recomputed in float32: the rule's y whatever autocast or an earlier rule's
+        # hook (e.g. homeostasis) made of the module's output
+        y = x @ module.weight.detach().float().T
         yx = y.T @ x
         yy = y.T @ y if self.settings.rule == "sanger" else y.square().sum(0)
         if name in self._yx:

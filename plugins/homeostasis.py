@@ -4,7 +4,7 @@
 plasticity:
   - type: homeostasis
     target: "blocks.*.mlp.fc"
-    settings: {target_rate: 0.1, lr: 0.5, mode: shift}
+    settings: {target_rate: 0.1, lr: 1.0, mode: shift}
 ```
 
 The targeted modules' outputs (..., units) are the units. Each unit ``i`` gets a gain
@@ -20,10 +20,13 @@ of the GELU) is averaged over DDP ranks and moves the controls toward ``target_r
 
 - ``mode: shift`` (intrinsic plasticity, the default) raises the unit's threshold when it
   fires too often: ``b_i += lr * (r_i - target_rate) * s_i``, with ``s_i`` a running
-  standard deviation of the unit's activation, so the step is scale-free;
+  standard deviation (time constant ``scale_tau`` steps) of the unit's raw activation, so
+  the step is scale-free;
 - ``mode: gain`` (synaptic scaling) scales the unit multiplicatively:
-  ``g_i *= exp(-lr * (r_i - target_rate))``. Scaling cannot change the sign of an
-  activation, so this mode needs ``threshold > 0``.
+  ``g_i *= exp(-lr * (r_i - target_rate))`` (kept within ``[0.001, 1000]``). Scaling
+  cannot change the sign of an activation, so this mode needs ``threshold > 0``, and a
+  unit reaches the target only if its activation is positive on at least ``target_rate``
+  of the tokens.
 
 Both are integral controllers: at equilibrium each unit fires on ``target_rate`` of the
 tokens. A population of a fresh model's ``mlp.fc`` units (rate about 0.5, five times the
@@ -49,12 +52,12 @@ class Homeostasis(PlasticityRule):
 
     class Settings(RuleSettings):
         target_rate: float = Field(0.1, gt=0, lt=1, description="Firing rate each unit is held at.")
-        lr: float = Field(0.5, ge=0, description="Controller step per unit of rate error.")
+        lr: float = Field(1.0, ge=0, description="Controller step per unit of rate error.")
         mode: Literal["shift", "gain"] = Field(
             "shift", description="`shift`: adapt each unit's threshold (additive); `gain`: scale its output "
             "(multiplicative, needs threshold > 0).")
         scale_tau: float = Field(
-            20.0, ge=1, description="Time constant, in steps, of the running activation scale of `shift`.")
+            5.0, ge=1, description="Time constant, in steps, of the running activation scale of `shift`.")
 
         @model_validator(mode="after")
         def _gain_needs_threshold(self):
@@ -119,7 +122,7 @@ class Homeostasis(PlasticityRule):
         self.rate[name] = rate
         error = rate - self.settings.target_rate
         if self.settings.mode == "gain":
-            self.gain[name] *= torch.exp(-self.lr * error)
+            self.gain[name] = (self.gain[name] * torch.exp(-self.lr * error)).clamp_(1e-3, 1e3)
         else:
             # std of the *raw* activation: the adjusted one is gain * raw - shift
             std = ((meansq - mean.square()).clamp_min(0).sqrt() / self.gain[name]).clamp_min(1e-6)

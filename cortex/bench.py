@@ -56,6 +56,15 @@ class BenchSuite(Component):
         raise NotImplementedError
 
 
+def load_target(target: Path) -> Any:
+    """The model of a bench target: a run directory (trained) or a manifest (built untrained)."""
+    from cortex.assemble import assemble
+    from cortex.manifest import load_manifest
+    from cortex.rundir import load_run
+
+    return load_run(target) if Path(target).is_dir() else assemble(load_manifest(target))
+
+
 def median_and_spread(values: list[float]) -> dict[str, float]:
     """Median, mean and standard deviation of repeated measurements."""
     return {

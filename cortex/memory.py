@@ -60,15 +60,17 @@ class MemorySettings(Settings):
     key_layer: int | None = Field(
         None, ge=0, description="Block whose output gives memory keys (default: the first memory layer, "
                                 "else the last block).")
-    key_window: int = Field(16, ge=0, description="Tokens a key's hidden state sees (0: the full context).")
-    key_shingle: int = Field(3, ge=1, description="Positions whose hidden states are summed into a key.")
-    key_decay: float = Field(0.8, gt=0, le=1, description="Weight ratio of each earlier position in a key.")
+    key_window: int = Field(32, ge=0, description="Tokens a key's hidden state sees (0: the full context).")
+    key_offsets: list[int] = Field(
+        default_factory=lambda: [0, 1, 2, 4, 8, 16],
+        description="Positions back from the current one whose hidden states are summed into a key.")
+    key_decay: float = Field(0.8, gt=0, le=1, description="Weight ratio of each further offset in a key.")
     tier_temperature: float = Field(1.0, gt=0, description="Softmax temperature over tiers' best scores.")
     lm_lambda: float = Field(
         0.8, ge=0, le=1, description="kNN-LM weight of memory at full strength; a match of strength s "
                                      "(1 + its uses) weighs lm_lambda * s / (s + 1).")
     lm_temperature: float = Field(0.01, gt=0, description="kNN-LM softmax temperature over cosine scores.")
-    lm_min_score: float = Field(0.5, ge=-1, le=1, description="kNN-LM ignores neighbours below this cosine.")
+    lm_min_score: float = Field(0.9, ge=-1, le=1, description="kNN-LM ignores neighbours below this cosine.")
     use_bonus: float = Field(1.0, ge=0, description="kNN-LM log-weight bonus per log(1 + uses): "
                                                      "repetition raises confidence.")
     read_temperature: float = Field(0.1, gt=0, description="Initial temperature of kNN-attention scores.")
@@ -80,6 +82,12 @@ class MemorySettings(Settings):
     train_read_tiers: int = Field(
         1, ge=1, description="Tiers kNN-attention reads in training (the first N; all at inference). "
                              "Exact batched search of the first tier is cheap; FAISS per token is not.")
+    @model_validator(mode="after")
+    def _offsets(self) -> MemorySettings:
+        if not self.key_offsets or min(self.key_offsets) < 0 or 0 not in self.key_offsets:
+            raise ValueError("key_offsets must be non-negative and include 0 (the current position)")
+        return self
+
     write: Literal["all", "surprise"] = Field(
         "surprise", description="What to store: every position, or the most surprising (highest loss).")
     write_fraction: float = Field(0.25, gt=0, le=1, description="Share of positions stored with `surprise`.")
@@ -237,21 +245,23 @@ class MemorySystem:
         """Memory keys (B, T, d) for every position of ``idx``.
 
         The hidden state after ``key_layer`` over only the last ``key_window`` tokens,
-        normalised, plus those of the previous ``key_shingle - 1`` positions with weights
-        ``key_decay ** i``: a key that tells "is 7" from "is 77" even before training has
-        made hidden states context-sensitive, and never depends on distant context.
+        normalised and summed over the positions ``key_offsets`` back (weights
+        ``key_decay ** i``): "is 7" differs from "is 77", and a name said 16 bytes before
+        "... number is" still shapes the key even before training has made hidden states
+        context-sensitive. A key never depends on more than ``key_span()`` tokens.
         """
         s = self.settings
         h = F.normalize(self.core.hidden_states(idx, layer=self.key_layer, window=s.key_window).float(), dim=-1)
-        keys = h.clone()
-        for i in range(1, min(s.key_shingle, h.shape[1])):
-            keys[:, i:] += s.key_decay**i * h[:, :-i]
+        keys = torch.zeros_like(h)
+        for i, offset in enumerate(sorted(set(s.key_offsets))):
+            if offset < h.shape[1]:
+                keys[:, offset:] += s.key_decay**i * h[:, : h.shape[1] - offset]
         return F.normalize(keys, dim=-1)
 
     def key_span(self) -> int:
         """Tokens the key of the last position depends on (the whole context when unbounded)."""
         s, context = self.settings, self.core.config.context
-        return min(context, s.key_window + s.key_shingle - 1) if s.key_window else context
+        return min(context, s.key_window + max(s.key_offsets)) if s.key_window else context
 
     # -- a segment's forward pass -----------------------------------------------------
 

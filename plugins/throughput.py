@@ -17,7 +17,7 @@ import torch
 from pydantic import Field
 
 from cortex import hookimpl
-from cortex.bench import BenchSuite, Check, SuiteResult, median_and_spread
+from cortex.bench import BenchSuite, Check, SuiteResult, load_target, median_and_spread
 from cortex.errors import CortexError
 from cortex.interfaces import Settings
 from cortex.reference import ReferenceGPT, comparable_parameters
@@ -27,15 +27,6 @@ from cortex.step import make_optimizer, train_step
 CORE_TARGET = 0.95
 #: a manifest with memory must keep this share of the first (plain) target's tokens/s
 MEMORY_TARGET = 0.75
-
-
-def load_target(target: Path):
-    """Assemble the model of a manifest file or a run directory."""
-    from cortex.assemble import assemble
-    from cortex.manifest import load_manifest
-    from cortex.rundir import load_run
-
-    return load_run(target) if target.is_dir() else assemble(load_manifest(target))
 
 
 def _time_steps(model, optimizer, batches: list[torch.Tensor], hook, precision: str) -> float:

@@ -133,7 +133,7 @@ class MemoryAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         system = self._system[0]
         segment = system.active
-        if segment is None:  # a plain core call: memory is not consulted
+        if segment is None or "knn_attention" not in self.settings.read:  # memory not consulted
             return x
         if segment.value is None:
             segment.value = x.detach()

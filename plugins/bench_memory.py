@@ -170,9 +170,9 @@ class KeySource:
         from cortex.rundir import load_run
 
         self.target = target
-        self.trained = target.is_dir()
-        self.model = load_run(target) if self.trained else assemble(load_manifest(target))
-        if self.trained:
+        self.is_run = target.is_dir()
+        self.model = load_run(target) if self.is_run else assemble(load_manifest(target))
+        if self.is_run:
             trained = (target / "metrics.jsonl").is_file()
             self.source = "run directory" + (" (trained)" if trained else " (no metrics.jsonl: never trained?)")
         else:
@@ -343,7 +343,7 @@ class MemoryBench(BenchSuite):
             ["field", "value"],
             [[k, json.dumps(v) if isinstance(v, (list, dict)) else v] for k, v in key_info.items()],
         ))
-        if not src.trained:
+        if not src.is_run:
             result.notes.append(f"{name} is a manifest: its model was built **untrained** (random weights); "
                                 "pass a run directory to measure a trained model's keys.")
         rows, stat_rows = [], []
@@ -422,7 +422,7 @@ class MemoryBench(BenchSuite):
              "vs fp32 tier", ""], rows,
         ))
         result.tables.append((f"Tier stats() of {name}", ["size", "index", *_STAT_COLUMNS], stat_rows))
-        if src.trained and src.model.memory_system is not None:
+        if src.is_run and src.model.memory_system is not None:
             own = [[t.key] + [_cell(t.stats().get(c)) for c in _STAT_COLUMNS] for t in src.model.memory]
             result.tables.append((f"The run's own tiers (stats())", ["tier", *_STAT_COLUMNS], own))
         self._checks(name, fig, max(sizes), result)

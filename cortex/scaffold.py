@@ -239,12 +239,25 @@ __version__ = "0.1.0"
 ''')
 
 _PLUGIN = Template('''\
-"""The components of $dist, registered under the namespace `$ns`.
+"""The entry point module of $dist: hands Cortex the plugin's components.
 
 Cortex finds this module through the `cortex.plugins` entry point `$ns` declared in
-pyproject.toml and calls `cortex_register_components`; each class registered there is
+pyproject.toml and calls `cortex_register_components`; each class registered here is
 used in a manifest as `$ns.<its name>`.
 """
+
+from cortex import hookimpl
+
+from $ns.tiers import RecentMemory
+
+
+@hookimpl
+def cortex_register_components(register):
+    register(RecentMemory)
+''')
+
+_TIERS = Template('''\
+"""The memory tier of $dist: `$ns.recent`."""
 
 from __future__ import annotations
 
@@ -254,7 +267,6 @@ import torch
 from pydantic import Field
 from torch.nn import functional as F
 
-from cortex import hookimpl
 from cortex.interfaces import Entries, MemoryTier, Retrieval, Settings
 
 
@@ -348,11 +360,6 @@ class RecentMemory(MemoryTier):
             for stream in state["streams"]
         }
 
-
-@hookimpl
-def cortex_register_components(register):
-    """Hand Cortex this plugin's component classes."""
-    register(RecentMemory)
 ''')
 
 _TEST = Template('''\
@@ -371,7 +378,7 @@ from cortex.interfaces import BuildContext, Entries
 from cortex.model import ModelConfig
 
 from $ns import plugin
-from $ns.plugin import RecentMemory
+from $ns.tiers import RecentMemory
 
 MANIFEST = """\\
 cortex: 1
@@ -473,13 +480,15 @@ def plugin_files(name: str) -> dict[str, str]:
     """Relative path -> text of every file of plugin package ``name``."""
     check_plugin_name(name)
     values = {"ns": name, "dist": distribution_name(name)}
-    return {
+    files = {
         "pyproject.toml": _PYPROJECT.substitute(values),
         "README.md": _README.substitute(values),
         f"src/{name}/__init__.py": _INIT.substitute(values),
         f"src/{name}/plugin.py": _PLUGIN.substitute(values),
+        f"src/{name}/tiers.py": _TIERS.substitute(values),
         "tests/test_plugin.py": _TEST.substitute(values),
     }
+    return {path: text.rstrip("\n") + "\n" for path, text in files.items()}
 
 
 def new_plugin(name: str, output: Path = Path(".")) -> Path:

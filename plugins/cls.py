@@ -2,15 +2,18 @@
 
 ```yaml
 features:
-  - {type: cls, settings: {rank: 8, fast_lr: 1.0e-2, slow_lr: 1.0e-4}}
+  - {type: cls, settings: {width: 32, fast_lr: 1.0e-2, slow_lr: 1.0e-4}}
   - {type: sleep_wake, settings: {wake: 1000, nrem: 50, rem: 20}}   # consolidation in NREM
 ```
 
 **Two paths, two learning rates.**
 
-- The *fast* (hippocampal) path is a low-rank adapter in parallel with the MLP of each
-  chosen block (``layers``, default all): ``mlp(x) + scale * B(A(x))`` with ``A``
-  (rank x dim, random) and ``B`` (dim x rank, zero at first, so a new model is unchanged).
+- The *fast* (hippocampal) path is a small adapter in parallel with the MLP of each
+  chosen block (``layers``, default all): ``mlp(x) + scale * B(act(A(x)))`` with ``A``
+  (width x dim, random), ``act`` a GELU (``activation: gelu``; ``none`` makes it a
+  rank-``width`` linear map, LoRA-style) and ``B`` (dim x width) zero at first, so a new
+  model is unchanged. The nonlinearity matters: a linear rank-``r`` map holds about ``r``
+  arbitrary associations, a GELU bottleneck of width ``r`` far more.
   It is installed with a forward hook on ``blocks.N.mlp`` (whatever module is there, e.g.
   cortical columns), so it acts in training, evaluation and generation alike. Its weights
   belong to this feature, not to the core: the training optimiser never sees them, and
@@ -26,8 +29,11 @@ This feature's optimiser (Adam) has two parameter groups: ``fast`` (the adapters
   ``interaction_steps`` gradient steps of the fast path on the turn's text (the prompt;
   ``learn_from: turn`` adds the answer) — a fact told once is in the weights at once.
 - Every training step (``train_fast``): the fast path takes a step at ``fast_lr`` on the
-  gradient the training step already computed; the core takes the trainer's own step at
-  the training learning rate.
+  gradient the training step already computed; the core takes the trainer's own step,
+  of which it keeps the share ``slow_share`` (1 by default: the trainer's rate; below 1
+  the core is pulled back toward its weights before the step, so the cortex learns new
+  data slowly and mostly through consolidation, as complementary-learning-systems theory
+  has it).
 - NREM (``cortex_sleep(phase="nrem")``, fired by ``sleep_wake`` or by anyone):
   *consolidation*, fast -> slow through replay. For ``consolidation_steps`` steps, a batch
   of replayed memories (from the ``sleep_wake`` feature's replay pool when the model has
@@ -62,16 +68,20 @@ if TYPE_CHECKING:
 
 
 class FastAdapter(nn.Module):
-    """``scale * B(A(x))``: a low-rank path in parallel with an MLP (``B`` starts at zero)."""
+    """``scale * B(act(A(x)))``: a small path in parallel with an MLP (``B`` starts at zero)."""
 
-    def __init__(self, dim: int, rank: int, scale: float, generator: torch.Generator) -> None:
+    def __init__(self, dim: int, width: int, scale: float, activation: str, generator: torch.Generator) -> None:
         super().__init__()
         self.scale = scale
-        self.A = nn.Parameter(torch.randn(rank, dim, generator=generator) / dim**0.5)
-        self.B = nn.Parameter(torch.zeros(dim, rank))
+        self.activation = activation
+        self.A = nn.Parameter(torch.randn(width, dim, generator=generator) / dim**0.5)
+        self.B = nn.Parameter(torch.zeros(dim, width))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scale * F.linear(F.linear(x, self.A.to(x.dtype)), self.B.to(x.dtype))
+        h = F.linear(x, self.A.to(x.dtype))
+        if self.activation == "gelu":
+            h = F.gelu(h)
+        return self.scale * F.linear(h, self.B.to(x.dtype))
 
 
 class ComplementaryLearning(CognitiveFeature):
@@ -81,7 +91,8 @@ class ComplementaryLearning(CognitiveFeature):
 
     class Settings(Settings):
         layers: list[int] | None = Field(None, description="Blocks whose MLP gets a fast path (default: all).")
-        rank: int = Field(8, ge=1, description="Rank of each fast adapter.")
+        width: int = Field(32, ge=1, description="Hidden width (rank) of each fast adapter.")
+        activation: Literal["gelu", "none"] = Field("gelu", description="Nonlinearity of the fast adapters.")
         scale: float = Field(1.0, gt=0, description="Output scale of the fast adapters.")
         fast_lr: float = Field(1e-2, gt=0, description="Learning rate of the fast (hippocampal) path.")
         slow_lr: float = Field(1e-4, gt=0, description="Learning rate of the slow (neocortical) path in consolidation.")
@@ -89,6 +100,9 @@ class ComplementaryLearning(CognitiveFeature):
         learn_from: Literal["prompt", "turn"] = Field(
             "prompt", description="What a chat turn teaches: the prompt, or the prompt and the answer.")
         train_fast: bool = Field(True, description="Update the fast path at every training step too.")
+        slow_share: float = Field(
+            1.0, gt=0, le=1, description="Share of each training step's update the core keeps (1: the trainer's "
+            "rate; 0.25: the cortex learns new data at a quarter of it and mostly through consolidation).")
         decay: float = Field(0.0, ge=0, lt=1, description="Share of the fast path lost per unit (step or turn).")
         consolidation_steps: int = Field(4, ge=0, description="Fast -> slow distillation steps in each NREM consolidation.")
         keep: float = Field(0.5, ge=0, le=1, description="Share of the fast path kept after a consolidation (0: cleared).")
@@ -110,7 +124,7 @@ class ComplementaryLearning(CognitiveFeature):
         self.seq_len = int(cfg.context) + 1
         g = torch.Generator().manual_seed(int(context.seed) * 7919 + 1)
         self.adapters = nn.ModuleDict({
-            str(i): FastAdapter(cfg.dim, settings.rank, settings.scale, g) for i in layers
+            str(i): FastAdapter(cfg.dim, settings.width, settings.scale, settings.activation, g) for i in layers
         }).to(context.device)
         self.fast_params = list(self.adapters.parameters())
         self.slow_params: list[torch.Tensor] = []
@@ -118,11 +132,10 @@ class ComplementaryLearning(CognitiveFeature):
         self._pending_optimizer: dict[str, Any] | None = None
         self._handles: list[Any] = []
         self._model: list[Any] = []
+        self._before: list[torch.Tensor] | None = None
         #: multiplies every fast path's output (consolidation's student runs with ``keep``)
         self.factor = 1.0
-        self.recent: deque[str] = deque(maxlen=settings.turns or None)
-        if settings.turns == 0:
-            self.recent = deque(maxlen=0)
+        self.recent: deque[str] = deque(maxlen=settings.turns)
         self.counters = {"fast_updates": 0, "turns": 0, "consolidations": 0, "consolidation_steps": 0}
         self.last_consolidation_loss: float | None = None
 
@@ -200,13 +213,22 @@ class ComplementaryLearning(CognitiveFeature):
     def cortex_interaction(self, model: CortexModel, session: str, prompt: str, response: str) -> None:
         text = prompt if self.settings.learn_from == "prompt" else prompt + response
         self.counters["turns"] += 1
-        if self.recent.maxlen != 0:
-            self.recent.append(text)
+        self.recent.append(text)
         self.learn_text(model, text)
         self._decay()
 
     @hookimpl
+    def cortex_before_step(self, model: CortexModel, step: int, batch: torch.Tensor) -> None:
+        if self.settings.slow_share < 1.0:
+            self._before = [p.detach().clone() for p in self.slow_params]
+
+    @hookimpl(tryfirst=True)  # before any other step-end work (sleep replay) changes the core
     def cortex_after_step(self, model: CortexModel, step: int, metrics: dict[str, float]) -> None:
+        if self._before is not None:
+            with torch.no_grad():
+                for p, old in zip(self.slow_params, self._before):
+                    p.lerp_(old, 1.0 - self.settings.slow_share)
+            self._before = None
         grads = [p.grad for p in self.fast_params]
         for p in self.fast_params:
             p.grad = None  # the training step's backward left them here; the trainer does not clear them
@@ -283,7 +305,7 @@ class ComplementaryLearning(CognitiveFeature):
     # ------------------------------------------------------------------ state
 
     def stats(self) -> dict[str, Any]:
-        return {"layers": self.layers, "rank": self.settings.rank, "fast_norm": self.fast_norm(),
+        return {"layers": self.layers, "width": self.settings.width, "fast_norm": self.fast_norm(),
                 "fast_lr": self.settings.fast_lr, "slow_lr": self.settings.slow_lr,
                 "last_consolidation_loss": self.last_consolidation_loss, **self.counters}
 

@@ -62,7 +62,6 @@ from typing import TYPE_CHECKING, Any, Iterator, Literal
 
 import torch
 from pydantic import Field, model_validator
-from torch.nn import functional as F
 
 from cortex import hookimpl
 from cortex.interfaces import CognitiveFeature, Settings
@@ -280,12 +279,14 @@ class SleepWake(CognitiveFeature):
         """Finish one unit: enter its phase and do its sleep work."""
         phase = self.phase_at(self.clock)
         self._pool = self.pool(model) if phase != "wake" else []
+        ms = getattr(model, "memory_system", None)
+        before = int(ms.stats["consolidated"]) if ms is not None else 0
         self._enter(model, phase, step)
         out: dict[str, float] = {"sleep/phase": float(PHASE_CODE[phase])}
         if phase == "nrem":
-            ms = getattr(model, "memory_system", None)
             if ms is not None:
-                moved = ms.consolidate(step)
+                ms.consolidate(step)
+                moved = int(ms.stats["consolidated"]) - before  # by the NREM hook and by this call
                 self.counters["consolidated"] += moved
                 out["sleep/consolidated"] = float(moved)
             loss = self._replay(model, step, rem=False)
@@ -307,9 +308,12 @@ class SleepWake(CognitiveFeature):
         for phase, units in (("nrem", self.nrem_len), ("rem", self.rem_len)):
             for _ in range(units):
                 self._pool = self.pool(model)
+                ms = getattr(model, "memory_system", None)
+                before = int(ms.stats["consolidated"]) if ms is not None else 0
                 self._enter(model, phase, step)
-                if phase == "nrem" and getattr(model, "memory_system", None) is not None:
-                    self.counters["consolidated"] += model.memory_system.consolidate(step)
+                if phase == "nrem" and ms is not None:
+                    ms.consolidate(step)
+                    self.counters["consolidated"] += int(ms.stats["consolidated"]) - before
                 loss = self._replay(model, step, rem=phase == "rem")
                 if loss is not None:
                     losses[phase].append(loss)
@@ -345,7 +349,8 @@ class SleepWake(CognitiveFeature):
             ids = self.tokenizer.encode(prompt)
             if len(ids) >= 2:
                 self.record(torch.tensor(ids[: self.seq_len], dtype=torch.long))
-        self._unit(model, self.clock)
+        ms = getattr(model, "memory_system", None)
+        self._unit(model, int(ms.step) if ms is not None else self.clock)  # memory's own clock ages in chat
 
     # ------------------------------------------------------------------ memories
 

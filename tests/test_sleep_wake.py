@@ -1,0 +1,214 @@
+"""sleep_wake: the cycle and its hooks, hand-over only in NREM, replay that lowers the
+loss on what it replays, REM recombination, exact resume, and examples/full.yaml."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from cortex import hookimpl
+from cortex.step import make_optimizer, train_step
+from cortex_plugins.sleep_wake import SleepWake
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread (and far faster on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+MEMORY = """\
+cortex: 1
+name: sw
+model: {dim: 32, layers: 2, heads: 2, context: 64}
+memory:
+  - {type: stm, settings: {capacity: 16, consolidate_after: 2}}
+  - {type: ltm, settings: {capacity: 1024}}
+memory_system: {consolidate: sleep, write: all}
+features:
+  - {type: sleep_wake, settings: {wake: 3, nrem: 2, rem: 1, lr: 1.0e-3}}
+"""
+
+TEXTS = ["Mina's locker number is 3817.", "The blue kettle is on the second shelf.",
+         "Jisoo rides bus 42 to school."]
+
+
+def sleep_feature(model) -> SleepWake:
+    return next(f for f in model.features if isinstance(f, SleepWake))
+
+
+def text_loss(model, texts: list[str]) -> float:
+    with torch.no_grad():
+        losses = []
+        for text in texts:
+            ids = torch.tensor([model.tokenizer.encode(text)])
+            losses.append(float(model.core(ids[:, :-1], ids[:, 1:])[1]))
+    return sum(losses) / len(losses)
+
+
+def test_cycle_lengths_from_settings():
+    assert SleepWake.Settings().lengths() == (1000, 50, 20)
+    assert SleepWake.Settings(cycle=1000).lengths() == (900, 70, 30)
+    assert SleepWake.Settings(cycle=10, ratios=[0.8, 0.2, 0.0]).lengths() == (8, 2, 0)
+    with pytest.raises(ValidationError, match="either"):
+        SleepWake.Settings(cycle=100, wake=10)
+
+
+def test_phases_fire_the_hook_and_are_logged(build_model):
+    torch.manual_seed(0)
+    model = build_model(MEMORY)
+    seen = []
+
+    class Listener:
+        @hookimpl
+        def cortex_sleep(self, model, phase, step):
+            seen.append((phase, step))
+
+    model.pm.register(Listener())
+    opt = make_optimizer(model, 1e-3)
+    batch = torch.randint(0, 256, (2, 33))
+    phases = [train_step(model, opt, [batch], step=s, hook=model.pm.hook)["sleep/phase"] for s in range(12)]
+    assert phases == [0, 0, 0, 1, 1, 2] * 2
+    assert seen == [("nrem", 3), ("rem", 5), ("wake", 6), ("nrem", 9), ("rem", 11)]
+    stats = sleep_feature(model).stats()
+    assert stats["replay_steps"] == 4 and stats["rem_steps"] == 2 and stats["cycles"] == 1
+
+
+def test_stm_hands_over_to_ltm_only_in_nrem(build_model):
+    torch.manual_seed(0)
+    model = build_model(MEMORY)
+    stm, ltm = model.memory
+    opt = make_optimizer(model, 1e-4)
+    batch = torch.randint(0, 256, (2, 33))  # the same segment again and again: its entries strengthen
+    grew_in = []
+    for s in range(12):
+        before = len(ltm)
+        metrics = train_step(model, opt, [batch], step=s, hook=model.pm.hook)
+        if len(ltm) > before:
+            grew_in.append(metrics["sleep/phase"])
+        if metrics["sleep/phase"] == 0:
+            assert len(ltm) == before  # awake: STM keeps everything, however strong
+    assert grew_in and set(grew_in) == {1.0}
+    assert stm.counters.consolidated_out == len(ltm) > 0
+
+
+def test_nrem_replay_lowers_the_loss_on_the_replayed_memories(build_model):
+    torch.manual_seed(0)
+    model = build_model(MEMORY.replace(
+        "{wake: 3, nrem: 2, rem: 1, lr: 1.0e-3}",
+        "{wake: 3, nrem: 12, rem: 0, lr: 3.0e-3, sources: [memory], replay_batch: 4}"))
+    for text in TEXTS:
+        model.remember(text)
+    other = ["A completely different sentence about rain."]
+    before, before_other = text_loss(model, TEXTS), text_loss(model, other)
+    losses = sleep_feature(model).sleep(model)
+    after, after_other = text_loss(model, TEXTS), text_loss(model, other)
+    replayed = {model.tokenizer.decode(s.tolist()) for s in sleep_feature(model).last_replayed}
+    assert replayed <= set(TEXTS)  # it replayed the stored memories, reconstructed from their entries
+    assert after < 0.8 * before, (before, after)
+    assert before - after > before_other - after_other  # what was replayed gained most
+    assert losses["sleep/nrem_loss"] > after
+
+
+def test_episodes_of_an_episodic_feature_are_replayed(build_model):
+    model = build_model(MEMORY)
+    sw = sleep_feature(model)
+
+    class Episodes:
+        def replay(self, n, strategy="recent", seed=None):
+            return [type("E", (), {"tokens": torch.arange(10, 20)})()]
+
+    model.features.append(Episodes())
+    pool = sw.pool(model)
+    assert any(torch.equal(s, torch.arange(10, 20)) for s in pool)
+
+
+def test_buffer_is_a_uniform_reservoir(build_model):
+    model = build_model(MEMORY.replace("lr: 1.0e-3}", "lr: 1.0e-3, buffer: 50}"))
+    sw = sleep_feature(model)
+    for i in range(1000):
+        sw.record(torch.tensor([i, i]))
+    firsts = sorted(int(s[0]) for s in sw.buffered())
+    assert len(firsts) == 50 and sw.seen == 1000
+    assert sum(f < 500 for f in firsts) >= 15 and sum(f >= 500 for f in firsts) >= 15  # old and new alike
+
+
+def test_rem_recombines_fragments_of_different_memories(build_model):
+    model = build_model(MEMORY)
+    sw = sleep_feature(model)
+    tok = model.tokenizer
+    pool = [torch.tensor(tok.encode("ab=1;cd=2;")), torch.tensor(tok.encode("ef=3;gh=4;"))]
+    frags = {tok.decode(f.tolist()) for f in sw.fragments(pool)}
+    assert frags == {"ab=1;", "cd=2;", "ef=3;", "gh=4;"}
+    sw._pool = pool
+    mixed = sw.recombine(8, torch.Generator().manual_seed(0))
+    texts = [tok.decode(s.tolist()) for s in mixed]
+    assert all(len(s) == sw.seq_len for s in mixed)
+    assert any(("ab=1;" in t or "cd=2;" in t) and ("ef=3;" in t or "gh=4;" in t) for t in texts)
+
+
+def test_interactions_advance_the_clock(build_model):
+    model = build_model(MEMORY).eval()
+    sw = sleep_feature(model)
+    for i in range(4):
+        model.interact(TEXTS[i % 3], max_new_tokens=2)
+    assert sw.clock == 4 and sw.phase == "nrem"
+    assert sw.stats()["replay_steps"] == 1
+
+
+def test_resume_continues_exactly(build_model):
+    manifest = MEMORY.replace("features:\n", "features:\n  - {type: cls, settings: {width: 4, slow_share: 0.5}}\n")
+
+    def run(model, opt, steps):
+        g = torch.Generator().manual_seed(1)
+        batches = [torch.randint(0, 256, (2, 33), generator=g) for _ in range(9)]
+        for s in steps:
+            train_step(model, opt, [batches[s]], step=s, hook=model.pm.hook)
+
+    torch.manual_seed(0)
+    a = build_model(manifest)
+    opt_a = make_optimizer(a, 1e-3)
+    run(a, opt_a, range(9))
+    torch.manual_seed(0)
+    b = build_model(manifest, name="b.yaml")
+    opt_b = make_optimizer(b, 1e-3)
+    run(b, opt_b, range(4))
+    saved = (b.core.state_dict(), opt_b.state_dict(), b.plugin_state())
+    torch.manual_seed(0)
+    c = build_model(manifest, name="c.yaml")
+    c.core.load_state_dict(saved[0])
+    opt_c = make_optimizer(c, 1e-3)
+    opt_c.load_state_dict(saved[1])
+    c.load_plugin_state(saved[2])
+    run(c, opt_c, range(4, 9))
+    for (name, p), q in zip(a.core.named_parameters(), c.core.parameters()):
+        assert torch.equal(p, q), name
+    assert sleep_feature(a).stats() == sleep_feature(c).stats()
+
+
+def test_full_example_validates_builds_and_trains(tmp_path):
+    from cortex.assemble import assemble
+    from cortex.manifest import load_manifest
+    from cortex.train import train
+
+    built = load_manifest(ROOT / "examples/full.yaml")
+    names = {c.spec.type for c in built.components}
+    assert {"stm", "ltm", "archive", "hebbian", "bcm", "homeostasis", "cortical_columns", "episodic",
+            "working", "cognition_graph", "cls", "sleep_wake"} <= names
+    model = assemble(built)
+    settings = built.manifest.train.model_copy(update={
+        "data": built.manifest.train.data.model_copy(update={"settings": {"documents": 300}}),
+        "batch": 4, "eval_every": 0, "checkpoint_every": 0, "warmup": 2})
+    sw = sleep_feature(model)
+    sw.wake_len, sw.nrem_len, sw.rem_len = 2, 1, 1  # a whole cycle within the few steps
+    (tmp_path / "full").mkdir()
+    summary = train(model, tmp_path / "full", settings, steps=5)
+    assert summary["steps"] == 5 and summary["loss"] is not None
+    assert sw.stats()["transitions"] >= 3 and sw.stats()["replay_steps"] >= 1

@@ -146,7 +146,8 @@ class TextHit:
 
 
 class BgeM3(CognitiveFeature):
-    """BGE-M3 embeddings as keys of a bounded, per-session store of texts (see the module docs)."""
+    """BGE-M3 embeddings as keys of a bounded, per-session store of texts; needs the extra
+    `pip install 'cortex[bge]'` and the weights in a local folder (see the module docs)."""
 
     name: ClassVar[str] = "bge_m3"
 
@@ -200,7 +201,7 @@ class BgeM3(CognitiveFeature):
 
     @classmethod
     def of(cls, model: CortexModel) -> BgeM3:
-        """The ``bge_m3`` feature of ``model`` (a [`CortexError`][cortex.errors.CortexError] if it has none)."""
+        """The ``bge_m3`` feature of ``model`` (a `CortexError` if it has none)."""
         for component in getattr(model, "features", ()):
             if isinstance(component, cls):
                 return component

@@ -101,6 +101,7 @@ def test_bench_memory_quick_report_structure(cortex_cli, tmp_path, tiny_suite):
 def test_bench_memory_reads_a_run_directory_without_memory(cortex_cli, tmp_path, monkeypatch):
     class Smaller(TinySettings):
         quick_sizes: list[int] = [700]
+        hnsw_budget_s: float = 1e-9  # every HNSW build is abandoned at once
 
     monkeypatch.setattr(MemoryBench, "Settings", Smaller)
     manifest = tmp_path / "plain.yaml"
@@ -114,3 +115,7 @@ def test_bench_memory_reads_a_run_directory_without_memory(cortex_cli, tmp_path,
     keys = data["figures"][str(run)]["keys"]
     assert keys["source"].startswith("run directory") and "hidden_states(layer=1, window=16)" in keys["how"]
     assert Path(tmp_path / "out" / "memory" / "keys-plain.npy").is_file()
+    hnsw = data["figures"][str(run)]["sizes"]["700"]["ltm:hnsw"]
+    assert "hnsw_budget_s" in hnsw["skipped"] and hnsw["entries_built"] < 700
+    assert len(data["checks"]) == 4  # the LTM check falls back on IVF
+    assert "skipped" in (tmp_path / "out" / "memory" / "report.md").read_text()

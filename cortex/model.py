@@ -14,8 +14,12 @@ Two things make it Cortex's core rather than a plain GPT:
   [`Transformer.forward_cached`][cortex.model.Transformer.forward_cached].
 
 It must train as fast as the plain GPT in [`cortex.reference`][cortex.reference] of the same
-shape; that is why RoPE is one fused expression over queries and keys together and why
-RMSNorm has a hand-written backward (see [`RMSNorm`][cortex.model.RMSNorm]).
+shape. Three things in this file exist only for speed, each checked against plain autograd
+by the tests: RoPE is one complex multiplication over queries and keys together, split out
+of the fused qkv projection by hand (`_RotaryQKV`); RMSNorm has a backward built on
+LayerNorm's fused kernel and writes its output in the autocast dtype
+([`RMSNorm`][cortex.model.RMSNorm]); and bf16 training on CPU runs the attention backward
+in float32, which PyTorch does faster there than in bf16 (`_RotaryAttentionBF16`).
 """
 
 from __future__ import annotations
@@ -114,7 +118,7 @@ class _RMSNormFunction(torch.autograd.Function):
         ctx.save_for_backward(x, rstd, weight)
         normed = torch.mul(x, rstd)
         if out_dtype == x.dtype:
-            return normed.mul_(weight)
+            return torch.mul(normed, weight)
         return torch.mul(normed, weight, out=torch.empty(x.shape, dtype=out_dtype, device=x.device))
 
     @staticmethod
@@ -128,8 +132,8 @@ class _RMSNormFunction(torch.autograd.Function):
             [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False],
         )
         if grad_x is not None:
-            correction = torch.mv(grad.view(-1, dim), weight).view(rstd.shape)
-            grad_x.addcmul_(correction, rstd, value=1.0 / dim)
+            correction = torch.mv(grad.view(-1, dim), weight).view(rstd.shape).mul_(rstd).div_(dim)
+            grad_x.add_(correction)  # (addcmul_ with broadcast operands is 3x slower)
         return grad_x, grad_weight, None, None
 
 

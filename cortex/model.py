@@ -252,8 +252,8 @@ class _RotaryAttentionBF16(torch.autograd.Function):
     def forward(ctx, qkv: torch.Tensor, freqs: torch.Tensor, heads: int):
         C = qkv.size(-1) // 3
         hd = C // heads
-        rotated = _as_complex(qkv[..., : 2 * C].unflatten(-1, (2 * heads, hd)).float())
-        rotated = torch.view_as_real(rotated * freqs.unsqueeze(1)).flatten(-2).to(qkv.dtype)
+        rotated = _as_complex(qkv[..., : 2 * C].unflatten(-1, (2 * heads, hd)).float())  # a copy
+        rotated = torch.view_as_real(rotated.mul_(freqs.unsqueeze(1))).flatten(-2).to(qkv.dtype)
         q = rotated[:, :, :heads].transpose(1, 2)
         k = rotated[:, :, heads:].transpose(1, 2)
         v = qkv[..., 2 * C :].unflatten(-1, (heads, hd)).transpose(1, 2)
@@ -275,7 +275,7 @@ class _RotaryAttentionBF16(torch.autograd.Function):
         for i, g in enumerate(grads):
             dst = grad[..., i * C : (i + 1) * C].unflatten(-1, (H, hd))
             if i < 2:  # undo the rotation of q and k
-                g = torch.view_as_real(_as_complex(g.transpose(1, 2)) * inverse).flatten(-2)
+                g = torch.view_as_real(_as_complex(g.transpose(1, 2)).mul_(inverse)).flatten(-2)
                 dst.copy_(g)
             else:
                 dst.copy_(g.transpose(1, 2))

@@ -19,7 +19,8 @@ stream of events ([`from_events`][cortex_plugins.cognition_graph.CognitionGraph.
   ``meta.text``, ordered by ``meta.position``; else a stream's entries in write order) and
   each episode of an ``episodic`` feature (its tokens keyed by the model and assigned to
   the nearest centroid) becomes a sequence of concepts in time (a run of one concept is
-  one event).
+  one event; runs shorter than ``min_run`` positions are dropped: neighbouring keys share
+  most of their terms, so a one-position concept is clustering flicker, not an event).
 - **Associations** (edge key ``association``): events at most ``association_window`` steps
   apart co-activate; an edge holds the count and the PMI, kept when the count is at least
   ``min_association`` and the PMI at least ``min_pmi``.
@@ -78,6 +79,8 @@ class GraphSettings(Settings):
     min_delta_p: float = Field(0.2, gt=0, le=1, description="Least contingency P(B|A) - P(B|not A) of a causal candidate.")
     screen: bool = Field(True, description="Drop candidates another candidate screens off: a mediator "
                                            "(A -> B -> C drops A -> C) or a co-occurring stronger cause.")
+    min_run: int = Field(2, ge=1, description="Least consecutive positions a concept holds in a stored text or "
+                                              "episode to be an event (shorter runs are clustering flicker).")
     association_window: int = Field(2, ge=0, description="Steps apart at which events co-activate (0: the same step).")
     min_association: int = Field(2, ge=1, description="Least co-activations of an association edge.")
     min_pmi: float = Field(0.3, ge=0, description="Least PMI (log co-activation over chance) of an association edge.")
@@ -273,8 +276,8 @@ class CognitionGraph:
         names = [f"c{i}" for i in range(k)]
         tok = model.tokenizer
         attrs = _concept_attrs(items, assign, k, tok)
-        sequences = _memory_sequences(items, assign, names)
-        sequences += _episode_sequences(model, centroids, names)
+        sequences = _memory_sequences(items, assign, names, s.min_run)
+        sequences += _episode_sequences(model, centroids, names, s.min_run)
         graph = cls.from_events(sequences, vectors={names[i]: centroids[i] for i in range(k)}, settings=s,
                                 node_attrs={names[i]: attrs[i] for i in range(k)})
         for i, name in enumerate(names):  # concepts no sequence mentions are still concepts
@@ -569,8 +572,10 @@ def _concept_attrs(items: dict[str, Any], assign: np.ndarray, k: int, tok: Any) 
     return attrs
 
 
-def _memory_sequences(items: dict[str, Any], assign: np.ndarray, names: list[str]) -> list[list[str]]:
-    """Concept sequences of stored texts (ordered by position) and of streams (by write order)."""
+def _memory_sequences(items: dict[str, Any], assign: np.ndarray, names: list[str],
+                      min_run: int = 1) -> list[list[str]]:
+    """Concept sequences of stored texts (ordered by position, runs shorter than ``min_run``
+    dropped) and of streams (by write order)."""
     groups: dict[tuple, list[tuple[int, str]]] = defaultdict(list)
     for i, meta in enumerate(items["meta"]):
         stream = int(items["streams"][i])
@@ -579,15 +584,31 @@ def _memory_sequences(items: dict[str, Any], assign: np.ndarray, names: list[str
             groups[key].append((int(meta["position"]), names[assign[i]]))
         else:
             groups[(stream, None)].append((int(items["order"][i]), names[assign[i]]))
-    return [_collapse([n for _, n in sorted(rows)]) for _, rows in sorted(groups.items(), key=lambda kv: str(kv[0]))]
+    return [_collapse([n for _, n in sorted(rows)], min_run if key[1] is not None else 1)
+            for key, rows in sorted(groups.items(), key=lambda kv: str(kv[0]))]
 
 
-def _collapse(seq: list[str]) -> list[str]:
-    """Runs of one concept become one event (a concept persisting over positions is one event)."""
-    return [n for i, n in enumerate(seq) if i == 0 or n != seq[i - 1]]
+def _collapse(seq: list[str], min_run: int = 1) -> list[str]:
+    """Runs of one concept become one event (a concept persisting over positions is one event).
+
+    Runs shorter than ``min_run`` positions are dropped first. A memory key sums the hidden
+    states of several positions back (``key_offsets``), so neighbouring positions share most
+    of their key: a concept that holds a single position between two others is the
+    clustering flickering at a boundary, not an event, and such flicker would drown every
+    contingency in noise.
+    """
+    runs: list[list[Any]] = []
+    for n in seq:
+        if runs and runs[-1][0] == n:
+            runs[-1][1] += 1
+        else:
+            runs.append([n, 1])
+    kept = [n for n, length in runs if length >= min_run]
+    return [n for i, n in enumerate(kept) if i == 0 or n != kept[i - 1]]
 
 
-def _episode_sequences(model: CortexModel, centroids: np.ndarray, names: list[str]) -> list[list[str]]:
+def _episode_sequences(model: CortexModel, centroids: np.ndarray, names: list[str],
+                       min_run: int = 1) -> list[list[str]]:
     """Each stored episode (of an ``episodic`` feature) as a sequence of concepts."""
     episodic = [f for f in model.features if getattr(f, "name", "") == "episodic"]
     if not episodic or model.memory_system is None:
@@ -605,7 +626,7 @@ def _episode_sequences(model: CortexModel, centroids: np.ndarray, names: list[st
                     return out
                 sims = torch.nn.functional.normalize(keys, dim=-1) @ cents.T
                 seq += [names[i] for i in sims.argmax(1).tolist()]
-            out.append(_collapse(seq))
+            out.append(_collapse(seq, min_run))
     return out
 
 

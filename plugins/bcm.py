@@ -73,11 +73,14 @@ class BCMRule(PlasticityRule):
     def observe(self, name: str, module: nn.Module, inputs: tuple, output: Any) -> None:
         x = _flat(inputs[0])
         # y = W x recomputed in float32: the rule's y whatever autocast or an earlier rule's
-        # hook (e.g. homeostasis) made of the module's output
-        y = x @ module.weight.detach().float().T
-        # y (y - theta) x = y^2 x - theta y x: sums kept apart so that theta is applied at step
-        # end, after the statistics are averaged over ranks (the same theta on every rank)
-        parts = [y.square().T @ x, y.T @ x, y.square().sum(0), x.shape[0]]
+        # hook (e.g. homeostasis) made of the module's output. Autocast is off here: under a
+        # bf16 autocast the products would come out in bf16, and theta (the rule's state,
+        # restored in float32) would be a bf16 tensor only in a run that never resumed.
+        with torch.autocast(x.device.type, enabled=False):
+            y = x @ module.weight.detach().float().T
+            # y (y - theta) x = y^2 x - theta y x: sums kept apart so that theta is applied at
+            # step end, after the statistics are averaged over ranks (the same theta on every rank)
+            parts = [y.square().T @ x, y.T @ x, y.square().sum(0), x.shape[0]]
         acc = self._stats.get(name)
         if acc is None:
             self._stats[name] = parts
@@ -94,7 +97,7 @@ class BCMRule(PlasticityRule):
         y2x, yx, y2 = (self.reduce_mean_(t / n) for t in acc[:3])
         theta = self.theta.get(name)
         if theta is None:  # first step: start the threshold at this step's E[y^2]
-            theta = self.theta[name] = y2.clone()
+            theta = self.theta[name] = y2.float().clone()
         module.weight.add_((self.lr * (y2x - theta[:, None] * yx)).to(module.weight.dtype))
         theta += (y2 - theta) / self.settings.tau
         self.updates += 1

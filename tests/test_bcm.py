@@ -74,3 +74,34 @@ def test_theta_follows_a_change_of_activity_with_time_constant_tau():
     assert float(rule.theta["0"]) == pytest.approx(y2, rel=0.05)
     present(root, rule, patterns, 40, noise=0.0, batch=2000, first=41, scale=2.0)  # 4x the activity
     assert float(rule.theta["0"]) == pytest.approx(4 * y2, rel=0.05)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_train_2n_equals_train_n_then_resume_n(tmp_path, precision):
+    """Through cortex.train.train: theta (the rule's state) resumes exactly, also under bf16
+    autocast (where theta once stayed bf16 in a straight run but came back float32)."""
+    from cortex.checkpoint import latest_checkpoint
+    from cortex.rundir import load_run
+    from cortex.train import train
+    from tests.test_train import manifest_text, new_run, settings, write_corpus
+
+    text = manifest_text(more='plasticity:\n  - {type: bcm, target: "blocks.0.attn.proj", '
+                              'settings: {lr: 1.0e-3, tau: 5, max_norm: 2.0}}\n')
+    corpus = write_corpus(tmp_path / "corpus.jsonl")
+    s = settings(checkpoint_every=3, eval_every=3, micro_batch=4, precision=precision)
+    n = 3
+    straight, run_a = new_run(tmp_path, text, name="a")
+    train(straight, run_a, s, data=str(corpus), steps=2 * n)
+    first, run_b = new_run(tmp_path, text, name="b")
+    train(first, run_b, s, data=str(corpus), steps=2 * n, stop_at=n)
+    assert latest_checkpoint(run_b).name == f"step-{n:08d}"
+    torch.manual_seed(1234)
+    resumed = load_run(run_b)
+    train(resumed, run_b, s, data=str(corpus), resume="auto")
+
+    for (name, a), b in zip(straight.core.state_dict().items(), resumed.core.state_dict().values()):
+        assert torch.equal(a, b), name
+    ra, rb = straight.plasticity[0], resumed.plasticity[0]
+    assert ra.updates == rb.updates == 2 * n
+    (theta_a,), (theta_b,) = ra.theta.values(), rb.theta.values()
+    assert theta_a.dtype == theta_b.dtype == torch.float32 and torch.equal(theta_a, theta_b)

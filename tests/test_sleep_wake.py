@@ -193,22 +193,53 @@ def test_resume_continues_exactly(build_model):
     assert sleep_feature(a).stats() == sleep_feature(c).stats()
 
 
-def test_full_example_validates_builds_and_trains(tmp_path):
+def _full_example(tmp_path, name: str, **train):
+    """examples/full.yaml (every built-in plugin), its sleep cycle shortened to a few steps,
+    assembled into a fresh run directory, with small training settings."""
     from cortex.assemble import assemble
     from cortex.manifest import load_manifest
-    from cortex.train import train
+    from cortex.rundir import save_run
 
-    built = load_manifest(ROOT / "examples/full.yaml")
-    names = {c.spec.type for c in built.components}
-    assert {"stm", "ltm", "archive", "hebbian", "bcm", "homeostasis", "cortical_columns", "episodic",
-            "working", "cognition_graph", "cls", "sleep_wake"} <= names
+    text = (ROOT / "examples/full.yaml").read_text(encoding="utf-8")
+    short = "{wake: 2, nrem: 1, rem: 1, lr: 1.0e-4}"  # a whole cycle within the few steps
+    text = text.replace("{wake: 100, nrem: 10, rem: 4, lr: 1.0e-4}", short)
+    assert short in text
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(text, encoding="utf-8")
+    built = load_manifest(path)
     model = assemble(built)
     settings = built.manifest.train.model_copy(update={
         "data": built.manifest.train.data.model_copy(update={"settings": {"documents": 300}}),
-        "batch": 4, "eval_every": 0, "checkpoint_every": 0, "warmup": 2})
+        "batch": 4, "warmup": 2, **train})
+    return built, model, save_run(model, tmp_path / "runs", name=name), settings
+
+
+def test_full_example_validates_builds_trains_and_resumes_exactly(tmp_path):
+    """examples/full.yaml with every plugin: N steps then a resume of N more gives the
+    weights and plugin state of 2N steps straight (bcm, hebbian, cls, sleep, memory...)."""
+    from cortex.rundir import load_run
+    from cortex.train import train
+    from tests.test_checkpoint import _flat
+
+    n = 3
+    built, model, run_a, settings = _full_example(tmp_path, "a", eval_every=n, checkpoint_every=n)
+    names = {c.spec.type for c in built.components}
+    assert {"stm", "ltm", "archive", "hebbian", "bcm", "homeostasis", "cortical_columns", "episodic",
+            "working", "cognition_graph", "cls", "sleep_wake"} <= names
+    summary = train(model, run_a, settings, steps=2 * n)
     sw = sleep_feature(model)
-    sw.wake_len, sw.nrem_len, sw.rem_len = 2, 1, 1  # a whole cycle within the few steps
-    (tmp_path / "full").mkdir()
-    summary = train(model, tmp_path / "full", settings, steps=5)
-    assert summary["steps"] == 5 and summary["loss"] is not None
+    assert summary["steps"] == 2 * n and summary["loss"] is not None
     assert sw.stats()["transitions"] >= 3 and sw.stats()["replay_steps"] >= 1
+
+    _, first, run_b, _ = _full_example(tmp_path, "b")
+    train(first, run_b, settings, steps=2 * n, stop_at=n)
+    torch.manual_seed(1234)  # a fresh process would not share the first half's RNG state
+    resumed = load_run(run_b)
+    train(resumed, run_b, settings, resume="auto")
+    for (name, a), b in zip(model.core.state_dict().items(), resumed.core.state_dict().values()):
+        assert torch.equal(a, b), name
+    sa, sb = dict(_flat(model.plugin_state())), dict(_flat(resumed.plugin_state()))
+    assert sa.keys() == sb.keys() and any("bcm" in k for k in sa)
+    for key, value in sa.items():
+        other = sb[key]
+        assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, key

@@ -44,6 +44,7 @@ from cortex import hookimpl
 from cortex.interfaces import Entries, MemoryTier, Retrieval, Settings
 from cortex_plugins.vector_index import (
     Counters,
+    TierCommon,
     empty_retrieval,
     entries_nbytes_fp32,
     faiss_module,
@@ -51,8 +52,6 @@ from cortex_plugins.vector_index import (
     index_from_tensor,
     index_to_tensor,
     lru_order,
-    meta_from_json,
-    meta_to_json,
     normalize,
     state_nbytes,
     to_numpy,
@@ -142,7 +141,7 @@ class _Level:
         self.n = m
 
 
-class Archive(MemoryTier):
+class Archive(TierCommon, MemoryTier):
     """Compressed, levelled long-term storage (see the module docs)."""
 
     name = "archive"
@@ -236,11 +235,8 @@ class Archive(MemoryTier):
         n = len(entries)
         if n == 0:
             return
-        self.counters.writes += n
-        self.counters.consolidated_in += n
+        first = self._count_handover(n)
         cap = self.settings.capacity
-        first = max(0, n - cap)  # a write larger than the tier keeps its newest entries
-        self.counters.evicted += first
         n -= first
         held = len(self)
         if held + n > cap:
@@ -434,27 +430,15 @@ class Archive(MemoryTier):
         """Entries held, counted by the FAISS indexes themselves."""
         return sum(int(level.index.ntotal) for level in self.levels if level.trained)
 
-    def meta_of(self, ids: torch.Tensor) -> list[Any]:
-        """The metadata written with each entry id (``None`` where there is none)."""
-        return [self.meta.get(int(i)) for i in ids.reshape(-1).tolist()]
-
     # ------------------------------------------------------------------ state
 
     def stats(self) -> dict[str, Any]:
         n = len(self)
         size = state_nbytes(self.state_dict())
-        out = {
-            "entries": n,
-            "capacity": self.settings.capacity,
-            "bytes": size,
-            "ntotal": self.ntotal,
-            "levels": {lv.codec: lv.n for lv in self.levels},
-            "trained": [lv.codec for lv in self.levels if lv.trained],
-            "bytes_per_entry": size / n if n else 0.0,
-            "fp32_ratio": size / entries_nbytes_fp32(n, self.dim) if n else 0.0,
-        }
-        out.update(self.counters.stats())
-        return out
+        return self._tier_stats(
+            bytes=size, ntotal=self.ntotal, levels={lv.codec: lv.n for lv in self.levels},
+            trained=[lv.codec for lv in self.levels if lv.trained], bytes_per_entry=size / n if n else 0.0,
+            fp32_ratio=size / entries_nbytes_fp32(n, self.dim) if n else 0.0)
 
     def state_dict(self) -> dict[str, Any]:
         levels = []
@@ -467,12 +451,7 @@ class Archive(MemoryTier):
                 for name in _COLUMNS:
                     item[name] = level.col(name).clone()
             levels.append(item)
-        return {
-            "levels": levels,
-            "next_id": self.next_id,
-            "counters": self.counters.as_dict(),
-            "meta": meta_to_json(self.meta),
-        }
+        return {"levels": levels, **self._common_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         codecs = [item["codec"] for item in state["levels"]]
@@ -490,9 +469,7 @@ class Archive(MemoryTier):
             level.n = int(item["n"])
             level.vcodes = item["vcodes"].to(torch.uint8).clone()
             level.cols = {name: item[name].to(dtype).clone() for name, dtype in _DTYPES.items()}
-        self.next_id = int(state["next_id"])
-        self.counters.load(state.get("counters", {}))
-        self.meta = meta_from_json(state.get("meta"))
+        self._load_common_state(state)
 
 
 @hookimpl

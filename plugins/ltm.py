@@ -51,6 +51,7 @@ from cortex.interfaces import Entries, MemoryTier, Retrieval, Settings
 from cortex_plugins.vector_index import (
     Counters,
     SearchMirror,
+    TierCommon,
     empty_retrieval,
     faiss_module,
     faiss_threads,
@@ -58,8 +59,6 @@ from cortex_plugins.vector_index import (
     index_to_tensor,
     lru_order,
     make_index,
-    meta_from_json,
-    meta_to_json,
     normalize,
     set_search_params,
     state_nbytes,
@@ -78,7 +77,7 @@ class _StreamIndex:
         self.mirror = SearchMirror()
 
 
-class LongTermMemory(MemoryTier):
+class LongTermMemory(TierCommon, MemoryTier):
     """A bounded FAISS-backed store with hit counts and last access (see the module docs)."""
 
     name = "ltm"
@@ -206,11 +205,8 @@ class LongTermMemory(MemoryTier):
         n = len(entries)
         if n == 0:
             return
-        self.counters.writes += n
-        self.counters.consolidated_in += n
+        first = self._count_handover(n)
         cap = self.settings.capacity
-        first = max(0, n - cap)  # a write larger than the tier keeps its newest entries
-        self.counters.evicted += first
         keys = normalize(entries.keys[first:]).cpu()
         values = entries.values[first:].detach().to("cpu", torch.float32)
         tokens = entries.tokens[first:].detach().to("cpu", torch.long).reshape(-1)
@@ -400,24 +396,12 @@ class LongTermMemory(MemoryTier):
         """Entries held, counted by the FAISS indexes themselves."""
         return sum(int(si.index.ntotal) for si in self.indexes.values())
 
-    def meta_of(self, ids: torch.Tensor) -> list[Any]:
-        """The metadata written with each entry id (``None`` where there is none)."""
-        return [self.meta.get(int(i)) for i in ids.reshape(-1).tolist()]
-
     # ------------------------------------------------------------------ state
 
     def stats(self) -> dict[str, Any]:
-        out = {
-            "entries": len(self),
-            "capacity": self.settings.capacity,
-            "bytes": state_nbytes(self.state_dict()),
-            "ntotal": self.ntotal,
-            "streams": len(self.indexes),
-            "index": self.settings.index,
-            "key_dim": self.key_dim if self.projected else self.dim,
-        }
-        out.update(self.counters.stats())
-        return out
+        return self._tier_stats(bytes=state_nbytes(self.state_dict()), ntotal=self.ntotal,
+                                streams=len(self.indexes), index=self.settings.index,
+                                key_dim=self.key_dim if self.projected else self.dim)
 
     def state_dict(self) -> dict[str, Any]:
         live = torch.nonzero(self.live).flatten()
@@ -436,9 +420,7 @@ class LongTermMemory(MemoryTier):
         state["index_table"] = table
         if self.projected:
             state["proj_A"], state["proj_b"] = self.proj_A.clone(), self.proj_b.clone()
-        state["next_id"] = self.next_id
-        state["counters"] = self.counters.as_dict()
-        state["meta"] = meta_to_json(self.meta)
+        state.update(self._common_state())
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -458,9 +440,7 @@ class LongTermMemory(MemoryTier):
             index = index_from_tensor(blob[offset:offset + length])
             set_search_params(index, nprobe=s.nprobe, ef_search=s.ef_search)
             self.indexes[int(stream)] = _StreamIndex(index, kind)
-        self.next_id = int(state["next_id"])
-        self.counters.load(state.get("counters", {}))
-        self.meta = meta_from_json(state.get("meta"))
+        self._load_common_state(state)
 
 
 @hookimpl

@@ -40,10 +40,10 @@ from pydantic import Field
 from cortex import hookimpl
 from cortex.interfaces import Entries, MemoryTier, Retrieval, Settings
 
-from cortex_plugins.vector_index import Counters, empty_retrieval, meta_from_json, meta_to_json, normalize, state_nbytes
+from cortex_plugins.vector_index import Counters, TierCommon, empty_retrieval, normalize, state_nbytes
 
 
-class ShortTermMemory(MemoryTier):
+class ShortTermMemory(TierCommon, MemoryTier):
     """A per-stream exact buffer of ``capacity`` competitive slots (see the module docs)."""
 
     name = "stm"
@@ -381,30 +381,16 @@ class ShortTermMemory(MemoryTier):
         """Entries held, counted from the slot masks themselves."""
         return int(self.valid.sum())
 
-    def meta_of(self, ids: torch.Tensor) -> list[Any]:
-        """The metadata written with each entry id (``None`` where there is none)."""
-        return [self.meta.get(int(i)) for i in ids.reshape(-1).tolist()]
-
     # ------------------------------------------------------------------ state
 
     def stats(self) -> dict[str, Any]:
-        out = {
-            "entries": len(self),
-            "capacity": self.settings.capacity,
-            "capacity_per": "stream",
-            "streams": int(self.stream_ids.numel()),
-            "bytes": state_nbytes(self.state_dict()),
-            "strengthened": self.strengthened,
-        }
-        out.update(self.counters.stats())
-        return out
+        return self._tier_stats(capacity_per="stream", streams=int(self.stream_ids.numel()),
+                                bytes=state_nbytes(self.state_dict()), strengthened=self.strengthened)
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {name: getattr(self, name).clone() for name in self._ROW_FIELDS}
-        state["next_id"] = self.next_id
+        state.update(self._common_state())
         state["strengthened"] = self.strengthened
-        state["counters"] = self.counters.as_dict()
-        state["meta"] = meta_to_json(self.meta)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -416,10 +402,8 @@ class ShortTermMemory(MemoryTier):
             )
         for name in self._ROW_FIELDS:
             setattr(self, name, state[name].to(self.device).clone())
-        self.next_id = int(state["next_id"])
+        self._load_common_state(state)
         self.strengthened = int(state.get("strengthened", 0))
-        self.counters.load(state.get("counters", {}))
-        self.meta = meta_from_json(state.get("meta"))
         self._reindex()
 
 

@@ -239,6 +239,48 @@ class Counters:
         return out
 
 
+class TierCommon:
+    """What the built-in tiers (stm, ltm, archive) share: per-entry metadata lookup, the
+    accounting of a write and the common part of ``stats()``. Mixed into a ``MemoryTier``
+    that has ``settings.capacity``, ``counters`` (a [`Counters`][cortex_plugins.vector_index.Counters])
+    and ``meta`` (``{id: dict}``)."""
+
+    counters: Counters
+    meta: dict[int, Any]
+
+    def meta_of(self, ids: torch.Tensor) -> list[Any]:
+        """The metadata written with each entry id (``None`` where there is none)."""
+        return [self.meta.get(int(i)) for i in ids.reshape(-1).tolist()]
+
+    def _count_handover(self, n: int) -> int:
+        """Count a write of ``n`` handed-down entries into a tier of fixed capacity; returns
+        how many of the oldest are dropped at once (a write larger than the tier keeps its
+        newest entries)."""
+        self.counters.writes += n
+        self.counters.consolidated_in += n
+        first = max(0, n - self.settings.capacity)  # type: ignore[attr-defined]
+        self.counters.evicted += first
+        return first
+
+    def _common_state(self) -> dict[str, Any]:
+        """The state every built-in tier saves besides its entries: next id, counters, metadata."""
+        return {"next_id": self.next_id, "counters": self.counters.as_dict(),  # type: ignore[attr-defined]
+                "meta": meta_to_json(self.meta)}
+
+    def _load_common_state(self, state: dict[str, Any]) -> None:
+        """Restore what [`_common_state`][cortex_plugins.vector_index.TierCommon._common_state] saved."""
+        self.next_id = int(state["next_id"])
+        self.counters.load(state.get("counters", {}))
+        self.meta = meta_from_json(state.get("meta"))
+
+    def _tier_stats(self, **fields: Any) -> dict[str, Any]:
+        """``entries`` and ``capacity``, then ``fields``, then the counters."""
+        out: dict[str, Any] = {"entries": len(self), "capacity": self.settings.capacity}  # type: ignore
+        out.update(fields)
+        out.update(self.counters.stats())
+        return out
+
+
 def meta_to_json(meta: dict[int, Any]) -> list[list[Any]]:
     """Per-entry metadata ``{id: dict}`` as a JSON-able list of ``[id, dict]`` pairs."""
     return [[int(k), v] for k, v in sorted(meta.items())]

@@ -12,6 +12,29 @@ from cortex import hookimpl
 from cortex.interfaces import CognitiveFeature, Entries, MemoryTier, PlasticityRule, Retrieval, Settings
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from a second thread, and two OpenMP threads stall badly
+    when another process holds a core; restore the caller's setting afterwards. Modules of
+    tiny-model tests use it with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_faiss_thread():
+    """One FAISS (OpenMP) thread: small indexes are faster and steadier on a shared machine.
+    Used with ``pytestmark = pytest.mark.usefixtures("one_faiss_thread")``."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
 class ExactTier(MemoryTier):
     """An exact FIFO key-value buffer: enough to exercise the kernel's tier plumbing."""
 

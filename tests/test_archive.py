@@ -36,14 +36,7 @@ def recall(found: torch.Tensor, truth: torch.Tensor) -> float:
     return sum(len(set(f.tolist()) & set(t.tolist())) for f, t in zip(found, truth)) / truth.numel()
 
 
-@pytest.fixture(autouse=True)
-def one_faiss_thread():
-    import faiss
-
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")  # tests/conftest.py
 
 
 def measure(tier: Archive, keys, values, tmp_path, chunks):

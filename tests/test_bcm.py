@@ -10,12 +10,7 @@ from cortex.interfaces import BuildContext
 from cortex_plugins.bcm import BCMRule
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def two_patterns(d: int = 10) -> torch.Tensor:

@@ -7,20 +7,13 @@ import json
 import random
 
 import pytest
-import torch
 
 from cortex.tokenizer import ByteTokenizer
 from cortex_plugins import bench_continual
 from cortex_plugins.bench_continual import Continual, make_tasks, metrics_of, training_batch
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and far faster on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_tasks_are_disjoint_fact_sets_and_queries_are_not_training_sequences():

@@ -26,15 +26,16 @@ from cortex.interfaces import CognitiveFeature
 from cortex.rundir import load_run
 from cortex.step import make_optimizer
 from cortex.train import train
-from tests.test_train import (  # noqa: F401 (one_thread is an autouse fixture)
+from tests.test_train import (
     manifest_text,
     new_run,
-    one_thread,
     plugin,
     read_metrics,
     settings,
     write_corpus,
 )
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 class StepCounter(CognitiveFeature):

@@ -16,12 +16,7 @@ CHAINS = [["spark", "fire", "smoke", "alarm"], ["rain", "wet", "slip"], ["alarm_
 TRUE = {(c[i], c[i + 1]) for c in CHAINS for i in range(len(c) - 1)}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def event_stream(seed: int, lag: int, steps: int = 6000) -> list[list[list[str]]]:

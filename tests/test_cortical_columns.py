@@ -13,12 +13,7 @@ from cortex.model import ModelConfig, Transformer
 from cortex_plugins.cortical_columns import ColumnMLP, CorticalColumns
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def core(layers: int = 2) -> Transformer:

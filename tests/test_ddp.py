@@ -20,11 +20,12 @@ from cortex.manifest import TrainSection, load_manifest
 from cortex.rundir import load_run, save_run
 from cortex.tokenizer import ByteTokenizer
 from cortex.train import train
-from tests.test_train import (  # noqa: F401 (one_thread is an autouse fixture)
+from tests.test_train import (
     manifest_text,
-    one_thread,
     write_corpus,
 )
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 SETTINGS = dict(tokens=10**9, batch=4, lr=1e-2, warmup=0, precision="fp32", eval_every=0,
                 checkpoint_every=0)

@@ -531,14 +531,7 @@ def _page_id(page: Path) -> str:
     return str(page.relative_to(DOCS))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.mark.parametrize("page", PAGES, ids=_page_id)

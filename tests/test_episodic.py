@@ -12,13 +12,7 @@ from cortex.tokenizer import ByteTokenizer
 from cortex_plugins.episodic import EpisodicMemory, ngram_keys
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster (and steadier on a shared machine) on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 MANIFEST = """\
 cortex: 1

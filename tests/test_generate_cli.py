@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from cortex.rundir import load_run
-from tests.test_train import (  # noqa: F401 (one_thread is an autouse fixture)
+from tests.test_train import (
     manifest_text,
-    one_thread,
     read_metrics,
     write_corpus,
 )
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,7 @@ from cortex.interfaces import BuildContext
 from cortex_plugins.hebbian import HebbianRule
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def correlated_gaussian(d: int = 8, seed: int = 0):

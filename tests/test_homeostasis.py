@@ -11,12 +11,7 @@ from cortex.interfaces import BuildContext, firing_rate
 from cortex_plugins.homeostasis import Homeostasis
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def population(bias: float = 0.0, **settings):

@@ -12,14 +12,7 @@ from cortex.model import KVCache, ModelConfig, Transformer, apply_rope, rope_fre
 from cortex.reference import ReferenceGPT, comparable_parameters
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and two OpenMP threads stall badly
-    when another process holds a core; restore the caller's setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny(**overrides) -> ModelConfig:

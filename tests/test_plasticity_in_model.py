@@ -21,12 +21,7 @@ from cortex_plugins.cortical_columns import ColumnMLP
 from cortex_plugins.demo import demo_documents
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def manifest(rules: str, context: int = 16) -> str:

@@ -15,14 +15,7 @@ from cortex.model import ModelConfig, Transformer
 from cortex.step import cosine_schedule, make_optimizer, train_step
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and two OpenMP threads stall badly
-    when another process holds a core; restore the caller's setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny_model(seed: int = 0, **overrides) -> Transformer:

@@ -46,14 +46,7 @@ def total_capacity(tier: MemoryTier, streams: int = 1) -> int:
     return tier.capacity * (streams if isinstance(tier, ShortTermMemory) else 1)
 
 
-@pytest.fixture(autouse=True)
-def one_faiss_thread():
-    import faiss
-
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")  # tests/conftest.py
 
 
 tiers = pytest.mark.parametrize("name", list(TIERS))

@@ -21,6 +21,7 @@ from cortex.manifest import TrainSection, load_manifest
 from cortex.rundir import load_run, save_run
 from cortex.tokenizer import ByteTokenizer
 from cortex.train import hardware_preset, train
+from tests.conftest import make_plugin
 
 TINY = """\
 cortex: 1
@@ -32,13 +33,7 @@ model: {{dim: 32, layers: 1, heads: 2, context: 32{extra}}}
 CORPUS = "the cat sat on the mat. the dog ran to the park. "
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and one thread keeps them fast on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def manifest_text(extra: str = "", more: str = "") -> str:
@@ -73,17 +68,7 @@ def settings(**overrides) -> TrainSection:
     return TrainSection.model_validate(base)
 
 
-def plugin(*classes):
-    module = types.ModuleType("train_test_plugin")
-
-    @hookimpl
-    def cortex_register_components(register):
-        for cls in classes:
-            register(cls)
-
-    module.cortex_register_components = cortex_register_components
-    return module
-
+plugin = make_plugin  # a plugin module registering classes
 
 # --------------------------------------------------------------------------- learning
 

@@ -9,13 +9,7 @@ from cortex.errors import CortexError
 from cortex_plugins.working import WorkingMemoryLayer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster (and steadier on a shared machine) on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 MANIFEST = """\
 cortex: 1

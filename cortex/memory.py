@@ -261,7 +261,11 @@ class MemorySystem:
     def key_span(self) -> int:
         """Tokens the key of the last position depends on (the whole context when unbounded)."""
         s, context = self.settings, self.core.config.context
-        return min(context, s.key_window + max(s.key_offsets)) if s.key_window else context
+        if not s.key_window:
+            return context
+        # each banded block reaches key_window - 1 tokens further back
+        reach = (self.key_layer + 1) * (s.key_window - 1) + 1
+        return min(context, reach + max(s.key_offsets))
 
     # -- a segment's forward pass -----------------------------------------------------
 

@@ -137,3 +137,18 @@ def test_manifest_cross_checks(tmp_path):
         load_manifest_text(manifest(read="[knn_attention]"))
     with pytest.raises(ManifestError, match="needs at least one tier"):
         load_manifest_text("cortex: 1\nname: x\nmemory_system: {k: 4}\n")
+
+
+def test_generation_keys_equal_the_stored_keys(build_model):
+    """The key of the last position, computed from only key_span() tokens, is the key the
+    same position got when its whole segment was stored."""
+    torch.manual_seed(0)
+    model = build_model(manifest(read="[knn_lm]").replace("key_window: 16", "key_window: 8")).eval()
+    ms = model.memory_system
+    ms.key_layer = 1
+    ids = torch.randint(0, 200, (1, 64))
+    full = ms.keys(ids)[0, -1]
+    tail = ms.keys(ids[:, -ms.key_span():])[0, -1]
+    assert torch.allclose(full, tail, atol=1e-5)
+    short = ms.keys(ids[:, -(ms.key_span() - 8):])[0, -1]
+    assert not torch.allclose(full, short, atol=1e-5)  # a shorter tail would not do

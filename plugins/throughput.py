@@ -57,6 +57,7 @@ class Throughput(BenchSuite):
         names = [str(t) for t in targets]
         for precision in ("fp32", "bf16"):
             tps: dict[str, list[float]] = {}
+            paired: dict[tuple[str, str], list[float]] = {}  # (model, baseline) -> per-seed median of round ratios
             for seed in seeds:
                 runs = self._contenders(targets, seed, log)
                 gen = torch.Generator().manual_seed(seed)
@@ -74,12 +75,15 @@ class Throughput(BenchSuite):
                         measured[name].append(_time_steps(net, opt, batches[name], hook, precision))
                 for name, values in measured.items():
                     tps.setdefault(name, []).append(median_and_spread(values)["median"])
+                for name in names:  # ratios within each round cancel load that drifts between rounds
+                    for baseline in (f"reference GPT for {name}", names[0]):
+                        ratios = [a / b for a, b in zip(measured[name], measured[baseline])]
+                        paired.setdefault((name, baseline), []).append(median_and_spread(ratios)["median"])
                 log(f"{precision} seed {seed}: " + ", ".join(
                     f"{n} {tps[n][-1]:.0f} tok/s" for n in measured))
             for name in names:
                 reference = f"reference GPT for {name}"
-                vs_ref = [a / b for a, b in zip(tps[name], tps[reference])]
-                vs_first = [a / b for a, b in zip(tps[name], tps[names[0]])]
+                vs_ref, vs_first = paired[(name, reference)], paired[(name, names[0])]
                 figure = {
                     "tokens_per_s": median_and_spread(tps[name]),
                     "reference_tokens_per_s": median_and_spread(tps[reference]),
@@ -110,7 +114,7 @@ class Throughput(BenchSuite):
         result.plots["throughput.png"] = self._plot(result.figures)
         result.notes.append(
             "Every model runs the same train_step on random batches of its own shape, in rounds that "
-            "rotate which model goes first. The reference GPT has the core's parameters (its position "
+            "rotate which model goes first; a ratio is the median over rounds of the ratio within a round. The reference GPT has the core's parameters (its position "
             "table aside); memory modules are not counted in that comparison."
         )
         return result

@@ -36,7 +36,7 @@ def recall(found: torch.Tensor, truth: torch.Tensor) -> float:
     return sum(len(set(f.tolist()) & set(t.tolist())) for f, t in zip(found, truth)) / truth.numel()
 
 
-pytestmark = pytest.mark.usefixtures("one_faiss_thread")  # tests/conftest.py
+pytestmark = pytest.mark.usefixtures("one_thread", "one_faiss_thread")  # tests/conftest.py
 
 
 def measure(tier: Archive, keys, values, tmp_path, chunks):

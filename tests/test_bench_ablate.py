@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from cortex.manifest import load_manifest_text
 from cortex_plugins.bench_ablate import variants
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 TINY = """\
 cortex: 1

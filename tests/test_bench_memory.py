@@ -11,6 +11,8 @@ import torch
 
 from cortex_plugins.bench_memory import INDEXES, TORCH_EXACT, MemoryBench, ivf_nlist, recall_at_k
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 TINY = """cortex: 1
 name: tiny
 model: {dim: 32, layers: 2, heads: 2, context: 32}

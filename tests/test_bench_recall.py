@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 import random
 
+import pytest
+
 from cortex_plugins.bench_recall import mqar_trial, passkey_trial
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 TINY = """\
 cortex: 1

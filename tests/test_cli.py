@@ -7,7 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import cortex
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 TINY = "cortex: 1\nname: tiny\nmodel: {dim: 32, layers: 2, heads: 2, context: 32}\n"
 

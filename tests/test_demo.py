@@ -11,6 +11,8 @@ from cortex.interfaces import BuildContext, DataSource, Document
 from cortex_plugins import demo
 from cortex_plugins.demo import DemoSource, demo_documents, has_final_consonant, make_world
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 HANGUL = re.compile(r"[\uac00-\ud7a3]")
 
 

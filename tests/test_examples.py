@@ -9,6 +9,8 @@ import pytest
 from cortex.assemble import assemble
 from cortex.manifest import load_manifest
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "examples").glob("*.yaml"))
 
 

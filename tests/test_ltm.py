@@ -34,7 +34,7 @@ def recall(found: torch.Tensor, truth: torch.Tensor) -> float:
     return hits / truth.numel()
 
 
-pytestmark = pytest.mark.usefixtures("one_faiss_thread")  # tests/conftest.py
+pytestmark = pytest.mark.usefixtures("one_thread", "one_faiss_thread")  # tests/conftest.py
 
 
 def test_flat_returns_exactly_the_brute_force_top_k():

@@ -7,6 +7,8 @@ import torch
 
 from cortex.memory import session_stream, tier_weights
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 BASE = """\
 cortex: 1
 name: mem

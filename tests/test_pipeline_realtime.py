@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,8 +26,11 @@ memory_system: {read: [knn_lm]}
 def test_demo_recalls_with_memory_and_not_without(build_model, tmp_path):
     torch.manual_seed(0)
     run = save_run(build_model(MANIFEST), tmp_path / "runs")
+    # one OpenMP thread in the demo's processes (the tiny model gains nothing from more, and two
+    # threads stall on a busy machine: 22 s -> 5 s, the same table)
     out = subprocess.run([sys.executable, str(ROOT / "examples/pipelines/realtime_learning.py"), str(run),
-                          "--facts", "6"], capture_output=True, text=True, timeout=600)
+                          "--facts", "6"], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr
     rows = {tuple(line.split()[:2]): [float(x) for x in line.split()[2:]]
             for line in out.stdout.splitlines()[1:]}

@@ -6,10 +6,13 @@ from __future__ import annotations
 import io
 import sys
 
+import pytest
 import torch
 
 from cortex import hookimpl
 from cortex.rundir import load_run, save_run
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 MANIFEST = """\
 cortex: 1

@@ -9,6 +9,8 @@ from cortex.interfaces import BuildContext, Entries
 from cortex.model import ModelConfig
 from cortex_plugins.stm import ShortTermMemory
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 DIM = 32
 
 

@@ -19,6 +19,8 @@ import yaml
 
 from tests.test_docs_examples import make_venv, tiny_manifest
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples/third_party_plugin"
 

@@ -46,7 +46,7 @@ def total_capacity(tier: MemoryTier, streams: int = 1) -> int:
     return tier.capacity * (streams if isinstance(tier, ShortTermMemory) else 1)
 
 
-pytestmark = pytest.mark.usefixtures("one_faiss_thread")  # tests/conftest.py
+pytestmark = pytest.mark.usefixtures("one_thread", "one_faiss_thread")  # tests/conftest.py
 
 
 tiers = pytest.mark.parametrize("name", list(TIERS))

@@ -385,6 +385,9 @@ def _unknown(kind: str, name: str, pm: Any) -> str:
             hint = difflib.get_close_matches(namespace, sorted(pm.installed_namespaces), n=1)
             tip = f"; did you mean {hint[0]!r}?" if hint else "; install the plugin package that provides it"
             return f"no installed plugin provides the namespace {namespace!r}{tip}"
+        if namespace not in pm.loaded_namespaces:
+            return (f"the plugin namespace {namespace!r} is installed but not loaded: "
+                    "CORTEX_DISABLE_PLUGIN_AUTOLOAD or CORTEX_PLUGINS excludes it")
     candidates = registry.names(kind) + sorted(pm.installed_namespaces)
     hint = difflib.get_close_matches(name, candidates, n=3, cutoff=0.6)
     known = ", ".join(registry.names(kind)) or "none"

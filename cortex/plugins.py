@@ -107,6 +107,11 @@ class CortexPluginManager(pluggy.PluginManager):
             self._loaded[source.entry_point] = source
             self.installed_namespaces.add(source.entry_point)
 
+    @property
+    def loaded_namespaces(self) -> set[str]:
+        """Third-party namespaces whose plugins were loaded into this manager."""
+        return set(self._loaded)
+
     def fork(self) -> CortexPluginManager:
         """A new manager with the same plugins and registry, for one model's components."""
         new = CortexPluginManager()

@@ -153,3 +153,14 @@ def test_plugin_state_round_trips_through_a_run_directory(test_components, build
     assert torch.equal(again.memory[0].read(queries, 2).ids, tier.read(queries, 2).ids)
     for name, tensor in model.core.state_dict().items():
         assert torch.equal(again.core.state_dict()[name], tensor), name
+
+
+def test_a_namespace_excluded_by_the_environment_is_named_as_such(fake_distribution, monkeypatch):
+    from cortex.manifest import ManifestError, load_manifest_text
+
+    fake_distribution("a-dist", {"alpha": make_plugin(ExactTier)})
+    text = "cortex: 1\nname: x\nmodel: {dim: 16, layers: 1, heads: 2, context: 8}\nmemory:\n  - type: alpha.exact\n"
+    assert load_manifest_text(text).section("memory")[0].info.name == "alpha.exact"
+    monkeypatch.setenv("CORTEX_DISABLE_PLUGIN_AUTOLOAD", "1")
+    with pytest.raises(ManifestError, match="'alpha' is installed but not loaded: CORTEX_DISABLE_PLUGIN_AUTOLOAD"):
+        load_manifest_text(text)

@@ -116,10 +116,11 @@ class _RMSNormFunction(torch.autograd.Function):
         # Tensor.norm is the fastest single-pass sum of squares on CPU here
         rstd = x.norm(dim=-1, keepdim=True).square_().div_(dim).add_(eps).rsqrt_()
         ctx.save_for_backward(x, rstd, weight)
-        normed = torch.mul(x, rstd)
+        # one fresh buffer, scaled in place: fresh allocations cost page faults on CPU
         if out_dtype == x.dtype:
-            return torch.mul(normed, weight)
-        return torch.mul(normed, weight, out=torch.empty(x.shape, dtype=out_dtype, device=x.device))
+            return torch.mul(x, rstd).mul_(weight)
+        out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+        return torch.mul(x, rstd, out=out).mul_(weight)
 
     @staticmethod
     @torch.autograd.function.once_differentiable

@@ -70,9 +70,12 @@ def test_two_gloo_ranks_equal_one_process_with_the_whole_batch(tmp_path):
     for name, expected in single.core.state_dict().items():
         a, b = ranks[0]["weights"][name], ranks[1]["weights"][name]
         assert torch.equal(a, b), name  # the ranks never drift apart
-        # Adam's first update is lr * g / (|g| + eps): rounding in tiny gradients moves it by a
-        # small fraction of lr, while a missing gradient sync moves it by up to 2 lr
-        assert torch.allclose(a, expected, atol=0.01 * SETTINGS["lr"], rtol=0), (name, (a - expected).abs().max())
+        # Adam's first update is lr * g / (|g| + eps): for a gradient near eps, summation-order
+        # rounding can flip it by up to lr, so a rare element may differ; a missing gradient
+        # sync would move most elements
+        close = (a - expected).abs() <= 0.01 * SETTINGS["lr"]
+        assert close.float().mean() >= 0.999, (name, close.float().mean())
+        assert (a - expected).abs().max() <= 2 * SETTINGS["lr"] + 1e-6, name
         changed |= not torch.equal(a, initial[name])
     assert changed
     assert [r["main"] for r in ranks] == [True, False]

@@ -131,8 +131,8 @@ class _RMSNormFunction(torch.autograd.Function):
             [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False],
         )
         if grad_x is not None:
-            correction = torch.mv(grad.view(-1, dim), weight).view(rstd.shape).mul_(rstd).div_(dim)
-            grad_x.add_(correction)  # (addcmul_ with broadcast operands is 3x slower)
+            correction = torch.mv(grad.view(-1, dim), weight).view(rstd.shape).mul_(rstd)
+            grad_x.add_(correction, alpha=1.0 / dim)  # (addcmul_ with broadcasting is 3x slower)
         return grad_x, grad_weight, None, None
 
 
@@ -140,8 +140,8 @@ class RMSNorm(nn.RMSNorm):
     """``nn.RMSNorm`` (same parameters and state dict) with a faster CPU backward.
 
     The fast path covers contiguous CPU inputs whose dtype equals the weight's (e.g. the
-    float32 residual stream under bf16 autocast, where the output is bf16); anything else
-    goes through ``F.rms_norm``.
+    float32 residual stream under bf16 autocast, where the output is bf16) and supports
+    first derivatives only; anything else goes through ``F.rms_norm``.
     """
 
     def __init__(self, dim: int, eps: float = 1e-5) -> None:

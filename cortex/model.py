@@ -26,14 +26,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["KVCache", "ModelConfig", "RMSNorm", "Transformer", "apply_rope", "rope_frequencies"]
+__all__ = [
+    "KVCache", "ModelConfig", "RMSNorm", "RopeTables", "Transformer", "apply_rope", "rope_frequencies",
+]
 
 
 @dataclass
@@ -183,6 +185,19 @@ def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(rotated).flatten(-2).to(x.dtype)
 
 
+class RopeTables(NamedTuple):
+    """The rotations of positions ``start..end-1`` laid out for the fused functions below
+    (materialised over heads: multiplying by a broadcast table is ~20% slower on CPU)."""
+
+    rotate: torch.Tensor  # (T, 2*heads, head_dim/2) complex64, for q and k together
+    unrotate: torch.Tensor  # (T, heads, head_dim/2) complex64, the inverse, for gradients
+
+    @classmethod
+    def build(cls, freqs: torch.Tensor, heads: int) -> "RopeTables":
+        rotate = freqs.unsqueeze(1).expand(-1, 2 * heads, -1).contiguous()
+        return cls(rotate, rotate[:, :heads].conj().resolve_conj().contiguous())
+
+
 class _RotaryQKV(torch.autograd.Function):
     """Split a fused projection (B, T, 3*dim) into q, k, v (B, heads, T, head_dim) with RoPE
     on q and k, in one pass forward and one pass backward.
@@ -193,12 +208,12 @@ class _RotaryQKV(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, qkv: torch.Tensor, freqs: torch.Tensor, heads: int):
+    def forward(ctx, qkv: torch.Tensor, rotate: torch.Tensor, unrotate: torch.Tensor, heads: int):
         C = qkv.size(-1) // 3
         hd = C // heads
         rotated = _as_complex(qkv[..., : 2 * C].unflatten(-1, (2 * heads, hd)).float())
-        rotated = torch.view_as_real(rotated * freqs.unsqueeze(1)).flatten(-2).to(qkv.dtype)
-        ctx.save_for_backward(freqs)
+        rotated = torch.view_as_real(rotated * rotate).flatten(-2).to(qkv.dtype)
+        ctx.save_for_backward(unrotate)
         ctx.heads = heads
         q = rotated[:, :, :heads].transpose(1, 2)
         k = rotated[:, :, heads:].transpose(1, 2)
@@ -208,12 +223,11 @@ class _RotaryQKV(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_q, grad_k, grad_v):
-        (freqs,) = ctx.saved_tensors
+        (inverse,) = ctx.saved_tensors
         ref = next(g for g in (grad_q, grad_k, grad_v) if g is not None)
         B, H, T, hd = ref.shape
         C = H * hd
         grad = torch.empty(B, T, 3 * C, dtype=ref.dtype, device=ref.device)
-        inverse = freqs.conj().unsqueeze(1)
         for i, g in enumerate((grad_q, grad_k)):
             dst = grad[..., i * C : (i + 1) * C].unflatten(-1, (H, hd))
             if g is None:
@@ -229,7 +243,7 @@ class _RotaryQKV(torch.autograd.Function):
             dst.zero_()
         else:
             dst.copy_(grad_v.transpose(1, 2))
-        return grad, None, None
+        return grad, None, None, None
 
 
 _flash_forward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -248,29 +262,28 @@ class _RotaryAttentionBF16(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, qkv: torch.Tensor, freqs: torch.Tensor, heads: int):
+    def forward(ctx, qkv: torch.Tensor, rotate: torch.Tensor, unrotate: torch.Tensor, heads: int):
         C = qkv.size(-1) // 3
         hd = C // heads
         rotated = _as_complex(qkv[..., : 2 * C].unflatten(-1, (2 * heads, hd)).float())  # a copy
-        rotated = torch.view_as_real(rotated.mul_(freqs.unsqueeze(1))).flatten(-2).to(qkv.dtype)
+        rotated = torch.view_as_real(rotated.mul_(rotate)).flatten(-2).to(qkv.dtype)
         q = rotated[:, :, :heads].transpose(1, 2)
         k = rotated[:, :, heads:].transpose(1, 2)
         v = qkv[..., 2 * C :].unflatten(-1, (heads, hd)).transpose(1, 2)
         out, logsumexp = _flash_forward(q, k, v, 0.0, True)
-        ctx.save_for_backward(q, k, v, out, logsumexp, freqs)
+        ctx.save_for_backward(q, k, v, out, logsumexp, unrotate)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        q, k, v, out, logsumexp, freqs = ctx.saved_tensors
+        q, k, v, out, logsumexp, inverse = ctx.saved_tensors
         B, H, T, hd = q.shape
         C = H * hd
         grads = _flash_backward(
             grad_out.float(), q.float(), k.float(), v.float(), out.float(), logsumexp, 0.0, True
         )
         grad = torch.empty(B, T, 3 * C, dtype=q.dtype, device=q.device)
-        inverse = freqs.conj().unsqueeze(1)
         for i, g in enumerate(grads):
             dst = grad[..., i * C : (i + 1) * C].unflatten(-1, (H, hd))
             if i < 2:  # undo the rotation of q and k
@@ -278,7 +291,7 @@ class _RotaryAttentionBF16(torch.autograd.Function):
                 dst.copy_(g)
             else:
                 dst.copy_(g.transpose(1, 2))
-        return grad, None, None
+        return grad, None, None, None
 
 
 def _use_bf16_cpu_attention(qkv: torch.Tensor) -> bool:
@@ -342,7 +355,7 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        freqs: torch.Tensor,
+        rope: RopeTables,
         cache: KVCache | None = None,
         layer: int = 0,
         start_pos: int = 0,
@@ -353,9 +366,9 @@ class Attention(nn.Module):
         qkv = self.qkv(x)
         dropout = self.dropout if self.training else 0.0
         if cache is None and mask is None and dropout == 0.0 and _use_bf16_cpu_attention(qkv):
-            y = _RotaryAttentionBF16.apply(qkv, freqs, H)
+            y = _RotaryAttentionBF16.apply(qkv, rope.rotate, rope.unrotate, H)
             return self.proj(y.transpose(1, 2).reshape(B, T, C))
-        q, k, v = _RotaryQKV.apply(qkv, freqs, H)
+        q, k, v = _RotaryQKV.apply(qkv, rope.rotate, rope.unrotate, H)
         if cache is None:
             if mask is None:
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
@@ -397,12 +410,12 @@ class Block(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        freqs: torch.Tensor,
+        rope: RopeTables,
         cache: KVCache | None = None,
         start_pos: int = 0,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = self.body(x, freqs, cache, start_pos, mask)
+        x = self.body(x, rope, cache, start_pos, mask)
         if self.memory is not None:
             x = self.memory(x)
         return x
@@ -410,13 +423,13 @@ class Block(nn.Module):
     def body(
         self,
         x: torch.Tensor,
-        freqs: torch.Tensor,
+        rope: RopeTables,
         cache: KVCache | None = None,
         start_pos: int = 0,
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attention and MLP with their residuals, without the memory module."""
-        a = self.attn(self.norm1(x), freqs, cache, self.index, start_pos, mask)
+        a = self.attn(self.norm1(x), rope, cache, self.index, start_pos, mask)
         x = x + (a if self.drop is None else self.drop(a))
         m = self.mlp(self.norm2(x))
         return x + (m if self.drop is None else self.drop(m))
@@ -458,9 +471,10 @@ class Transformer(nn.Module):
             nn.init.normal_(block.attn.proj.weight, mean=0.0, std=residual_std)
             nn.init.normal_(block.mlp.proj.weight, mean=0.0, std=residual_std)
 
-    def _freqs(self, start: int, end: int) -> torch.Tensor:
-        """RoPE rotations (end - start, head_dim/2), complex64, for positions start..end-1."""
-        return torch.view_as_complex(self.rope_freqs[start:end].float().contiguous())
+    def _rope(self, start: int, end: int) -> RopeTables:
+        """RoPE rotations for positions start..end-1, built once per forward."""
+        freqs = torch.view_as_complex(self.rope_freqs[start:end].float().contiguous())
+        return RopeTables.build(freqs, self.config.heads)
 
     # -- memory ---------------------------------------------------------------------
 
@@ -500,13 +514,13 @@ class Transformer(nn.Module):
         x = self.tok_emb(idx)
         if self.drop is not None:
             x = self.drop(x)
-        freqs = self._freqs(0, T)
+        rope = self._rope(0, T)
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
             if recompute and block.memory is None:
-                x = checkpoint(block, x, freqs, use_reentrant=False)
+                x = checkpoint(block, x, rope, use_reentrant=False)
             else:
-                x = block(x, freqs)
+                x = block(x, rope)
         logits = self.lm_head(self.norm(x))
         loss = None
         if targets is not None:
@@ -531,9 +545,9 @@ class Transformer(nn.Module):
             offset = pos[:, None] - pos[None, :]
             mask = (offset >= 0) & (offset < window)
         x = self.tok_emb(idx)
-        freqs = self._freqs(0, T)
+        rope = self._rope(0, T)
         for block in self.blocks[: layer + 1]:
-            x = block.body(x, freqs, None, 0, mask)
+            x = block.body(x, rope, None, 0, mask)
         return x
 
     def new_cache(self, batch_size: int) -> KVCache:
@@ -559,9 +573,9 @@ class Transformer(nn.Module):
         if T > 1 and start_pos > 0:  # query i sees keys 0..start_pos+i
             mask = torch.ones(T, end, dtype=torch.bool, device=idx.device).tril(diagonal=start_pos)
         x = self.tok_emb(idx)
-        freqs = self._freqs(start_pos, end)
+        rope = self._rope(start_pos, end)
         for block in self.blocks:
-            x = block(x, freqs, cache, start_pos, mask)
+            x = block(x, rope, cache, start_pos, mask)
         cache.length = end
         return self.lm_head(self.norm(x))
 

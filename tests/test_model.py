@@ -220,9 +220,9 @@ def test_rope_scores_depend_only_on_relative_position():
 def _logits_at(model: Transformer, idx: torch.Tensor, start: int) -> torch.Tensor:
     """Full causal forward of ``idx`` as if it sat at positions start..start+T-1."""
     x = model.tok_emb(idx)
-    freqs = model._freqs(start, start + idx.size(1))
+    rope = model._rope(start, start + idx.size(1))
     for block in model.blocks:
-        x = block(x, freqs)
+        x = block(x, rope)
     return model.lm_head(model.norm(x))
 
 
@@ -251,15 +251,16 @@ def test_model_is_translation_invariant(model):
 
 
 def test_fused_rotary_matches_plain_autograd():
-    from cortex.model import _RotaryQKV
+    from cortex.model import RopeTables, _RotaryQKV
 
     torch.manual_seed(0)
     B, T, H, hd = 2, 7, 3, 8
     freqs = rope_frequencies(hd, T)
+    rope = RopeTables.build(freqs, H)
     for dtype in (torch.float32, torch.bfloat16):
         qkv = torch.randn(B, T, 3 * H * hd, dtype=dtype, requires_grad=True)
         weights = [torch.randn(B, H, T, hd, dtype=dtype) for _ in range(3)]
-        q, k, v = _RotaryQKV.apply(qkv, freqs, H)
+        q, k, v = _RotaryQKV.apply(qkv, rope.rotate, rope.unrotate, H)
         sum((t * w).sum() for t, w in zip((q, k, v), weights)).backward()
         fused_grad = qkv.grad.clone()
         qkv.grad = None

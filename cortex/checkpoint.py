@@ -32,10 +32,10 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import save_model
 
 from cortex.errors import CheckpointError
-from cortex.rundir import atomic_write, load_state, save_state, staged_directory, write_json
+from cortex.rundir import atomic_write, load_state, load_weights, save_state, staged_directory, write_json
 
 __all__ = [
     "CHECKPOINT_FILES",
@@ -250,16 +250,7 @@ def load_checkpoint(
     path = Path(path)
     verify_checkpoint(path)
     device = next(model.core.parameters()).device
-    try:
-        missing, unexpected = load_model(model.core, str(path / "model.safetensors"), strict=False,
-                                         device=str(device))
-    except (SafetensorError, OSError, RuntimeError) as exc:
-        raise CheckpointError(f"{path / 'model.safetensors'}: cannot be loaded: {exc}") from None
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path / 'model.safetensors'} does not match this model (missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(unexpected)[:5]}) — was it written by another manifest?"
-        )
+    load_weights(model.core, path / "model.safetensors", device=str(device))
     if optimizer is not None:
         try:
             state = torch.load(path / "optimizer.pt", map_location=device, weights_only=True)

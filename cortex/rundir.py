@@ -178,6 +178,19 @@ def write_into(model: Any, directory: Path) -> None:
     })
 
 
+def load_weights(core: torch.nn.Module, file: Path, *, device: str = "cpu") -> None:
+    """Load ``file`` into ``core``; a missing, unreadable or mismatched file is a CheckpointError."""
+    try:
+        missing, unexpected = load_model(core, str(file), strict=False, device=str(device))
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise CheckpointError(f"{file}: cannot be loaded: {exc}") from None
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{file} does not match this model (missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}) — was it written by another manifest?"
+        )
+
+
 def load_run(path: Path, *, device: str = "cpu") -> Any:
     """Rebuild the model of a run directory: manifest, weights, tokenizer and plugin state."""
     from cortex.assemble import assemble
@@ -193,15 +206,7 @@ def load_run(path: Path, *, device: str = "cpu") -> Any:
     built = load_manifest(path / "manifest.yaml")
     tokenizer = load_tokenizer(path / "tokenizer.json")
     model = assemble(built, device=device, tokenizer=tokenizer)
-    try:
-        missing_keys, unexpected = load_model(model.core, path / "model.safetensors", strict=False, device=device)
-    except (SafetensorError, OSError, RuntimeError) as exc:
-        raise CheckpointError(f"{path / 'model.safetensors'}: cannot be read: {exc}") from None
-    if missing_keys or unexpected:
-        raise CheckpointError(
-            f"{path / 'model.safetensors'} does not match the manifest's model "
-            f"(missing {sorted(missing_keys)[:5]}, unexpected {sorted(unexpected)[:5]})"
-        )
+    load_weights(model.core, path / "model.safetensors", device=device)
     try:
         state = load_state(path)
     except (SafetensorError, OSError, ValueError, KeyError) as exc:

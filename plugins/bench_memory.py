@@ -17,7 +17,7 @@ the weights and settings) in the output directory and reused by later runs.
 
 For each size (``sizes``; ``quick_sizes`` with ``--quick``) the first ``size`` unique keys
 are written in one bulk write into each tier — LTM ``flat`` (the exact baseline), LTM
-``ivf``, LTM ``hnsw`` and the Archive aged to its deepest level (``pq``) — and measured:
+``ivf``, LTM ``hnsw`` and the Archive aged to its deepest level (``sq8/sq4`` by default) — and measured:
 
 - **build**: seconds of the write (index training and adds included; the archive's
   includes training its codecs and ageing every entry to the deepest level);
@@ -560,7 +560,8 @@ class MemoryBench(BenchSuite):
                 yield f"M {tier.settings.hnsw_m}, efSearch {ef}", lambda ef=ef: set_search_params(si.index, ef_search=ef)
         elif index == "archive":
             lv = tier.levels[-1]
-            yield f"{lv.codec} (pq_m {tier.settings.pq_m} x {tier.settings.pq_bits} bits)", lambda: None
+            pq = f" (pq_m {tier.settings.pq_m} x {tier.settings.pq_bits} bits)" if lv.codec.startswith("pq") else ""
+            yield f"{lv.codec}{pq}", lambda: None
         elif index in ("ltm:flat", TORCH_EXACT):
             yield "exact", lambda: None
         else:

@@ -39,13 +39,18 @@ def recall(found: torch.Tensor, truth: torch.Tensor) -> float:
 pytestmark = pytest.mark.usefixtures("one_thread", "one_faiss_thread")  # tests/conftest.py
 
 
-def measure(tier: Archive, keys, values, tmp_path, chunks):
-    """Write ``keys`` in ``chunks``; return (bytes on disk / fp32 bytes, recall@10)."""
+#: the levels of the tests written for PQ keys (the default's deepest level is sq8/sq4)
+PQ_LEVELS = ["fp16", "sq8", "pq"]
+
+
+def measure(tier: Archive, keys, values, tmp_path, chunks, value_error=0.05):
+    """Write ``keys`` in ``chunks``; return (bytes on disk / fp32 bytes, recall@10, found ids)."""
     n, dim = keys.shape
     bounds = [0, *chunks, n]
     for lo, hi in zip(bounds, bounds[1:]):
         tier.write(entries(keys[lo:hi], values[lo:hi], lo), step=lo)
-    assert tier.stats()["levels"]["pq"] == n  # everything reached the coarsest level
+    assert tier.stats()["levels"][tier.settings.levels[-1]] == n  # everything reached the coarsest level
+    tmp_path.mkdir(parents=True, exist_ok=True)
     save_state(tmp_path, {"archive": tier.state_dict()})
     on_disk = sum((tmp_path / f).stat().st_size for f in ("state.safetensors", "state.json"))
     ratio = on_disk / entries_nbytes_fp32(n, dim)
@@ -55,14 +60,14 @@ def measure(tier: Archive, keys, values, tmp_path, chunks):
     got = tier.read(queries, 10, touch=False)
     assert torch.equal(got.tokens, got.ids)  # token i was written as id i
     err = (got.values[:, 0] - values[got.ids[:, 0]]).abs().mean()
-    assert err < 0.05  # values decode close to what was written (SQ8)
-    return ratio, recall(got.ids, truth)
+    assert err < value_error  # values decode close to what was written
+    return ratio, recall(got.ids, truth), got.ids
 
 
 def test_pq_level_is_under_a_quarter_of_fp32_with_good_recall(tmp_path):
     keys, values = sub_clustered(20000, 128), torch.randn(20000, 128, generator=torch.Generator().manual_seed(2))
-    tier = archive(dim=128, capacity=20000, age_steps=[0, 0], train_after=4096, pq_m=128, pq_bits=4)
-    ratio, rec = measure(tier, keys, values, tmp_path, chunks=range(4096, 20000, 4000))
+    tier = archive(dim=128, capacity=20000, age_steps=[0, 0], train_after=4096, pq_m=128, pq_bits=4, levels=PQ_LEVELS)
+    ratio, rec, _ = measure(tier, keys, values, tmp_path, chunks=range(4096, 20000, 4000))
     print(f"archive pq128x4 d=128 n=20000: bytes on disk / fp32 = {ratio:.3f}, recall@10 = {rec:.3f}")
     assert ratio <= 0.25 and rec >= 0.8
 
@@ -70,16 +75,34 @@ def test_pq_level_is_under_a_quarter_of_fp32_with_good_recall(tmp_path):
 @pytest.mark.slow
 def test_default_pq_settings_ratio_and_recall(tmp_path):
     keys, values = sub_clustered(20000, 128), torch.randn(20000, 128, generator=torch.Generator().manual_seed(2))
-    tier = archive(dim=128, capacity=20000, age_steps=[0, 0])  # pq_m=32, pq_bits=8
-    ratio, rec = measure(tier, keys, values, tmp_path, chunks=range(4096, 20000, 4000))
+    tier = archive(dim=128, capacity=20000, age_steps=[0, 0], levels=PQ_LEVELS)  # pq_m=32, pq_bits=8
+    ratio, rec, _ = measure(tier, keys, values, tmp_path, chunks=range(4096, 20000, 4000))
     print(f"archive pq32x8 d=128 n=20000: bytes on disk / fp32 = {ratio:.3f}, recall@10 = {rec:.3f}")
     assert ratio <= 0.25 and rec >= 0.8
+
+
+def test_default_deepest_level_spends_its_bytes_on_the_keys(tmp_path):
+    keys, values = sub_clustered(20000, 128), torch.randn(20000, 128, generator=torch.Generator().manual_seed(2))
+    tier = archive(dim=128, capacity=20000, age_steps=[0, 0])  # levels fp16, sq8, sq8/sq4
+    assert tier.settings.levels[-1] == "sq8/sq4"
+    ratio, rec, found = measure(tier, keys, values, tmp_path, chunks=range(4096, 20000, 4000), value_error=0.2)
+    print(f"archive sq8/sq4 d=128 n=20000: bytes on disk / fp32 = {ratio:.3f}, recall@10 = {rec:.3f}")
+    assert ratio <= 0.25 and rec >= 0.9
+    # the value codec does not change what is found: sq8/sq8 finds the same entries, at more bytes
+    wide = archive(dim=128, capacity=20000, age_steps=[0], levels=["fp16", "sq8"])
+    wide_ratio, _, wide_found = measure(wide, keys, values, tmp_path / "wide", chunks=range(4096, 20000, 4000))
+    assert torch.equal(found, wide_found) and wide_ratio > ratio + 0.05
+    # 4-bit keys find less than 8-bit keys
+    narrow = archive(dim=128, capacity=20000, age_steps=[0, 0], levels=["fp16", "sq8", "sq4"])
+    _, narrow_rec, _ = measure(narrow, keys, values, tmp_path / "narrow", chunks=range(4096, 20000, 4000),
+                               value_error=0.2)
+    assert narrow_rec < rec - 0.02
 
 
 def test_entries_move_down_the_levels_as_they_age():
     g = torch.Generator().manual_seed(3)
     keys = torch.randn(100, 32, generator=g)
-    tier = archive(age_steps=[10, 20], train_after=64, pq_m=8, pq_bits=4)
+    tier = archive(age_steps=[10, 20], train_after=64, pq_m=8, pq_bits=4, levels=PQ_LEVELS)
     tier.write(entries(keys), step=0)
     assert tier.stats()["levels"] == {"fp16": 100, "sq8": 0, "pq": 0}
     assert tier.compact(9) == 0
@@ -98,13 +121,13 @@ def test_entries_move_down_the_levels_as_they_age():
 
 def test_untrained_levels_wait_for_enough_entries():
     g = torch.Generator().manual_seed(4)
-    tier = archive(age_steps=[0, 0], train_after=200, pq_m=8, pq_bits=4)
+    tier = archive(age_steps=[0, 0], train_after=200, pq_m=8, pq_bits=4, levels=PQ_LEVELS)
     tier.write(entries(torch.randn(150, 32, generator=g)), step=0)
     assert tier.stats()["levels"] == {"fp16": 150, "sq8": 0, "pq": 0} and tier.stats()["trained"] == ["fp16"]
     tier.write(entries(torch.randn(60, 32, generator=g), first_token=150), step=1)
     assert tier.stats()["levels"] == {"fp16": 0, "sq8": 0, "pq": 210}
     # pq also needs 2**pq_bits entries: with 8 bits and train_after 64, sq8 trains first
-    tier = archive(age_steps=[0, 0], train_after=64, pq_m=8, pq_bits=8)
+    tier = archive(age_steps=[0, 0], train_after=64, pq_m=8, pq_bits=8, levels=PQ_LEVELS)
     tier.write(entries(torch.randn(100, 32, generator=g)), step=0)
     assert tier.stats()["levels"] == {"fp16": 0, "sq8": 100, "pq": 0}
 
@@ -125,7 +148,7 @@ def test_fp16_and_sq8_levels_decode_values_closely():
 
 def test_eviction_is_oldest_first_and_keeps_the_newest():
     g = torch.Generator().manual_seed(6)
-    tier = archive(capacity=100, age_steps=[3, 6], train_after=50, pq_m=8, pq_bits=4)
+    tier = archive(capacity=100, age_steps=[3, 6], train_after=50, pq_m=8, pq_bits=4, levels=PQ_LEVELS)
     for step in range(12):
         keys = torch.randn(30, 32, generator=g)
         tier.write(entries(keys, first_token=30 * step), step=step)
@@ -138,7 +161,7 @@ def test_eviction_is_oldest_first_and_keeps_the_newest():
 
 def test_subset_search_agrees_with_whole_level_search():
     keys = torch.randn(3000, 32, generator=torch.Generator().manual_seed(7))
-    tier = archive(age_steps=[0, 0], train_after=1000, pq_m=8, pq_bits=8)
+    tier = archive(age_steps=[0, 0], train_after=1000, pq_m=8, pq_bits=8, levels=PQ_LEVELS)
     tier.write(entries(keys[:1500]), step=0)
     tier.write(entries(keys[1500:], first_token=1500), step=0)
     queries = keys[:50] + 0.01
@@ -153,7 +176,7 @@ def test_subset_search_agrees_with_whole_level_search():
 
 def test_settings_are_validated_with_clear_messages():
     with pytest.raises(ValueError, match="must divide the model width"):
-        archive(dim=32, pq_m=5)
+        archive(dim=32, pq_m=5, levels=PQ_LEVELS)
     with pytest.raises(ValueError, match="one item per level"):
         Archive.Settings(levels=["fp16", "pq"], age_steps=[1, 2])
     with pytest.raises(ValueError, match="start with 'fp16'"):
@@ -162,4 +185,9 @@ def test_settings_are_validated_with_clear_messages():
         Archive.Settings(levels=["fp16", "pq", "sq8"])
     with pytest.raises(ValueError, match="non-decreasing"):
         Archive.Settings(age_steps=[10, 5])
+    with pytest.raises(ValueError, match="ordered"):
+        Archive.Settings(levels=["fp16", "sq8/sq4", "sq6"])  # values finer again
+    for bad in ("sq3", "pq/pq", "fp16/sq8/sq4"):
+        with pytest.raises(ValueError, match=f"level '{bad}': name it KEYS or KEYS/VALUES"):
+            Archive.Settings(levels=["fp16", bad], age_steps=[1])
     archive(dim=36, levels=["fp16", "sq8"], age_steps=[1], pq_m=7)  # pq_m unused without pq

@@ -62,14 +62,15 @@ class MemorySettings(Settings):
                                 "else the last block).")
     key_window: int = Field(32, ge=0, description="Tokens a key's hidden state sees (0: the full context).")
     key_offsets: list[int] = Field(
-        default_factory=lambda: [0, 1, 2, 4, 8, 16],
-        description="Positions back from the current one whose hidden states are summed into a key.")
-    key_decay: float = Field(0.8, gt=0, le=1, description="Weight ratio of each further offset in a key.")
+        default_factory=lambda: [0, 1, 2, 4, 8, 12, 16, 20, 24],
+        description="Positions back from the current one whose hidden states, each turned by a rotation "
+                    "of its own, are summed into a key.")
+    key_decay: float = Field(0.9, gt=0, le=1, description="Weight ratio of each further offset in a key.")
     tier_temperature: float = Field(1.0, gt=0, description="Softmax temperature over tiers' best scores.")
     lm_lambda: float = Field(
         0.8, ge=0, le=1, description="kNN-LM weight of memory at full strength; a match of strength s "
                                      "(1 + its uses) weighs lm_lambda * s / (s + 1).")
-    lm_temperature: float = Field(0.01, gt=0, description="kNN-LM softmax temperature over cosine scores.")
+    lm_temperature: float = Field(0.001, gt=0, description="kNN-LM softmax temperature over cosine scores.")
     lm_min_score: float = Field(0.9, ge=-1, le=1, description="kNN-LM ignores neighbours below this cosine.")
     use_bonus: float = Field(1.0, ge=0, description="kNN-LM log-weight bonus per log(1 + uses): "
                                                      "repetition raises confidence.")
@@ -214,6 +215,10 @@ class MemorySystem:
             self.memory_layers[0] if self.memory_layers else layers - 1)
         if self.key_layer >= layers:
             raise ValueError(f"memory_system.key_layer {self.key_layer} is not a block index (< {layers})")
+        g = torch.Generator().manual_seed(0x6B6579)  # fixed: the same keys in every run and process
+        d = core.config.dim
+        self._rotations = [torch.eye(d)] + [torch.linalg.qr(torch.randn(d, d, generator=g))[0]
+                                            for _ in range(len(set(settings.key_offsets)) - 1)]
         self.active: _Segment | None = None
         self.step = 0
         self.stats = {"writes": 0, "reads": 0, "consolidated": 0, "spilled": 0}
@@ -244,19 +249,27 @@ class MemorySystem:
     def keys(self, idx: torch.Tensor) -> torch.Tensor:
         """Memory keys (B, T, d) for every position of ``idx``.
 
-        The hidden state after ``key_layer`` over only the last ``key_window`` tokens,
-        normalised and summed over the positions ``key_offsets`` back (weights
-        ``key_decay ** i``): "is 7" differs from "is 77", and a name said 16 bytes before
-        "... number is" still shapes the key even before training has made hidden states
-        context-sensitive. A key never depends on more than ``key_span()`` tokens.
+        The hidden states after ``key_layer`` over only the last ``key_window`` tokens, at
+        the positions ``key_offsets`` back, each normalised, turned by a fixed random
+        rotation of its own offset and summed with weights ``key_decay ** i``. The
+        rotations make two keys compare position by position — like one long vector of
+        the states side by side, in the width of one — so "Mina's ... is" and "Jisoo's
+        ... is" differ where the names sit instead of blurring into one bag of states.
+        A key never depends on more than ``key_span()`` tokens.
         """
         s = self.settings
         h = F.normalize(self.core.hidden_states(idx, layer=self.key_layer, window=s.key_window).float(), dim=-1)
         keys = torch.zeros_like(h)
         for i, offset in enumerate(sorted(set(s.key_offsets))):
             if offset < h.shape[1]:
-                keys[:, offset:] += s.key_decay**i * h[:, : h.shape[1] - offset]
+                keys[:, offset:] += s.key_decay**i * (h[:, : h.shape[1] - offset] @ self._rotation(i, h.device))
         return F.normalize(keys, dim=-1)
+
+    def _rotation(self, i: int, device: torch.device) -> torch.Tensor:
+        """The fixed rotation of the ``i``-th key offset (identity for the current position)."""
+        if self._rotations[i].device != device:
+            self._rotations[i] = self._rotations[i].to(device)
+        return self._rotations[i]
 
     def key_span(self) -> int:
         """Tokens the key of the last position depends on (the whole context when unbounded)."""
@@ -395,30 +408,30 @@ class MemorySystem:
                          touch: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Next-token distribution (Q, vocab) of the neighbours of ``keys`` (Q, d) in ``stream``,
         and the memory weight λ per query: 0 where nothing close was found, else
-        ``lm_lambda * s / (s + 1)`` with ``s`` the strength (1 + uses) of the best match."""
+        ``lm_lambda * s / (s + 1)`` with ``s`` the strength (1 + uses) of the best match.
+
+        The neighbours of every tier are pooled into one softmax (a kNN-LM's datastore is
+        the whole hierarchy): the best match wins wherever it is held. Weighting tiers
+        first would let a near miss in one tier outvote the exact match in another.
+        """
         s = self.settings
         Q = keys.shape[0]
         dist = torch.zeros(Q, vocab)
-        strength = torch.zeros(Q)
         reads = [tier.read(keys, s.k, stream=stream, step=self.step, touch=touch) for tier in self.tiers if len(tier)]
         if not reads:
-            return dist, strength
-        weights = tier_weights(torch.stack([r.scores[:, 0] for r in reads], dim=-1), s.tier_temperature)
-        best = torch.full((Q,), float("-inf"))
-        for t, r in enumerate(reads):
-            valid = (r.ids >= 0) & (r.scores >= s.lm_min_score) & (r.tokens >= 0) & (r.tokens < vocab)
-            uses = self._uses(r)
-            logits = (r.scores / s.lm_temperature + s.use_bonus * torch.log1p(uses)).masked_fill(~valid, float("-inf"))
-            has = valid.any(dim=1)
-            p = torch.zeros_like(logits)
-            p[has] = torch.softmax(logits[has], dim=1)
-            dist.scatter_add_(1, r.tokens.clamp(min=0), p * weights[:, t : t + 1])
-            top = r.scores.masked_fill(~valid, float("-inf")).max(dim=1)
-            better = top.values > best
-            best = torch.where(better, top.values, best)
-            strength = torch.where(better, 1 + uses.gather(1, top.indices[:, None])[:, 0], strength)
-        found = strength > 0
-        dist[found] = dist[found] / dist[found].sum(dim=1, keepdim=True).clamp_min(1e-12)
+            return dist, torch.zeros(Q)
+        scores = torch.cat([r.scores for r in reads], dim=1)
+        tokens = torch.cat([r.tokens for r in reads], dim=1)
+        uses = torch.cat([self._uses(r) for r in reads], dim=1)
+        valid = (torch.cat([r.ids for r in reads], dim=1) >= 0) & (scores >= s.lm_min_score)
+        valid &= (tokens >= 0) & (tokens < vocab)
+        found = valid.any(dim=1)
+        logits = (scores / s.lm_temperature + s.use_bonus * torch.log1p(uses)).masked_fill(~valid, float("-inf"))
+        p = torch.zeros_like(logits)
+        p[found] = torch.softmax(logits[found], dim=1)
+        dist.scatter_add_(1, tokens.clamp(min=0), p)
+        best = scores.masked_fill(~valid, float("-inf")).argmax(dim=1, keepdim=True)
+        strength = 1 + uses.gather(1, best)[:, 0]
         return dist, torch.where(found, s.lm_lambda * strength / (strength + 1), torch.zeros(Q))
 
     @staticmethod

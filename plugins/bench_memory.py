@@ -8,9 +8,9 @@ local-window hidden states (``hidden_states(idx, layer=last, window=16)``). Neve
 random vectors: on those no index reaches a high recall at d=256.
 
 A key depends on the tokens of its *receptive field* — ``(key_layer + 1) x (window - 1) + 1``
-tokens back (each block widens the band), plus ``key_shingle - 1`` for the memory system's
-shingled keys, cut at the start of its row — so two positions with the same receptive-field
-tokens have the same key. Keys are de-duplicated by those tokens; when a size needs more
+tokens back (each block widens the band), plus the largest of the memory system's
+``key_offsets`` (``MemorySystem.key_span``), cut at the start of its row — so two
+positions with the same receptive-field tokens have the same key. Keys are de-duplicated by those tokens; when a size needs more
 unique keys, more demo documents are generated (the report says how many). The keys and
 queries are cached as ``keys-NAME.npy`` / ``queries-NAME.npy`` (with a JSON fingerprint of
 the weights and settings) in the output directory and reused by later runs.
@@ -182,11 +182,9 @@ class KeySource:
         m = self.model.manifest
         cfg = self.model.config
         ms = self.model.memory_system
-        shingle = 1
         if ms is not None:
             self.layer, self.window = ms.key_layer, ms.settings.key_window
-            shingle = int(getattr(ms.settings, "key_shingle", 1))
-            self.how = f"memory_system.keys (block {self.layer}, window {self.window}, shingle {shingle})"
+            self.how = f"memory_system.keys (block {self.layer}, window {self.window}, offsets {ms.settings.key_offsets})"
             self._keys = ms.keys
         else:
             self.layer, self.window = cfg.layers - 1, key_window
@@ -195,9 +193,10 @@ class KeySource:
         self.context = cfg.context
         self.dim = cfg.dim
         # a windowed hidden state after block L sees (L + 1) x (window - 1) + 1 tokens (each
-        # block widens the band); a shingle of s positions adds s - 1 more
-        span = (self.layer + 1) * (self.window - 1) + 1 + (shingle - 1)
-        self.receptive = cfg.context if self.window <= 0 else min(cfg.context, span)
+        # block widens the band); a key's offsets reach further back
+        span = (self.layer + 1) * (self.window - 1) + 1
+        self.receptive = ms.key_span() if ms is not None else (
+            cfg.context if self.window <= 0 else min(cfg.context, span))
         data = m.train.data if m.train is not None else None
         self.train_seed = int(data.settings.get("seed", 0)) if data is not None and data.type == "demo" else 0
         self.text_seed = text_seed if text_seed != self.train_seed else text_seed + 1
@@ -439,6 +438,7 @@ class MemoryBench(BenchSuite):
         s = self.settings
         pool = 8 * s.queries
         spec = {"target": str(src.target), "weights": src.fingerprint, "layer": src.layer, "window": src.window,
+                "receptive": src.receptive,
                 "text_seed": src.text_seed, "context": src.context, "pool": pool}
         out = _harness_out_dir()
         stem = src.target.stem if src.target.suffix else src.target.name

@@ -154,3 +154,47 @@ def test_generation_keys_equal_the_stored_keys(build_model):
     assert torch.allclose(full, tail, atol=1e-5)
     short = ms.keys(ids[:, -(ms.key_span() - 8):])[0, -1]
     assert not torch.allclose(full, short, atol=1e-5)  # a shorter tail would not do
+
+
+def test_rotated_keys_compare_offset_by_offset(build_model):
+    """With one-token windows a key is a weighted sum over its offsets of one state per token.
+    Swapping the tokens at two offsets barely moves a plain sum (a bag of states); the
+    per-offset rotations make the swapped key a different key, as a side-by-side vector would."""
+    from torch.nn import functional as F
+
+    torch.manual_seed(0)
+    model = build_model(manifest().replace("key_window: 16", "key_window: 1")).eval()
+    ms = model.memory_system
+    a, b = model.tokenizer.encode("q")[0], model.tokenizer.encode("z")[0]
+    x = model.tokenizer.encode("x")[0]
+    ids = torch.tensor([[x, x, a, b, x], [x, x, b, a, x]])  # offsets 1 and 2 of the last position swapped
+    with torch.no_grad():
+        rotated = ms.keys(ids)[:, -1]
+        h = F.normalize(model.core.hidden_states(ids, layer=ms.key_layer, window=1).float(), dim=-1)
+        offsets = [o for o in sorted(set(ms.settings.key_offsets)) if o < ids.shape[1]]
+        plain = F.normalize(sum(ms.settings.key_decay**i * h[:, -1 - o] for i, o in enumerate(offsets)), dim=-1)
+    cos_rotated, cos_plain = float(rotated[0] @ rotated[1]), float(plain[0] @ plain[1])
+    assert cos_plain > 0.95 and cos_rotated < cos_plain - 0.1, (cos_rotated, cos_plain)
+    # the rotations are fixed: a second model of the same shape makes the same keys
+    again = build_model(manifest().replace("key_window: 16", "key_window: 1"), name="again.yaml").eval()
+    again.core.load_state_dict(model.core.state_dict())
+    assert torch.allclose(again.memory_system.keys(ids), ms.keys(ids))
+
+
+def test_knn_lm_pools_the_neighbours_of_every_tier(build_model):
+    """The exact match wins wherever it is held: a near miss in STM does not outvote the
+    exact entry in LTM (tiers weighted first by a softmax of their best scores would)."""
+    torch.manual_seed(0)
+    model = build_model(manifest()).eval()
+    ms = model.memory_system
+    stm, ltm = ms.tiers[0], ms.tiers[1]
+    key = torch.nn.functional.normalize(torch.randn(1, 64), dim=-1)
+    near = torch.nn.functional.normalize(key + 0.03 * torch.randn(1, 64), dim=-1)
+    from cortex.interfaces import Entries
+
+    stream = 0
+    ltm.write(Entries(keys=key, values=key, tokens=torch.tensor([7]), streams=torch.tensor([stream])), step=0)
+    stm.write(Entries(keys=near, values=near, tokens=torch.tensor([9]), streams=torch.tensor([stream])), step=0)
+    assert 0.95 < float(near @ key.T) < 0.995  # close enough to pass lm_min_score
+    dist, lam = ms.knn_distribution(key, stream, vocab=32, touch=False)
+    assert dist[0, 7] > 0.99 and dist[0, 9] < 0.01 and lam[0] > 0

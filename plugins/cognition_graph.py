@@ -561,7 +561,8 @@ def _concept_attrs(items: dict[str, Any], assign: np.ndarray, k: int, tok: Any) 
                 p = int(meta["position"])
                 snippets[tok.decode(ids[max(0, p - 7):p + 2])] += 1
         tiers = Counter(items["tier"][members].tolist())
-        label = tok.decode(top[:3]) if (tok is not None and top) else ""
+        # next tokens that are parts of a character (a byte tokenizer's Korean) decode to U+FFFD
+        label = tok.decode(top[:3]).replace("\ufffd", "") if (tok is not None and top) else ""
         attrs.append({
             "kind": "concept", "size": int(len(members)),
             "label": (snippets.most_common(1)[0][0] if snippets else label).strip() or f"c{c}",

@@ -487,7 +487,7 @@ def tokenizer_train(
 
 @data_app.command("prepare")
 def data_prepare(
-    inputs: list[str] = typer.Argument(..., help="JSONL or text files, or registered data sources such as `demo`."),
+    inputs: list[str] = typer.Argument(..., help="JSONL or text files, Hugging Face dataset folders (needs cortex[hf]), or registered data sources such as `demo`."),
     output: Path = typer.Option(..., "-o", "--output", help="Dataset directory to create."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="tokenizer.json (default: bytes)."),
     mix: Optional[str] = typer.Option(None, "--mix", help="Token shares, e.g. a.jsonl=0.4,b.jsonl=0.6."),
@@ -501,6 +501,7 @@ def data_prepare(
     from cortex.interfaces import BuildContext
     from cortex.plugins import create_plugin_manager
     from cortex.tokenizer import ByteTokenizer, load_tokenizer
+    from cortex_plugins.hf_dataset import is_hf_dataset
 
     tok = load_tokenizer(tokenizer) if tokenizer else ByteTokenizer()
     weights = parse_mix(mix) if mix else {}
@@ -511,7 +512,12 @@ def data_prepare(
     sources = []
     for item in inputs:
         path = Path(item)
-        if path.exists() or Path(item).suffix:
+        if is_hf_dataset(path):  # a `save_to_disk` folder or a folder of Parquet/Arrow files
+            pm = pm or create_plugin_manager()
+            info = pm.registry.get("data", "hf")
+            settings = info.cls.Settings(path=item, skip_bad=skip_bad)
+            docs = info.cls(settings, BuildContext(tokenizer=tok)).documents()
+        elif path.exists() or Path(item).suffix:
             docs = documents_from_path(path, skip_bad=skip_bad)
         else:
             pm = pm or create_plugin_manager()

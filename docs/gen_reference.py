@@ -154,7 +154,7 @@ def manifest_sections() -> list[tuple[str, type[BaseModel], str]]:
         ("`plasticity[]`", RuleSpec, ""),
         ("`train`", TrainSection, ""),
         ("`train.data`", DataSpec,
-         "A registered data source (`demo`, `jsonl`, `text`, ...) or a path to a `.jsonl`/`.txt` "
+         "A registered data source (`demo`, `jsonl`, `text`, `hf`, ...) or a path to a `.jsonl`/`.txt` "
          "file or a prepared dataset folder; a plain string is short for `{type: ...}`."),
     ]
 

@@ -9,7 +9,17 @@ updates done) holding::
     rng.pt              torch CPU (+ CUDA) generator states, numpy's and Python's
     state.safetensors   every plugin's state (model.plugin_state()), tensors ...
     state.json          ... and the rest
-    checkpoint.json     written last: the size and sha256 of each file above
+    rank-N/             under DDP: rank N's own rng.pt, state.safetensors and state.json
+                        (N = 1 .. world size - 1; the files above are rank 0's)
+    checkpoint.json     written last: the number of ranks, the size and sha256 of each file
+
+Under DDP the ranks share weights and optimiser state, but what a plugin keeps of the data
+its rank saw (the memory of the rank's lanes, the episodes of its rows) is the rank's own,
+and so are its RNG states. Every rank hands its part ([`rank_state`][cortex.checkpoint.rank_state])
+to rank 0, which writes the checkpoint; on resume each rank restores its own part, so a
+resumed run continues exactly as the uninterrupted one would. Resumed with another number
+of processes, every rank starts from rank 0's part (the lanes are dealt out differently,
+so that continuation is not exact).
 
 It is assembled in a temporary folder beside its destination and renamed into place
 ([`staged_directory`][cortex.rundir.staged_directory]), then the ``checkpoints/latest``
@@ -34,8 +44,18 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_model
 
+from cortex import distributed
 from cortex.errors import CheckpointError
-from cortex.rundir import atomic_write, load_state, load_weights, save_state, staged_directory, write_json
+from cortex.rundir import (
+    atomic_write,
+    flatten_state,
+    load_state,
+    load_weights,
+    save_state,
+    staged_directory,
+    unflatten_state,
+    write_json,
+)
 
 __all__ = [
     "CHECKPOINT_FILES",
@@ -44,6 +64,7 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "rank_state",
     "resolve_checkpoint",
     "save_checkpoint",
     "verify_checkpoint",
@@ -52,6 +73,8 @@ __all__ = [
 FORMAT = 1
 CHECKPOINT_FILES = ("model.safetensors", "optimizer.pt", "trainer.json", "rng.pt",
                     "state.safetensors", "state.json")
+#: the files of each ``rank-N/`` folder (rank N's own part)
+RANK_FILES = ("rng.pt", "state.safetensors", "state.json")
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 
 
@@ -106,6 +129,20 @@ def set_rng_state(state: dict[str, Any]) -> None:
         cuda = state["cuda"]
         if len(cuda) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda)
+
+
+def rank_state(model: Any) -> dict[str, Any]:
+    """This process's own part of a checkpoint: its plugin state and RNG states (CPU tensors).
+
+    Under DDP every rank but 0 hands it to rank 0
+    ([`gather_object`][cortex.distributed.gather_object]), which passes the list to
+    [`save_checkpoint`][cortex.checkpoint.save_checkpoint] as ``ranks``.
+    """
+    return {"state": unflatten_state(*flatten_state(model.plugin_state())), "rng": rng_state()}
+
+
+def _rank_files(ranks: int) -> list[str]:
+    return [*CHECKPOINT_FILES, *(f"rank-{r}/{f}" for r in range(1, ranks) for f in RANK_FILES)]
 
 
 # --------------------------------------------------------------------------- listing
@@ -173,13 +210,16 @@ def save_checkpoint(
     *,
     keep: int = 2,
     fail_after: int | None = None,
+    ranks: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Write checkpoint ``step-<trainer['step']>`` of ``model`` (a CortexModel) atomically.
 
     ``trainer`` is the loop's JSON-serialisable state; its ``step`` names the folder. The
     ``latest`` pointer is updated, then all but the newest ``keep`` checkpoints are
-    deleted. ``fail_after`` (tests only) raises after writing that many files, as a crash
-    in the middle of the write would.
+    deleted. ``ranks`` (under DDP): the parts of ranks 1, 2, ...
+    ([`rank_state`][cortex.checkpoint.rank_state] on each), written to ``rank-N/``; the
+    model's own state and this process's RNG are rank 0's. ``fail_after`` (tests only)
+    raises after writing that many files, as a crash in the middle of the write would.
     """
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -205,8 +245,15 @@ def save_checkpoint(
         wrote()
         save_state(tmp, model.plugin_state())
         wrote()
-        files = {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in CHECKPOINT_FILES}
-        write_json(tmp / "checkpoint.json", {"format": FORMAT, "step": int(trainer["step"]), "files": files})
+        for r, part in enumerate(ranks or [], start=1):
+            (tmp / f"rank-{r}").mkdir()
+            torch.save(part["rng"], tmp / f"rank-{r}" / "rng.pt")
+            save_state(tmp / f"rank-{r}", part["state"])
+            wrote()
+        count = 1 + len(ranks or [])
+        files = {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)} for f in _rank_files(count)}
+        write_json(tmp / "checkpoint.json",
+                   {"format": FORMAT, "step": int(trainer["step"]), "ranks": count, "files": files})
     atomic_write(root / "latest", name + "\n")
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         if old.name != name:
@@ -229,11 +276,14 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
     try:
         info = json.loads(index.read_text(encoding="utf-8"))
         files = info["files"]
+        ranks = int(info.get("ranks", 1))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{index}: unreadable ({exc}); {fix}") from None
     if info.get("format") != FORMAT:
         raise CheckpointError(f"{index}: checkpoint format {info.get('format')!r} is not {FORMAT}; {fix}")
-    for name in CHECKPOINT_FILES:
+    if ranks < 1:
+        raise CheckpointError(f"{index}: ranks {ranks} is not a number of processes; {fix}")
+    for name in _rank_files(ranks):
         file = path / name
         if name not in files or not file.is_file():
             raise CheckpointError(f"{file}: missing — the checkpoint is incomplete; {fix}")
@@ -244,11 +294,22 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def load_checkpoint(
-    path: Path, model: Any, optimizer: torch.optim.Optimizer | None = None, *, restore_rng: bool = True
+    path: Path, model: Any, optimizer: torch.optim.Optimizer | None = None, *, restore_rng: bool = True,
+    rank: int | None = None,
 ) -> dict[str, Any]:
-    """Restore weights, optimiser state, plugin state and RNG states; return trainer.json."""
+    """Restore weights, optimiser state, plugin state and RNG states; return trainer.json.
+
+    Plugin and RNG state are those of ``rank``; by default this process's rank when the
+    checkpoint was written by as many processes as now run, else rank 0's.
+    """
     path = Path(path)
-    verify_checkpoint(path)
+    info = verify_checkpoint(path)
+    saved_ranks = int(info.get("ranks", 1))
+    if rank is None:
+        rank = distributed.rank() if saved_ranks == distributed.world_size() else 0
+    if not 0 <= rank < saved_ranks:
+        raise CheckpointError(f"{path}: written by {saved_ranks} process(es), it has no rank {rank}")
+    own = path / f"rank-{rank}" if rank else path
     device = next(model.core.parameters()).device
     load_weights(model.core, path / "model.safetensors", device=str(device))
     if optimizer is not None:
@@ -262,14 +323,14 @@ def load_checkpoint(
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{path / 'trainer.json'}: unreadable: {exc}") from None
     try:
-        plugin_state = load_state(path)
+        plugin_state = load_state(own)
     except (SafetensorError, OSError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{path}: plugin state cannot be read: {exc}") from None
+        raise CheckpointError(f"{own}: plugin state cannot be read: {exc}") from None
     model.load_plugin_state(plugin_state)
     if restore_rng:
         try:
-            rng = torch.load(path / "rng.pt", weights_only=True)
+            rng = torch.load(own / "rng.pt", weights_only=True)
             set_rng_state(rng)
         except Exception as exc:
-            raise CheckpointError(f"{path / 'rng.pt'}: cannot be loaded: {exc}") from None
+            raise CheckpointError(f"{own / 'rng.pt'}: cannot be loaded: {exc}") from None
     return trainer

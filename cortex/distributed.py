@@ -18,6 +18,11 @@ What stays consistent across ranks, and how:
   (e.g. a Hebbian update averaged over ranks) or
   [`broadcast_`][cortex.distributed.broadcast_] (rank 0's value wins), otherwise the ranks'
   weights drift apart;
+* **per-rank state** — what a rank keeps of the data it saw itself (the memory of its
+  lanes, the episodes of its rows) legitimately differs between ranks. A checkpoint keeps
+  every rank's own plugin state and RNG: the ranks hand theirs to rank 0
+  ([`gather_object`][cortex.distributed.gather_object]), which writes them beside its own,
+  and each rank restores its own on resume (see [`cortex.checkpoint`][cortex.checkpoint]);
 * **files** — only rank 0 writes checkpoints, metrics and the run directory
   ([`is_main`][cortex.distributed.is_main]); the others wait at a
   [`barrier`][cortex.distributed.barrier] and read what it wrote.
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -39,6 +45,7 @@ __all__ = [
     "barrier",
     "broadcast_",
     "destroy",
+    "gather_object",
     "init_from_env",
     "is_distributed",
     "is_main",
@@ -132,6 +139,19 @@ def all_reduce_floats(values: list[float]) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64)
     all_reduce_mean(t)
     return t.tolist()
+
+
+def gather_object(obj: Any) -> list[Any] | None:
+    """Every rank's ``obj`` on rank 0, in rank order (``None`` on the other ranks).
+
+    Pickled through the process group: pass CPU tensors (a CUDA tensor would be rebuilt on
+    the sender's device number). ``[obj]`` in a single process.
+    """
+    if not is_distributed():
+        return [obj]
+    out = [None] * dist.get_world_size() if is_main() else None
+    dist.gather_object(obj, out, dst=0)
+    return out
 
 
 def barrier() -> None:

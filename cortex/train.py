@@ -12,8 +12,9 @@ split across ranks and into micro-batches whose gradients are accumulated; one l
 appended to ``RUN/metrics.jsonl``. Every ``eval_every`` steps the validation loss is
 measured and, when it is the best so far, the run directory's own ``model.safetensors`` and
 plugin state are replaced by the current model (so the run directory always holds the best
-model). Every ``checkpoint_every`` steps a resumable checkpoint is written
-([`cortex.checkpoint`][cortex.checkpoint]).
+model; under DDP with rank 0's plugin state). Every ``checkpoint_every`` steps a resumable
+checkpoint is written ([`cortex.checkpoint`][cortex.checkpoint]; under DDP it holds every
+rank's own plugin state and RNG, and each rank resumes from its own).
 
 A loss above ``spike_factor`` times the mean of the last ``spike_window`` losses, or a
 non-finite loss or gradient, rolls the model back to the latest checkpoint, skips the
@@ -43,6 +44,7 @@ from cortex.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    rank_state,
     resolve_checkpoint,
     save_checkpoint,
     verify_checkpoint,
@@ -418,7 +420,8 @@ def train(
             end without validation data), its ``model.safetensors`` and plugin state.
         settings: the manifest's ``train:`` section.
         resume: ``"auto"`` (the run's latest checkpoint) or a checkpoint folder: restores
-            weights, optimiser, schedule, data position, RNG and plugin state exactly.
+            weights, optimiser, schedule, data position, RNG and plugin state exactly
+            (each rank's own under DDP).
         console: a rich console for the progress bar and messages; ``None``: silent.
         data: overrides ``settings.data`` (a source name, a file or a prepared folder).
         steps: overrides the number of steps (default ``tokens // (batch * context)``).
@@ -519,8 +522,11 @@ def train(
         return state.to_json(settings, context, warmup, min_lr, fingerprint)
 
     def checkpoint() -> None:
+        # under DDP every other rank's own plugin state and RNG go in too
+        parts = dist.gather_object(None if main else rank_state(model)) if world > 1 else None
         if main:
-            save_checkpoint(run_dir, model, optimizer, trainer_json(), keep=settings.keep_checkpoints)
+            save_checkpoint(run_dir, model, optimizer, trainer_json(), keep=settings.keep_checkpoints,
+                            ranks=parts[1:] if parts else None)
         dist.barrier()
 
     def write_best() -> None:

@@ -147,24 +147,15 @@ def _text_documents(path: Path, stream: DocumentStream, skip_bad: bool) -> Itera
         yield Document("\n".join(lines), f"{path}:{first}")
 
 
-class DocumentStream:
-    """The documents of one or more files, re-readable, counting what it skipped.
+class RereadableDocuments:
+    """Documents that can be read again from the start, counting what a pass skipped.
 
-    Iterating reads the files again from the start; ``skipped`` and ``skipped_at`` (the
-    first few ``FILE:LINE`` origins) describe the latest pass.
+    Iterating starts a new pass (``_read``, written by subclasses); ``skipped`` and
+    ``skipped_at`` (the first few origins) describe the latest pass. Also an iterator, as
+    ``DataSource.documents()`` promises: ``next()`` continues one pass.
     """
 
-    def __init__(
-        self,
-        paths: Sequence[Path],
-        reader: Callable[[Path, DocumentStream, bool], Iterator[Document]],
-        skip_bad: bool = False,
-    ) -> None:
-        self.paths = [Path(p) for p in paths]
-        for p in self.paths:
-            _check_file(p)
-        self._reader = reader
-        self.skip_bad = skip_bad
+    def __init__(self) -> None:
         self.skipped = 0
         self.skipped_at: list[str] = []
         self._pass: Iterator[Document] | None = None
@@ -174,8 +165,11 @@ class DocumentStream:
         if len(self.skipped_at) < _MAX_REMEMBERED:
             self.skipped_at.append(where)
 
+    def _new_pass(self) -> None:
+        self.skipped = 0
+        self.skipped_at = []
+
     def __next__(self) -> Document:
-        # also an iterator, as DataSource.documents() promises: next() continues one pass
         if self._pass is None:
             self._pass = iter(self)
         return next(self._pass)
@@ -184,8 +178,27 @@ class DocumentStream:
         return self._read()
 
     def _read(self) -> Iterator[Document]:
-        self.skipped = 0
-        self.skipped_at = []
+        raise NotImplementedError
+
+
+class DocumentStream(RereadableDocuments):
+    """The documents of one or more files; ``skipped_at`` holds ``FILE:LINE`` origins."""
+
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        reader: Callable[[Path, DocumentStream, bool], Iterator[Document]],
+        skip_bad: bool = False,
+    ) -> None:
+        super().__init__()
+        self.paths = [Path(p) for p in paths]
+        for p in self.paths:
+            _check_file(p)
+        self._reader = reader
+        self.skip_bad = skip_bad
+
+    def _read(self) -> Iterator[Document]:
+        self._new_pass()
         for path in self.paths:
             _check_file(path)
             before = self.skipped

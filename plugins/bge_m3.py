@@ -58,10 +58,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -70,6 +69,7 @@ from torch.nn import functional as F
 from cortex import hookimpl
 from cortex.errors import CortexError
 from cortex.interfaces import CognitiveFeature, Settings
+from cortex_plugins.hf_dataset import hf_offline
 
 if TYPE_CHECKING:
     from cortex.assemble import CortexModel
@@ -113,22 +113,6 @@ def missing_weights(path: str) -> str | None:
     if lacking:
         return f"no BGE-M3 weights at {where}: missing {', '.join(lacking)}"
     return None
-
-
-@contextmanager
-def _offline() -> Iterator[None]:
-    """Hugging Face libraries stay offline while the model is imported and loaded."""
-    names = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
-    old = {name: os.environ.get(name) for name in names}
-    os.environ.update({name: "1" for name in names})
-    try:
-        yield
-    finally:
-        for name, value in old.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 @dataclass
@@ -217,7 +201,7 @@ class BgeM3(CognitiveFeature):
         why = missing_weights(str(self.path))
         if why:
             raise CortexError(f"bge_m3: {why}; {DOWNLOAD}")
-        with _offline():
+        with hf_offline():
             try:
                 from FlagEmbedding import BGEM3FlagModel
             except ImportError as exc:

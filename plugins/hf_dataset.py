@@ -41,6 +41,7 @@ from pydantic import Field
 
 from cortex import hookimpl
 from cortex.errors import CortexError, DataError
+from cortex.data import RereadableDocuments
 from cortex.interfaces import DataSource, Document, Settings
 
 INSTALL = "pip install 'cortex[hf]'"
@@ -48,9 +49,8 @@ INSTALL = "pip install 'cortex[hf]'"
 SAVED_MARKERS = ("dataset_dict.json", "state.json")
 #: data files that make a folder a dataset repository's local copy
 DATA_FILES = ("*.parquet", "*.arrow")
-_OFFLINE = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
+_OFFLINE = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 _BATCH = 1000
-_MAX_REMEMBERED = 20
 
 
 def resolve_path(path: str | os.PathLike[str]) -> Path:
@@ -74,7 +74,8 @@ def is_hf_dataset(path: str | os.PathLike[str]) -> bool:
 
 
 @contextmanager
-def _offline() -> Iterator[None]:
+def hf_offline() -> Iterator[None]:
+    """Hugging Face libraries (datasets, hub, transformers) stay offline inside this block."""
     old = {name: os.environ.get(name) for name in _OFFLINE}
     os.environ.update({name: "1" for name in _OFFLINE})
     try:
@@ -91,7 +92,7 @@ def import_datasets() -> Any:
     """The ``datasets`` module, imported offline; a [`CortexError`][cortex.errors.CortexError]
     naming the extra to install when it is missing."""
     try:
-        with _offline():
+        with hf_offline():
             import datasets
     except ImportError:
         raise CortexError(
@@ -109,34 +110,18 @@ def _is_text(feature: Any) -> bool:
     return getattr(feature, "dtype", None) in ("string", "large_string")
 
 
-class HFDocuments:
-    """The documents of one split, re-readable, counting skipped (null) rows.
-
-    Iterating reads the split again from its first row; ``skipped`` and ``skipped_at``
-    (the first few origins) describe the latest pass, as for a
-    [`DocumentStream`][cortex.data.DocumentStream].
-    """
+class HFDocuments(RereadableDocuments):
+    """The documents of one split; ``skipped_at`` holds ``FOLDER[SPLIT]#ROW`` origins."""
 
     def __init__(self, rows: Callable[[], Iterator[Any]], where: str, settings: HFSource.Settings) -> None:
+        super().__init__()
         self._rows = rows
         self.where = where
         self.settings = settings
-        self.skipped = 0
-        self.skipped_at: list[str] = []
-        self._pass: Iterator[Document] | None = None
-
-    def __next__(self) -> Document:
-        if self._pass is None:
-            self._pass = iter(self)
-        return next(self._pass)
-
-    def __iter__(self) -> Iterator[Document]:
-        return self._read()
 
     def _read(self) -> Iterator[Document]:
         s = self.settings
-        self.skipped = 0
-        self.skipped_at = []
+        self._new_pass()
         found = rows = 0
         for index, text in enumerate(self._rows()):
             if s.limit is not None and index >= s.limit:
@@ -154,9 +139,7 @@ class HFDocuments:
                         f"{origin}: {problem} — fix the row, or skip such rows with `skip_bad: true` "
                         "(`--skip-bad` in `cortex data prepare`)"
                     )
-                self.skipped += 1
-                if len(self.skipped_at) < _MAX_REMEMBERED:
-                    self.skipped_at.append(origin)
+                self._skip(origin)
                 continue
             if text:
                 found += 1
@@ -202,7 +185,7 @@ class HFSource(DataSource):
     def _saved(self, datasets: Any, path: Path) -> HFDocuments:
         s = self.settings
         try:
-            with _offline():
+            with hf_offline():
                 loaded = datasets.load_from_disk(str(path))
         except Exception as e:  # the library's own errors name the problem
             raise DataError(f"{s.path}: could not be read as a saved dataset ({e})") from None
@@ -232,7 +215,7 @@ class HFSource(DataSource):
     def _files(self, datasets: Any, path: Path) -> HFDocuments:
         s = self.settings
         try:
-            with _offline():
+            with hf_offline():
                 loaded = datasets.load_dataset(str(path), streaming=True)
         except Exception as e:
             raise DataError(

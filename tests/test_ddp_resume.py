@@ -29,6 +29,7 @@ import torch
 from cortex.checkpoint import load_checkpoint, rank_state, save_checkpoint, verify_checkpoint
 from cortex.errors import CheckpointError
 from cortex.rundir import load_state
+from tests.test_checkpoint import _flat  # state dicts as (path, leaf) pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 N, M = 7, 11  # steps before and after the interruption
@@ -92,17 +93,6 @@ def _leg(leg: str, manifest: Path, run: Path, out: Path) -> None:
 
 
 # --------------------------------------------------------------------------- the test
-
-
-def _flat(state, prefix=""):
-    if isinstance(state, dict):
-        for key, value in state.items():
-            yield from _flat(value, f"{prefix}/{key}")
-    elif isinstance(state, (list, tuple)):
-        for i, value in enumerate(state):
-            yield from _flat(value, f"{prefix}[{i}]")
-    else:
-        yield prefix, state
 
 
 def _same(a, b) -> bool:

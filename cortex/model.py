@@ -15,8 +15,8 @@ Two things make it Cortex's core rather than a plain GPT:
 
 It must train as fast as the plain GPT in [`cortex.reference`][cortex.reference] of the same
 shape. Three things in this file exist only for speed, each checked against plain autograd
-by the tests: RoPE is one complex multiplication over queries and keys together, split out
-of the fused qkv projection by hand (`_RotaryQKV`); RMSNorm has a backward built on
+by the tests: RoPE is one complex multiplication over queries and keys together, done in
+place in the fused qkv projection's output and split out of it by hand (`_RotaryQKV`); RMSNorm has a backward built on
 LayerNorm's fused kernel and writes its output in the autocast dtype
 ([`RMSNorm`][cortex.model.RMSNorm]); and bf16 training on CPU runs the attention backward
 in float32, which PyTorch does faster there than in bf16 (`_RotaryAttentionBF16`).
@@ -204,15 +204,22 @@ class _RotaryQKV(torch.autograd.Function):
 
     Written by hand because autograd's version of slicing q, k and v out of one tensor
     allocates and sums a zero-filled gradient per slice, which cost more than the rotation.
-    Rotations are complex multiplications in float32.
+    Rotations are complex multiplications in float32. With ``in_place`` (float32 only) q
+    and k are rotated inside ``qkv`` itself, which saves a buffer and a pass: the caller
+    promises that nothing else reads ``qkv`` (see ``Attention._owns_qkv``).
     """
 
     @staticmethod
-    def forward(ctx, qkv: torch.Tensor, rotate: torch.Tensor, unrotate: torch.Tensor, heads: int):
+    def forward(ctx, qkv: torch.Tensor, rotate: torch.Tensor, unrotate: torch.Tensor, heads: int,
+                in_place: bool = False):
         C = qkv.size(-1) // 3
         hd = C // heads
-        rotated = _as_complex(qkv[..., : 2 * C].unflatten(-1, (2 * heads, hd)).float())
-        rotated = torch.view_as_real(rotated * rotate).flatten(-2).to(qkv.dtype)
+        qk = qkv[..., : 2 * C].unflatten(-1, (2 * heads, hd))
+        if in_place:  # view_as_complex raises rather than copy, so the rotation lands in qkv
+            torch.view_as_complex(qk.unflatten(-1, (-1, 2))).mul_(rotate)
+            rotated = qk
+        else:
+            rotated = torch.view_as_real(_as_complex(qk.float()) * rotate).flatten(-2).to(qkv.dtype)
         ctx.save_for_backward(unrotate)
         ctx.heads = heads
         q = rotated[:, :, :heads].transpose(1, 2)
@@ -243,7 +250,7 @@ class _RotaryQKV(torch.autograd.Function):
             dst.zero_()
         else:
             dst.copy_(grad_v.transpose(1, 2))
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
 _flash_forward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -368,7 +375,8 @@ class Attention(nn.Module):
         if cache is None and mask is None and dropout == 0.0 and _use_bf16_cpu_attention(qkv):
             y = _RotaryAttentionBF16.apply(qkv, rope.rotate, rope.unrotate, H)
             return self.proj(y.transpose(1, 2).reshape(B, T, C))
-        q, k, v = _RotaryQKV.apply(qkv, rope.rotate, rope.unrotate, H)
+        in_place = qkv.dtype == torch.float32 and self._owns_qkv()
+        q, k, v = _RotaryQKV.apply(qkv, rope.rotate, rope.unrotate, H, in_place)
         if cache is None:
             if mask is None:
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
@@ -381,6 +389,12 @@ class Attention(nn.Module):
             else:  # one new token (no mask needed) or an explicit offset-causal mask
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+    def _owns_qkv(self) -> bool:
+        """Whether the qkv projection's output is read by nobody but this module: no forward
+        hook (a plasticity rule, a probe) may hold it when RoPE rotates it in place."""
+        return not (self.qkv._forward_hooks or nn.modules.module._global_forward_hooks)
 
 
 class MLP(nn.Module):

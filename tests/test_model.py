@@ -257,10 +257,12 @@ def test_fused_rotary_matches_plain_autograd():
     B, T, H, hd = 2, 7, 3, 8
     freqs = rope_frequencies(hd, T)
     rope = RopeTables.build(freqs, H)
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype, in_place in ((torch.float32, False), (torch.float32, True), (torch.bfloat16, False)):
         qkv = torch.randn(B, T, 3 * H * hd, dtype=dtype, requires_grad=True)
         weights = [torch.randn(B, H, T, hd, dtype=dtype) for _ in range(3)]
-        q, k, v = _RotaryQKV.apply(qkv, rope.rotate, rope.unrotate, H)
+        projected = qkv * 1.0  # a fresh non-leaf, as a linear layer's output would be
+        q, k, v = _RotaryQKV.apply(projected, rope.rotate, rope.unrotate, H, in_place)
+        assert in_place == (q.data_ptr() == projected.data_ptr())  # rotated inside qkv or copied
         sum((t * w).sum() for t, w in zip((q, k, v), weights)).backward()
         fused_grad = qkv.grad.clone()
         qkv.grad = None
@@ -452,3 +454,20 @@ def test_reference_forward():
     assert ref.lm_head.weight is ref.wte.weight
     with pytest.raises(ValueError, match="context"):
         ref(tokens(1, 17))
+
+
+def test_rope_leaves_a_hooked_qkv_projection_unrotated(model):
+    """RoPE rotates the qkv output in place only when nothing else can hold it: a forward
+    hook on the projection keeps seeing the plain projection."""
+    seen = []
+    block = model.blocks[0]
+    handle = block.attn.qkv.register_forward_hook(lambda m, i, out: seen.append((i[0], out)))
+    try:
+        with torch.no_grad():
+            hooked = model(tokens(2, 8))[0]
+    finally:
+        handle.remove()
+    inputs, out = seen[0]
+    torch.testing.assert_close(out, inputs @ block.attn.qkv.weight.T)
+    with torch.no_grad():  # and the in-place path computes the same logits
+        torch.testing.assert_close(model(tokens(2, 8))[0], hooked)

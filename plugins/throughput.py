@@ -44,8 +44,8 @@ class Throughput(BenchSuite):
     default_targets = ("examples/minimal.yaml",)
 
     class Settings(Settings):
-        rounds: int = Field(7, ge=5, description="Alternating rounds per model (median taken).")
-        steps: int = Field(4, gt=0, description="Training steps timed per round.")
+        rounds: int = Field(15, ge=5, description="Alternating rounds per model (median taken).")
+        steps: int = Field(2, gt=0, description="Training steps timed per round.")
         batch: int = Field(8, gt=0, description="Sequences per step.")
 
     def run(self, targets: list[Path], *, quick: bool, seeds: list[int],

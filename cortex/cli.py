@@ -138,7 +138,7 @@ def _train_into(model: Any, path: Path, settings: Any, **options: Any) -> None:
 @app.command("train")
 def train_command(
     target: Path = typer.Argument(..., help="A manifest (builds a new run directory first) or a run directory."),
-    data: Optional[str] = typer.Option(None, "--data", help="Data source name, .jsonl/.txt file or prepared dataset folder; overrides train.data."),
+    data: Optional[str] = typer.Option(None, "--data", help="Data source name, .jsonl/.txt file, Hugging Face dataset folder or prepared dataset folder; overrides train.data."),
     resume: Optional[str] = typer.Option(None, "--resume", help="`auto` (the run's latest checkpoint) or a checkpoint folder."),
     output: Path = typer.Option(Path("runs"), "-o", "--output", help="Directory that receives a manifest's run directory."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Optimiser steps (default: train.tokens / (batch x context))."),

@@ -165,15 +165,19 @@ def resolve_data(
     """The prepared dataset folder to train ``model`` on.
 
     ``override`` (``--data``) replaces ``spec``'s source. A registered source name
-    (``demo``, ``jsonl``, ...) or a ``.jsonl``/text file is prepared with the model's
-    tokenizer into ``RUN/data`` — unless it already holds the same source prepared with
-    the same tokenizer. A prepared dataset folder is used as it is; its tokenizer must be
-    the model's.
+    (``demo``, ``jsonl``, ...), a ``.jsonl``/text file or a Hugging Face dataset folder
+    (read by the ``hf`` source) is prepared with the model's tokenizer into ``RUN/data`` —
+    unless it already holds the same source prepared with the same tokenizer. A prepared
+    dataset folder is used as it is; its tokenizer must be the model's.
     """
+    from cortex_plugins.hf_dataset import is_hf_dataset
+
     tokenizer = model.tokenizer
     target = override if override is not None else (spec.type if spec is not None else "demo")
     raw_settings = spec.settings if spec is not None and spec.type == target else {}
     info = model.pm.registry.get("data", target)
+    if info is None and not (Path(target).expanduser() / "meta.json").is_file() and is_hf_dataset(target):
+        info, raw_settings = model.pm.registry.get("data", "hf"), {"path": target}  # read by the hf source
     out = Path(run_dir) / "data"
     if info is not None:
         try:

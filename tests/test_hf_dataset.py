@@ -274,3 +274,17 @@ def test_train_on_a_prepared_dataset_folder(tmp_path, cortex_cli, monkeypatch):
     result = cortex_cli("train", "m.yaml", "--data", "prepared", "--steps", "60", "-o", "runs")
     assert result.exit_code == 0, result.output
     assert_learned(tmp_path / "runs" / "m", 60)
+
+
+def test_train_data_option_reads_a_dataset_folder(tmp_path, cortex_cli, monkeypatch):
+    """`cortex train --data FOLDER` prepares a Hugging Face dataset folder through the hf source."""
+    monkeypatch.chdir(tmp_path)
+    save_dataset(tmp_path / "corpus", texts(300))
+    (tmp_path / "m.yaml").write_text(MANIFEST.format(name="m", data="demo", tokens=10**6), encoding="utf-8")
+    result = cortex_cli("train", "m.yaml", "--data", "corpus", "--steps", "60", "-o", "runs")
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "runs" / "m"
+    assert_learned(run, 60)
+    meta = json.loads((run / "data" / "meta.json").read_text())
+    assert meta["sources"]["corpus"]["documents_read"] == 300
+    assert Counter(split_documents(run / "data", ByteTokenizer())) == Counter(texts(300))

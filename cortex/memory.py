@@ -76,6 +76,10 @@ class MemorySettings(Settings):
     use_bonus: float = Field(1.0, ge=0, description="kNN-LM log-weight bonus per log(1 + uses): "
                                                      "repetition raises confidence.")
     read_temperature: float = Field(0.1, gt=0, description="Initial temperature of kNN-attention scores.")
+    read_min_score: float | None = Field(
+        None, ge=-1, le=1, description="Outside training, kNN-attention ignores entries below this cosine "
+                                       "and a position with none left reads nothing (None: every retrieved "
+                                       "entry is read). Training reads them all, so the read path keeps learning.")
     gate_init: float = Field(-1.0, description="Initial logit of the kNN-attention gate.")
     residual_weight: float = Field(1.0, ge=0, description="Scale of the memory output added to the stream.")
     memory_dropout: float = Field(0.0, ge=0, lt=1, description="Share of retrieved slots dropped in training.")
@@ -176,9 +180,10 @@ class MemoryAttention(nn.Module):
         if not bool(valid.any()):
             return None
         scores = torch.bmm(q.float().detach(), keys.transpose(1, 2)).masked_fill(~valid[:, None, :], float("-inf"))
+        scores = self._relevant(scores)
         k = min(self.settings.k, scores.shape[-1])
         top = scores.topk(k, dim=-1)
-        keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top.indices, True) & valid[:, None, :]
+        keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top.indices, True) & torch.isfinite(scores)
         found = torch.isfinite(top.values[..., 0])
         tier.touch(streams, keep.any(dim=1), step=step, queries=found.numel(), hits=int(found.sum()))
         logits = torch.bmm(q, keys.to(q.dtype).transpose(1, 2)) * self.log_scale.exp()
@@ -188,11 +193,19 @@ class MemoryAttention(nn.Module):
     def _searched(self, tier: MemoryTier, q: torch.Tensor, streams: torch.Tensor, step: int):
         """Attend to the k nearest entries found by the tier's search."""
         r = tier.read_batch(q.detach().float(), streams, self.settings.k, step=step)
-        if not bool((r.ids >= 0).any()):
+        scores = self._relevant(r.scores.float().masked_fill(r.ids < 0, float("-inf")))
+        if not bool(torch.isfinite(scores).any()):
             return None
         logits = torch.einsum("btd,btkd->btk", q, r.keys.to(q.dtype)) * self.log_scale.exp()
-        attn = self._attend(logits, r.ids < 0)
-        return torch.einsum("btk,btkd->btd", attn, r.values.to(q.dtype)), r.scores[..., 0]
+        attn = self._attend(logits, torch.isneginf(scores))
+        return torch.einsum("btk,btkd->btd", attn, r.values.to(q.dtype)), scores.max(dim=-1).values
+
+    def _relevant(self, scores: torch.Tensor) -> torch.Tensor:
+        """``scores`` with those below ``read_min_score`` set to ``-inf`` (not read) outside training."""
+        floor = self.settings.read_min_score
+        if floor is None or self.training:
+            return scores
+        return scores.masked_fill(scores < floor, float("-inf"))
 
 
 @dataclass

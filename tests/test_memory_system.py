@@ -198,3 +198,40 @@ def test_knn_lm_pools_the_neighbours_of_every_tier(build_model):
     assert 0.95 < float(near @ key.T) < 0.995  # close enough to pass lm_min_score
     dist, lam = ms.knn_distribution(key, stream, vocab=32, touch=False)
     assert dist[0, 7] > 0.99 and dist[0, 9] < 0.01 and lam[0] > 0
+
+
+def test_read_min_score_leaves_unrelated_text_alone_outside_training(build_model):
+    """With a floor, an inference read of entries no closer than it adds nothing (the output
+    equals an empty memory's); close entries are still read, and training reads them all."""
+    torch.manual_seed(0)
+
+    def reader_model(floor):
+        text = manifest(read="[knn_attention]", layers="[0]") + (f"  read_min_score: {floor}\n" if floor else "")
+        model = build_model(text)
+        model.core.load_state_dict(base.core.state_dict())
+        reader = model.core.blocks[0].memory
+        reader.load_state_dict(base.core.blocks[0].memory.state_dict())
+        model.remember("Mina's locker number is 3817. She keeps her violin in it.")
+        return model
+
+    base = build_model(manifest(read="[knn_attention]", layers="[0]"))
+    reader = base.core.blocks[0].memory
+    torch.nn.init.normal_(reader.out.weight, std=1.0)  # make the memory path visible in the output
+    with torch.no_grad():
+        reader.gate.fill_(5.0)
+    tok = base.tokenizer
+    unrelated = torch.tensor([tok.encode("The weather in Busan was cold and windy all week.")])
+    told = torch.tensor([tok.encode("Mina's locker number is 3817. She keeps her violin in it.")])
+    own, empty = torch.tensor([session_stream("self")]), torch.tensor([session_stream("nobody")])
+
+    def logits(model, ids, streams):
+        with torch.no_grad():
+            return model(ids, streams=streams)[0]
+
+    plain, floored = reader_model(None).eval(), reader_model(0.9).eval()
+    for model in (plain, floored):
+        assert not torch.allclose(logits(model, told, own), logits(model, told, empty), atol=1e-3)  # reads its match
+    assert not torch.allclose(logits(plain, unrelated, own), logits(plain, unrelated, empty), atol=1e-3)
+    torch.testing.assert_close(logits(floored, unrelated, own), logits(floored, unrelated, empty))
+    floored.train()  # training reads every retrieved entry
+    assert not torch.allclose(logits(floored, unrelated, own), logits(floored, unrelated, empty), atol=1e-3)

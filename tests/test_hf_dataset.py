@@ -252,6 +252,14 @@ def assert_learned(run: Path, steps: int) -> None:
     assert last <= 0.5 * first, (first, last)  # ~5.3 -> ~1.6 on this corpus
 
 
+def assert_trained_on_the_corpus(run: Path, source: str) -> None:
+    """60 steps that learned, on exactly the 300 documents of ``texts(300)`` read by ``source``."""
+    assert_learned(run, 60)
+    meta = json.loads((run / "data" / "meta.json").read_text())
+    assert meta["sources"][source]["documents_read"] == 300
+    assert Counter(split_documents(run / "data", ByteTokenizer())) == Counter(texts(300))
+
+
 def test_build_trains_on_a_dataset_dict(tmp_path, cortex_cli):
     path = save_dict(tmp_path / "dd", {"train": texts(300), "validation": texts(10)})
     data = json.dumps({"type": "hf", "settings": {"path": str(path), "split": "train"}})
@@ -259,11 +267,7 @@ def test_build_trains_on_a_dataset_dict(tmp_path, cortex_cli):
     manifest.write_text(MANIFEST.format(name="hf", data=data, tokens=60 * 8 * 32), encoding="utf-8")
     result = cortex_cli("build", manifest, "-o", tmp_path / "runs")
     assert result.exit_code == 0, result.output
-    run = tmp_path / "runs" / "hf"
-    assert_learned(run, 60)
-    meta = json.loads((run / "data" / "meta.json").read_text())
-    assert meta["sources"]["hf"]["documents_read"] == 300
-    assert Counter(split_documents(run / "data", ByteTokenizer())) == Counter(texts(300))
+    assert_trained_on_the_corpus(tmp_path / "runs" / "hf", source="hf")
 
 
 def test_train_on_a_prepared_dataset_folder(tmp_path, cortex_cli, monkeypatch):
@@ -283,8 +287,4 @@ def test_train_data_option_reads_a_dataset_folder(tmp_path, cortex_cli, monkeypa
     (tmp_path / "m.yaml").write_text(MANIFEST.format(name="m", data="demo", tokens=10**6), encoding="utf-8")
     result = cortex_cli("train", "m.yaml", "--data", "corpus", "--steps", "60", "-o", "runs")
     assert result.exit_code == 0, result.output
-    run = tmp_path / "runs" / "m"
-    assert_learned(run, 60)
-    meta = json.loads((run / "data" / "meta.json").read_text())
-    assert meta["sources"]["corpus"]["documents_read"] == 300
-    assert Counter(split_documents(run / "data", ByteTokenizer())) == Counter(texts(300))
+    assert_trained_on_the_corpus(tmp_path / "runs" / "m", source="corpus")

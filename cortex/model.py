@@ -16,10 +16,11 @@ Two things make it Cortex's core rather than a plain GPT:
 It must train as fast as the plain GPT in [`cortex.reference`][cortex.reference] of the same
 shape. Three things in this file exist only for speed, each checked against plain autograd
 by the tests: RoPE is one complex multiplication over queries and keys together, done in
-place in the fused qkv projection's output and split out of it by hand (`_RotaryQKV`); RMSNorm has a backward built on
-LayerNorm's fused kernel and writes its output in the autocast dtype
-([`RMSNorm`][cortex.model.RMSNorm]); and bf16 training on CPU runs the attention backward
-in float32, which PyTorch does faster there than in bf16 (`_RotaryAttentionBF16`).
+place in the fused qkv projection's output and split out of it by hand (`_RotaryQKV`);
+RMSNorm has a backward built on LayerNorm's fused kernel and writes its output in the
+autocast dtype ([`RMSNorm`][cortex.model.RMSNorm]); and bf16 training on CPU runs the
+attention backward in float32, which PyTorch does faster there than in bf16
+(`_RotaryAttentionBF16`).
 """
 
 from __future__ import annotations
@@ -389,7 +390,6 @@ class Attention(nn.Module):
             else:  # one new token (no mask needed) or an explicit offset-causal mask
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
-
 
     def _owns_qkv(self) -> bool:
         """Whether the qkv projection's output is read by nobody but this module: no forward

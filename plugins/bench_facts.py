@@ -7,7 +7,9 @@ back), and then, with unrelated text before every cue:
 
 - **efficacy**: the taught wording ("... Mina's locker number is") completes to the value;
 - **paraphrase**: a different question template ("What is Mina's locker number?");
-- **locality**: unrelated prompts continue exactly as they did before anything was taught.
+- **locality**: unrelated prompts continue exactly as they did before anything was taught;
+- **specificity**: a taught wording about somebody never told of ("... Leo's badge id is")
+  does not complete to any taught value (a memory that answers every cue alike fails it).
 
 Memory off (the same weights, a session that was told nothing) is the baseline. Facts,
 distractors and unrelated prompts come from seeds disjoint from any training data.
@@ -86,6 +88,7 @@ class Facts(BenchSuite):
     class Settings(Settings):
         facts: int = Field(50, gt=0, le=len(NAMES) * len(ATTRIBUTES), description="Facts taught per seed.")
         unrelated: int = Field(40, gt=0, description="Unrelated prompts for locality.")
+        untold: int = Field(30, gt=0, description="Cues about untold (name, attribute) pairs for specificity.")
 
     def run(self, targets: list[Path], *, quick: bool, seeds: list[int],
             log: Callable[[str], None]) -> SuiteResult:
@@ -98,7 +101,8 @@ class Facts(BenchSuite):
         for target in targets:
             scores: dict[str, list[float]] = {}
             for seed in seeds:
-                for name, value in self._one_seed(target, seed, n_facts, n_unrelated, demo_documents).items():
+                for name, value in self._one_seed(target, seed, n_facts, n_unrelated, s.untold,
+                                                  demo_documents).items():
                     scores.setdefault(name, []).append(value)
                 log(f"{target} seed {seed}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in scores.items()))
             figures = {name: median_and_spread(values) for name, values in scores.items()}
@@ -112,16 +116,21 @@ class Facts(BenchSuite):
         result.notes.append(
             "efficacy: the taught wording after a distractor sentence; paraphrase: a question template the "
             "model was never told; locality: unrelated prompts continue exactly as before teaching; "
+            "specificity: the taught wording about an untold name completes to no taught value; "
             "*_off: the same weights asked in a session that was told nothing (memory off).")
         return result
 
     @staticmethod
-    def _one_seed(target: Path, seed: int, n_facts: int, n_unrelated: int, demo_documents) -> dict[str, float]:
+    def _one_seed(target: Path, seed: int, n_facts: int, n_unrelated: int, n_untold: int,
+                  demo_documents) -> dict[str, float]:
         torch.manual_seed(seed)
         model = load_target(target).eval()
-        facts = make_facts(n_facts, seed)
+        every = make_facts(len(NAMES) * len(ATTRIBUTES), seed)
+        facts, untold = every[:n_facts], every[n_facts:][:n_untold]
+        taught = {f["value"] for f in facts}
         rng = random.Random(f"distractors:{seed}")
         asked = [(f, rng.choice(DISTRACTORS)) for f in facts]
+        asked_untold = [(f, rng.choice(DISTRACTORS)) for f in untold]
         unrelated = [d.text[:80] for d in demo_documents(n_unrelated, seed=1_000_000 + seed)]
         session = f"facts-{seed}"
 
@@ -146,10 +155,15 @@ class Facts(BenchSuite):
         out["paraphrase"] = rate(model, paraphrase, session)
         out["locality"] = sum(model.generate_text(p, session=session, max_new_tokens=8) == before[p]
                               for p in unrelated) / len(unrelated)
+        if asked_untold:
+            answers = [model.generate_text(efficacy(f, d), session=session, max_new_tokens=6, temperature=0.0)
+                       for f, d in asked_untold]
+            out["specificity"] = sum(a.strip()[:4] not in taught for a in answers) / len(answers)
         return out
 
 
-_COLUMNS = ("efficacy", "efficacy_no_restart", "paraphrase", "locality", "efficacy_off", "paraphrase_off")
+_COLUMNS = ("efficacy", "efficacy_no_restart", "paraphrase", "locality", "specificity", "efficacy_off",
+            "paraphrase_off")
 
 
 @hookimpl

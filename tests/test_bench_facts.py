@@ -38,7 +38,8 @@ def test_quick_report_structure(cortex_cli, tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "out" / "facts" / "results.json").read_text())
     figures = data["figures"][str(manifest)]
-    for name in ("efficacy", "efficacy_no_restart", "paraphrase", "locality", "efficacy_off", "paraphrase_off"):
+    for name in ("efficacy", "efficacy_no_restart", "paraphrase", "locality", "specificity", "efficacy_off",
+                 "paraphrase_off"):
         assert 0.0 <= figures[name]["mean"] <= 1.0, name
     assert figures["efficacy_off"]["mean"] < figures["efficacy"]["mean"]  # memory on beats memory off
     assert {c["name"] for c in data["checks"]} == {f"{manifest} efficacy", f"{manifest} locality"}

@@ -285,6 +285,20 @@ class MemorySystem:
             self._rotations[i] = self._rotations[i].to(device)
         return self._rotations[i]
 
+    def key_coverage(self, positions: torch.Tensor) -> torch.Tensor:
+        """The norm a key at each of ``positions`` (counted from the text's start) keeps of a
+        key with every offset: offsets that reach before the start are missing.
+
+        Offset terms are unit vectors turned by near-orthogonal rotations, so a key missing
+        some matches a full key of the same text at about this cosine; kNN-LM lowers its
+        floor by the same factor, and so compares only the offsets both keys have.
+        """
+        s = self.settings
+        offsets = torch.tensor(sorted(set(s.key_offsets)))
+        weights = s.key_decay ** (2 * torch.arange(len(offsets), dtype=torch.float32))
+        present = (offsets[None, :] <= positions[:, None]).float()
+        return (present @ weights / weights.sum()).sqrt()
+
     def key_span(self) -> int:
         """Tokens the key of the last position depends on (the whole context when unbounded)."""
         s, context = self.settings, self.core.config.context
@@ -402,27 +416,33 @@ class MemorySystem:
         """kNN-LM log-probabilities (B, T, vocab) for every position of ``idx``."""
         keys = self.keys(idx)
         vocab = logits.shape[-1]
+        coverage = self.key_coverage(torch.arange(idx.shape[1]))
         rows = []
         for b in range(idx.shape[0]):
-            dist, lam = self.knn_distribution(keys[b], int(streams[b]), vocab, touch=touch)
+            dist, lam = self.knn_distribution(keys[b], int(streams[b]), vocab, touch=touch, coverage=coverage)
             rows.append(self.interpolate(logits[b], dist, lam))
         return torch.stack(rows)
 
     @torch.no_grad()
     def knn_lm_next(self, ids: torch.Tensor, logits: torch.Tensor, stream: int) -> torch.Tensor:
         """kNN-LM log-probabilities (B, vocab) of the token after ``ids`` (B, T)."""
-        keys = self.keys(ids[:, -self.key_span():])[:, -1]
-        dist, lam = self.knn_distribution(keys, stream, logits.shape[-1])
+        window = ids[:, -self.key_span():]
+        keys = self.keys(window)[:, -1]
+        coverage = self.key_coverage(torch.tensor([window.shape[1] - 1])).expand(keys.shape[0])
+        dist, lam = self.knn_distribution(keys, stream, logits.shape[-1], coverage=coverage)
         return self.interpolate(logits, dist, lam)
 
     # -- kNN-LM -----------------------------------------------------------------------
 
     @torch.no_grad()
-    def knn_distribution(self, keys: torch.Tensor, stream: int, vocab: int, *,
-                         touch: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def knn_distribution(self, keys: torch.Tensor, stream: int, vocab: int, *, touch: bool = True,
+                         coverage: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Next-token distribution (Q, vocab) of the neighbours of ``keys`` (Q, d) in ``stream``,
         and the memory weight λ per query: 0 where nothing close was found, else
         ``lm_lambda * s / (s + 1)`` with ``s`` the strength (1 + uses) of the best match.
+
+        A neighbour counts from a cosine of ``lm_min_score`` times the query's ``coverage``
+        (Q,) (see [`key_coverage`][cortex.memory.MemorySystem.key_coverage]; 1 by default).
 
         The neighbours of every tier are pooled into one softmax (a kNN-LM's datastore is
         the whole hierarchy): the best match wins wherever it is held. Weighting tiers
@@ -437,7 +457,8 @@ class MemorySystem:
         scores = torch.cat([r.scores for r in reads], dim=1)
         tokens = torch.cat([r.tokens for r in reads], dim=1)
         uses = torch.cat([self._uses(r) for r in reads], dim=1)
-        valid = (torch.cat([r.ids for r in reads], dim=1) >= 0) & (scores >= s.lm_min_score)
+        floor = s.lm_min_score * (torch.ones(Q) if coverage is None else coverage)
+        valid = (torch.cat([r.ids for r in reads], dim=1) >= 0) & (scores >= floor[:, None])
         valid &= (tokens >= 0) & (tokens < vocab)
         found = valid.any(dim=1)
         logits = (scores / s.lm_temperature + s.use_bonus * torch.log1p(uses)).masked_fill(~valid, float("-inf"))

@@ -235,3 +235,34 @@ def test_read_min_score_leaves_unrelated_text_alone_outside_training(build_model
     torch.testing.assert_close(logits(floored, unrelated, own), logits(floored, unrelated, empty))
     floored.train()  # training reads every retrieved entry
     assert not torch.allclose(logits(floored, unrelated, own), logits(floored, unrelated, empty), atol=1e-3)
+
+
+def test_a_cue_asked_alone_compares_only_the_offsets_it_has(build_model):
+    """A key near the start of a text lacks the offsets that reach before it, so it matches
+    the same text stored after other words only at about its coverage; kNN-LM lowers its
+    floor by that factor, and still ignores what does not match the offsets it has."""
+    from cortex.interfaces import Entries
+
+    torch.manual_seed(0)
+    model = build_model(manifest()).eval()
+    ms = model.memory_system
+    coverage = ms.key_coverage(torch.arange(40))
+    weights = torch.tensor([0.9 ** (2 * i) for i in range(9)])  # key_decay 0.9, nine offsets
+    assert coverage[0] == pytest.approx(float((weights[:1].sum() / weights.sum()).sqrt()))
+    assert coverage[4] == pytest.approx(float((weights[:4].sum() / weights.sum()).sqrt()))  # offsets 0, 1, 2, 4
+    assert torch.all(coverage[:-1] <= coverage[1:]) and torch.all(coverage[24:] == 1.0)
+    # offset terms as the key function builds them: unit vectors in near-orthogonal directions
+    terms = torch.linalg.qr(torch.randn(64, 64))[0][:9] * weights.sqrt()[:, None]
+    stored = torch.nn.functional.normalize(terms.sum(0, keepdim=True), dim=-1)  # said after other text
+    cue = torch.nn.functional.normalize(terms[:4].sum(0, keepdim=True) + 0.1 * torch.randn(1, 64), dim=-1)
+    other = torch.nn.functional.normalize(torch.randn(1, 64), dim=-1)
+    ms.tiers[0].write(Entries(keys=torch.cat([stored, other]), values=torch.cat([stored, other]),
+                              tokens=torch.tensor([7, 9]), streams=torch.tensor([0, 0])), step=0)
+    assert coverage[4] * ms.settings.lm_min_score < float(cue @ stored.T) < ms.settings.lm_min_score
+    _, lam = ms.knn_distribution(cue, 0, vocab=32, touch=False)
+    assert lam[0] == 0  # a full-key floor misses it
+    dist, lam = ms.knn_distribution(cue, 0, vocab=32, touch=False, coverage=coverage[4:5])
+    assert lam[0] > 0 and dist[0, 7] > 0.99
+    unrelated = torch.nn.functional.normalize(torch.randn(1, 64), dim=-1)
+    _, lam = ms.knn_distribution(unrelated, 0, vocab=32, touch=False, coverage=coverage[4:5])
+    assert lam[0] == 0

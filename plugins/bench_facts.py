@@ -108,7 +108,7 @@ class Facts(BenchSuite):
             figures = {name: median_and_spread(values) for name, values in scores.items()}
             result.figures[str(target)] = {**figures, "facts": n_facts, "unrelated": n_unrelated}
             rows.append([str(target)] + [f"{figures[k]['mean']:.2f} ± {figures[k]['std']:.2f}" if k in figures
-                                         else "n/a (no memory)" for k in _COLUMNS])
+                                         else "n/a" for k in _COLUMNS])
             if "locality" in figures:
                 result.checks.append(Check(f"{target} efficacy", figures["efficacy"]["mean"], EFFICACY_TARGET))
                 result.checks.append(Check(f"{target} locality", figures["locality"]["mean"], LOCALITY_TARGET))
@@ -117,7 +117,8 @@ class Facts(BenchSuite):
             "efficacy: the taught wording after a distractor sentence; paraphrase: a question template the "
             "model was never told; locality: unrelated prompts continue exactly as before teaching; "
             "specificity: the taught wording about an untold name completes to no taught value; "
-            "*_off: the same weights asked in a session that was told nothing (memory off).")
+            "*_off: the same weights asked in a session that was told nothing (memory off); n/a: a model "
+            "without memory, or no untold pair left for specificity.")
         return result
 
     @staticmethod

@@ -95,13 +95,14 @@ class Facts(BenchSuite):
         from cortex_plugins.demo import demo_documents
 
         s = self.settings
-        n_facts, n_unrelated = (min(s.facts, 8), min(s.unrelated, 8)) if quick else (s.facts, s.unrelated)
+        n_facts, n_unrelated, n_untold = (
+            (min(s.facts, 8), min(s.unrelated, 8), min(s.untold, 8)) if quick else (s.facts, s.unrelated, s.untold))
         result = SuiteResult()
         rows = []
         for target in targets:
             scores: dict[str, list[float]] = {}
             for seed in seeds:
-                for name, value in self._one_seed(target, seed, n_facts, n_unrelated, s.untold,
+                for name, value in self._one_seed(target, seed, n_facts, n_unrelated, n_untold,
                                                   demo_documents).items():
                     scores.setdefault(name, []).append(value)
                 log(f"{target} seed {seed}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in scores.items()))

@@ -457,8 +457,8 @@ class MemorySystem:
         scores = torch.cat([r.scores for r in reads], dim=1)
         tokens = torch.cat([r.tokens for r in reads], dim=1)
         uses = torch.cat([self._uses(r) for r in reads], dim=1)
-        floor = s.lm_min_score * (torch.ones(Q) if coverage is None else coverage)
-        valid = (torch.cat([r.ids for r in reads], dim=1) >= 0) & (scores >= floor[:, None])
+        floor = s.lm_min_score if coverage is None else s.lm_min_score * coverage[:, None]
+        valid = (torch.cat([r.ids for r in reads], dim=1) >= 0) & (scores >= floor)
         valid &= (tokens >= 0) & (tokens < vocab)
         found = valid.any(dim=1)
         logits = (scores / s.lm_temperature + s.use_bonus * torch.log1p(uses)).masked_fill(~valid, float("-inf"))

@@ -1,6 +1,6 @@
 """Cortex: small language models with brain-inspired memory, assembled from plugins."""
 
-from cortex.hookspecs import hookimpl
+from cortex.kernel.hookspecs import hookimpl
 
 __version__ = "0.1.0"
 

@@ -9,13 +9,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from cortex.errors import CortexError, PluginError
-from cortex.interfaces import BuildContext, Component, MemoryTier, PlasticityRule
-from cortex.manifest import ResolvedComponent, ValidatedManifest
-from cortex.memory import MemorySystem, session_stream
-from cortex.model import ModelConfig, Transformer
-from cortex.plugins import CortexPluginManager
-from cortex.tokenizer import Tokenizer, tokenizer_from_spec
+from cortex.kernel.errors import CortexError, PluginError
+from cortex.kernel.interfaces import BuildContext, Component, MemoryTier, PlasticityRule
+from cortex.kernel.manifest import ResolvedComponent, ValidatedManifest
+from cortex.core.memory import MemorySystem, session_stream
+from cortex.core.transformer import ModelConfig, Transformer
+from cortex.kernel.plugins import CortexPluginManager
+from cortex.core.tokenizer import Tokenizer, tokenizer_from_spec
 
 
 class CortexModel(nn.Module):
@@ -212,7 +212,7 @@ def detect_language(text: str) -> str:
 
 def load(run: str | Path, *, device: str = "cpu") -> CortexModel:
     """Load a run directory for real-time use: ``cortex.load("runs/quickstart").chat("...")``."""
-    from cortex.rundir import load_run
+    from cortex.runtime.rundir import load_run
 
     return load_run(Path(run), device=device).eval()
 

@@ -18,8 +18,8 @@ from typing import Any, Callable
 
 import pytest
 
-from cortex import plugins as _plugins
-from cortex.registry import PluginSource
+from cortex.kernel import plugins as _plugins
+from cortex.kernel.registry import PluginSource
 
 
 def _loader(target: Any) -> Callable[[], Any]:
@@ -69,7 +69,7 @@ def register_plugin(fake_distribution: Callable[..., None]) -> Callable[..., Non
 def build_model(tmp_path: Path) -> Callable[..., Any]:
     """Build a [`CortexModel`][cortex.assemble.CortexModel] from a YAML string."""
     from cortex.assemble import assemble
-    from cortex.manifest import load_manifest
+    from cortex.kernel.manifest import load_manifest
 
     def build(text: str, name: str = "manifest.yaml") -> Any:
         path = tmp_path / name
@@ -93,7 +93,7 @@ class CliResult:
 @pytest.fixture
 def cortex_cli(monkeypatch: pytest.MonkeyPatch) -> Callable[..., CliResult]:
     """Run ``cortex ARGS...`` in this process, the way a user's shell would."""
-    from cortex import cli
+    from cortex.cli import app as cli
 
     def run(*args: str) -> CliResult:
         out, err = io.StringIO(), io.StringIO()

@@ -3,9 +3,9 @@
     python docs/gen_reference.py           # rewrite docs/reference/manifest.md and cli.md
     python docs/gen_reference.py --check   # exit 1 if either page is out of date
 
-The manifest reference comes from the pydantic models of `cortex.manifest` (and
-`cortex.memory.MemorySettings`) and from the `Settings` of every built-in component in
-the registry; the CLI reference from the typer app `cortex.cli.app`. The output depends
+The manifest reference comes from the pydantic models of `cortex.kernel.manifest` (and
+`cortex.core.memory.MemorySettings`) and from the `Settings` of every built-in component in
+the registry; the CLI reference from the typer app `cortex.cli.app.app`. The output depends
 on nothing but the code (no terminal width, no installed third-party plugins), so the
 committed pages can be compared with a fresh generation (`tests/test_docs_reference.py`).
 """
@@ -140,8 +140,8 @@ def first_paragraph(obj: Any) -> str:
 
 def manifest_sections() -> list[tuple[str, type[BaseModel], str]]:
     """(heading, model, note) for the manifest's top level and each of its sections."""
-    from cortex.manifest import ComponentSpec, DataSpec, Manifest, ModelSection, RuleSpec, TokenizerSection, TrainSection
-    from cortex.memory import MemorySettings
+    from cortex.kernel.manifest import ComponentSpec, DataSpec, Manifest, ModelSection, RuleSpec, TokenizerSection, TrainSection
+    from cortex.core.memory import MemorySettings
 
     return [
         ("Top level", Manifest, ""),
@@ -161,7 +161,7 @@ def manifest_sections() -> list[tuple[str, type[BaseModel], str]]:
 
 def builtin_components() -> list[Any]:
     """The registry's built-in components (third-party plugins are never loaded here)."""
-    from cortex.plugins import create_plugin_manager
+    from cortex.kernel.plugins import create_plugin_manager
 
     return [info for info in create_plugin_manager(namespaces=()).registry if info.source.builtin]
 
@@ -172,7 +172,7 @@ KIND_TITLES = {"memory": "Memory tiers (`memory:`)", "plasticity": "Plasticity r
 
 
 def manifest_reference() -> str:
-    from cortex.manifest import SCHEMA_VERSION
+    from cortex.kernel.manifest import SCHEMA_VERSION
 
     out = [
         "# Manifest reference", "", GENERATED, "",
@@ -288,7 +288,7 @@ def command_help(command: Any) -> str:
 def cli_reference() -> str:
     import typer
 
-    from cortex.cli import app
+    from cortex.cli.app import app
 
     root = typer.main.get_command(app)
     out = [
@@ -337,7 +337,7 @@ def undocumented_cli() -> list[str]:
     """Commands without help text and parameters without ``help=``."""
     import typer
 
-    from cortex.cli import app
+    from cortex.cli.app import app
 
     missing = []
     for path, command in walk(typer.main.get_command(app)):

@@ -9,7 +9,7 @@ import torch
 from pydantic import Field
 
 from cortex import hookimpl
-from cortex.interfaces import CognitiveFeature, Entries, MemoryTier, PlasticityRule, Retrieval, Settings
+from cortex.kernel.interfaces import CognitiveFeature, Entries, MemoryTier, PlasticityRule, Retrieval, Settings
 
 
 @pytest.fixture

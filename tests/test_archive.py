@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from cortex.interfaces import BuildContext, Entries
-from cortex.model import ModelConfig
-from cortex.rundir import save_state
-from cortex_plugins.archive import Archive
-from cortex_plugins.vector_index import entries_nbytes_fp32
+from cortex.kernel.interfaces import BuildContext, Entries
+from cortex.core.transformer import ModelConfig
+from cortex.runtime.rundir import save_state
+from cortex_plugins.memory.archive import Archive
+from cortex_plugins.memory._vector_index import entries_nbytes_fp32
 
 
 def archive(dim: int = 32, **settings) -> Archive:

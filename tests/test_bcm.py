@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from cortex.interfaces import BuildContext
-from cortex_plugins.bcm import BCMRule
+from cortex.kernel.interfaces import BuildContext
+from cortex_plugins.plasticity.bcm import BCMRule
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -73,11 +73,11 @@ def test_theta_follows_a_change_of_activity_with_time_constant_tau():
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_train_2n_equals_train_n_then_resume_n(tmp_path, precision):
-    """Through cortex.train.train: theta (the rule's state) resumes exactly, also under bf16
+    """Through cortex.runtime.train.train: theta (the rule's state) resumes exactly, also under bf16
     autocast (where theta once stayed bf16 in a straight run but came back float32)."""
-    from cortex.checkpoint import latest_checkpoint
-    from cortex.rundir import load_run
-    from cortex.train import train
+    from cortex.runtime.checkpoint import latest_checkpoint
+    from cortex.runtime.rundir import load_run
+    from cortex.runtime.train import train
     from tests.test_train import manifest_text, new_run, settings, write_corpus
 
     text = manifest_text(more='plasticity:\n  - {type: bcm, target: "blocks.0.attn.proj", '

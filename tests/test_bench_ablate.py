@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from cortex.manifest import load_manifest_text
-from cortex_plugins.bench_ablate import variants
+from cortex.kernel.manifest import load_manifest_text
+from cortex_plugins.bench.ablate import variants
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

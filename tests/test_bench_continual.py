@@ -8,9 +8,9 @@ import random
 
 import pytest
 
-from cortex.tokenizer import ByteTokenizer
-from cortex_plugins import bench_continual
-from cortex_plugins.bench_continual import Continual, make_tasks, metrics_of, training_batch
+from cortex.core.tokenizer import ByteTokenizer
+from cortex_plugins.bench import continual as bench_continual
+from cortex_plugins.bench.continual import Continual, make_tasks, metrics_of, training_batch
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

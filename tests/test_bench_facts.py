@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from cortex_plugins.bench_facts import make_facts
+from cortex_plugins.bench.facts import make_facts
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

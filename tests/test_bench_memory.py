@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from cortex_plugins.bench_memory import INDEXES, TORCH_EXACT, MemoryBench, ivf_nlist, recall_at_k
+from cortex_plugins.bench.memory import INDEXES, TORCH_EXACT, MemoryBench, ivf_nlist, recall_at_k
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

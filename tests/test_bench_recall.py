@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from cortex_plugins.bench_recall import mqar_trial, passkey_trial
+from cortex_plugins.bench.recall import mqar_trial, passkey_trial
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

@@ -22,11 +22,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from cortex.errors import CortexError
-from cortex.interfaces import BuildContext
-from cortex.manifest import ManifestError, load_manifest_text
-from cortex_plugins import bge_m3
-from cortex_plugins.bge_m3 import BgeM3, extra_installed
+from cortex.kernel.errors import CortexError
+from cortex.kernel.interfaces import BuildContext
+from cortex.kernel.manifest import ManifestError, load_manifest_text
+from cortex_plugins.cognition import bge_m3
+from cortex_plugins.cognition.bge_m3 import BgeM3, extra_installed
 
 HAVE_BGE = extra_installed()
 
@@ -70,7 +70,7 @@ def extra_present(monkeypatch):
 
 
 def test_the_module_imports_without_flagembedding_or_transformers():
-    code = ("import sys; sys.modules['FlagEmbedding'] = None; import cortex_plugins.bge_m3 as m; "
+    code = ("import sys; sys.modules['FlagEmbedding'] = None; import cortex_plugins.cognition.bge_m3 as m; "
             "assert 'transformers' not in sys.modules; print(m.BgeM3.name)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "bge_m3"
@@ -354,7 +354,7 @@ class _ExtraTests:
         assert any(h.lexical == 0 for h in hits)  # texts sharing no token with the query
 
     def test_chat_turns_are_stored_and_survive_save_and_load(self, weights, build_model, tmp_path):
-        from cortex.rundir import load_run, save_run
+        from cortex.runtime.rundir import load_run, save_run
 
         model = build_model(manifest(weights, capacity=8))
         for turn in CORPUS[:4]:

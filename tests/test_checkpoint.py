@@ -14,18 +14,18 @@ import pytest
 import torch
 
 from cortex import hookimpl
-from cortex.checkpoint import (
+from cortex.runtime.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
     save_checkpoint,
     verify_checkpoint,
 )
-from cortex.errors import CheckpointError
-from cortex.interfaces import CognitiveFeature
-from cortex.rundir import load_run
-from cortex.step import make_optimizer
-from cortex.train import train
+from cortex.kernel.errors import CheckpointError
+from cortex.kernel.interfaces import CognitiveFeature
+from cortex.runtime.rundir import load_run
+from cortex.runtime.step import make_optimizer
+from cortex.runtime.train import train
 from tests.test_train import (
     manifest_text,
     new_run,
@@ -139,9 +139,9 @@ def test_kill_9_during_checkpoint_writes_leaves_a_loadable_latest(tmp_path):
     script = textwrap.dedent(f"""
         import torch; torch.set_num_threads(1)
         from cortex.assemble import assemble
-        from cortex.manifest import load_manifest, TrainSection
-        from cortex.rundir import save_run
-        from cortex.train import train
+        from cortex.kernel.manifest import load_manifest, TrainSection
+        from cortex.runtime.rundir import save_run
+        from cortex.runtime.train import train
         model = assemble(load_manifest({str(manifest)!r}))
         run = save_run(model, {str(tmp_path / 'runs')!r}, name="killed")
         s = TrainSection(tokens=10**9, batch=8, precision="fp32", eval_every=0, checkpoint_every=1)

@@ -24,7 +24,7 @@ def write(tmp_path: Path, text: str, name: str = "m.yaml") -> Path:
 
 def run_script(*args: str) -> subprocess.CompletedProcess:
     """The installed ``cortex`` entry point, in a fresh interpreter."""
-    code = "import sys; from cortex.cli import main; sys.argv[0] = 'cortex'; main()"
+    code = "import sys; from cortex.cli.app import main; sys.argv[0] = 'cortex'; main()"
     return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=120)
 
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cortex.rundir import load_run, save_run
-from cortex.step import make_optimizer, train_step
-from cortex_plugins.cls import ComplementaryLearning
+from cortex.runtime.rundir import load_run, save_run
+from cortex.runtime.step import make_optimizer, train_step
+from cortex_plugins.cognition.cls import ComplementaryLearning
 
 BASE = """\
 cortex: 1

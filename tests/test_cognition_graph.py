@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from cortex_plugins.cognition_graph import CognitionGraph, GraphSettings
+from cortex_plugins.cognition.cognition_graph import CognitionGraph, GraphSettings
 
 CHAINS = [["spark", "fire", "smoke", "alarm"], ["rain", "wet", "slip"], ["alarm_clock", "wake", "coffee"]]
 TRUE = {(c[i], c[i + 1]) for c in CHAINS for i in range(len(c) - 1)}
@@ -152,8 +152,8 @@ features:
 def test_graph_of_a_tiny_models_memory_through_the_cli(build_model, cortex_cli, tmp_path):
     """Acceptance: a graph built from what a model stored is non-trivial; the CLI prints,
     exports (reloadable) and draws it."""
-    from cortex.rundir import save_run
-    from cortex_plugins.demo import demo_documents
+    from cortex.runtime.rundir import save_run
+    from cortex_plugins.data.demo import demo_documents
 
     torch.manual_seed(0)
     model = build_model(TINY)
@@ -180,7 +180,7 @@ def test_graph_of_a_tiny_models_memory_through_the_cli(build_model, cortex_cli, 
 
 
 def test_cli_errors(build_model, cortex_cli, tmp_path):
-    from cortex.rundir import save_run
+    from cortex.runtime.rundir import save_run
 
     run = save_run(build_model(TINY), tmp_path / "runs")
     bad = cortex_cli("graph", run, "--export", tmp_path / "g.csv")
@@ -198,9 +198,9 @@ def test_all_three_plugins_are_listed(cortex_cli):
 def test_the_documented_manifest_builds_and_every_setting_is_documented(build_model):
     from pathlib import Path
 
-    from cortex_plugins.cognition_graph import CognitionGraphFeature
-    from cortex_plugins.episodic import EpisodicMemory
-    from cortex_plugins.working import WorkingMemory
+    from cortex_plugins.cognition.cognition_graph import CognitionGraphFeature
+    from cortex_plugins.memory.episodic import EpisodicMemory
+    from cortex_plugins.memory.working import WorkingMemory
 
     page = (Path(__file__).resolve().parent.parent / "docs/concepts/features.md").read_text(encoding="utf-8")
     model = build_model(page.split("```yaml\n")[1].split("```")[0])

@@ -8,9 +8,9 @@ from pydantic import ValidationError
 from torch import nn
 from torch.nn import functional as F
 
-from cortex.interfaces import BuildContext
-from cortex.model import ModelConfig, Transformer
-from cortex_plugins.cortical_columns import ColumnMLP, CorticalColumns
+from cortex.kernel.interfaces import BuildContext
+from cortex.core.transformer import ModelConfig, Transformer
+from cortex_plugins.plasticity.cortical_columns import ColumnMLP, CorticalColumns
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

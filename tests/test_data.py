@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from cortex.data import (
+from cortex.runtime.data import (
     TokenDataset,
     documents_from_path,
     dtype_for_vocab,
@@ -19,10 +19,11 @@ from cortex.data import (
     read_jsonl,
     read_text,
 )
-from cortex.errors import CortexError, DataError
-from cortex.interfaces import BuildContext, Document
-from cortex.tokenizer import ByteTokenizer, load_tokenizer
-from cortex_plugins.sources import JsonlSource, TextSource
+from cortex.kernel.errors import CortexError, DataError
+from cortex.kernel.interfaces import BuildContext, Document
+from cortex.core.tokenizer import ByteTokenizer, load_tokenizer
+from cortex_plugins.data.jsonl import JsonlSource
+from cortex_plugins.data.text import TextSource
 
 TEXTS = [f"Document {i}: 민아는 부산에 산다 {'x' * (i % 7)} 🎉" for i in range(60)]
 

@@ -13,13 +13,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from cortex import distributed
+from cortex.runtime import distributed
 from cortex.assemble import assemble
-from cortex.data import prepare
-from cortex.manifest import TrainSection, load_manifest
-from cortex.rundir import load_run, save_run
-from cortex.tokenizer import ByteTokenizer
-from cortex.train import train
+from cortex.runtime.data import prepare
+from cortex.kernel.manifest import TrainSection, load_manifest
+from cortex.runtime.rundir import load_run, save_run
+from cortex.core.tokenizer import ByteTokenizer
+from cortex.runtime.train import train
 from tests.test_train import (
     manifest_text,
     write_corpus,
@@ -98,14 +98,14 @@ def test_helpers_are_no_ops_in_one_process():
 
 @pytest.mark.slow
 def test_torchrun_trains_a_manifest_from_the_command_line(tmp_path):
-    """The real launcher: `torchrun -m cortex.cli train MANIFEST` with two gloo ranks."""
+    """The real launcher: `torchrun -m cortex.cli.app train MANIFEST` with two gloo ranks."""
     manifest = tmp_path / "m.yaml"
     manifest.write_text(manifest_text(more="train: {tokens: 40000, batch: 8, precision: fp32, checkpoint_every: 2}\n"),
                         encoding="utf-8")
     corpus = write_corpus(tmp_path / "corpus.jsonl")
     torchrun = Path(sys.executable).parent / "torchrun"
     result = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "cortex.cli", "train", str(manifest),
+        [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "cortex.cli.app", "train", str(manifest),
          "-o", str(tmp_path / "runs"), "--data", str(corpus), "--steps", "4"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )

@@ -26,9 +26,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cortex.checkpoint import load_checkpoint, rank_state, save_checkpoint, verify_checkpoint
-from cortex.errors import CheckpointError
-from cortex.rundir import load_state
+from cortex.runtime.checkpoint import load_checkpoint, rank_state, save_checkpoint, verify_checkpoint
+from cortex.kernel.errors import CheckpointError
+from cortex.runtime.rundir import load_state
 from tests.test_checkpoint import _flat  # state dicts as (path, leaf) pairs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,12 +66,12 @@ def shrunk_full_yaml() -> str:
 
 
 def _leg(leg: str, manifest: Path, run: Path, out: Path) -> None:
-    from cortex import distributed
+    from cortex.runtime import distributed
     from cortex.assemble import assemble
-    from cortex.checkpoint import rng_state
-    from cortex.manifest import load_manifest
-    from cortex.rundir import load_run, save_run
-    from cortex.train import train
+    from cortex.runtime.checkpoint import rng_state
+    from cortex.kernel.manifest import load_manifest
+    from cortex.runtime.rundir import load_run, save_run
+    from cortex.runtime.train import train
 
     torch.set_num_threads(1)
     info = distributed.init_from_env()

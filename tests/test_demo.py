@@ -7,9 +7,9 @@ import re
 
 import pytest
 
-from cortex.interfaces import BuildContext, DataSource, Document
-from cortex_plugins import demo
-from cortex_plugins.demo import DemoSource, demo_documents, has_final_consonant, make_world
+from cortex.kernel.interfaces import BuildContext, DataSource, Document
+from cortex_plugins.data import demo
+from cortex_plugins.data.demo import DemoSource, demo_documents, has_final_consonant, make_world
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

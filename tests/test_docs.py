@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pluggy
 
-from cortex import hookspecs
+from cortex.kernel import hookspecs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -23,7 +23,7 @@ def test_every_hook_has_a_docstring_and_a_reference_entry():
     assert "cortex_register_components" in names and "cortex_state_save" in names
     for name in names:
         assert (getattr(hookspecs, name).__doc__ or "").strip(), f"{name} has no docstring"
-        assert f"::: cortex.hookspecs.{name}" in page, f"{name} is missing from docs/reference/hooks.md"
+        assert f"::: cortex.kernel.hookspecs.{name}" in page, f"{name} is missing from docs/reference/hooks.md"
 
 
 def test_every_hook_is_named_with_the_prefix_and_typed():

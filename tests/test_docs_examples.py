@@ -10,7 +10,7 @@ Each page of ``docs/**/*.md`` is executed top to bottom in its own temporary fol
   ``.dist-info`` with its entry points on ``sys.path``) and done for real in the slow run.
 - ```` ```python ```` blocks: executed in one namespace per page (like a notebook).
 - ```` ```yaml ```` blocks: parsed; a mapping whose keys are manifest sections is
-  validated with [`load_manifest_text`][cortex.manifest.load_manifest_text] (a
+  validated with [`load_manifest_text`][cortex.kernel.manifest.load_manifest_text] (a
   fragment such as ``train: ...`` alone is completed with ``cortex: 1`` and a name).
 - ```` ```toml ```` blocks: parsed.
 
@@ -144,7 +144,7 @@ def tiny_manifest(data: dict[str, Any]) -> dict[str, Any]:
     ``TINY_STEPS`` steps of at most 4 sequences with evaluation, checkpoints and samples
     every 2 steps; the demo corpus has at most ``TINY_DOCUMENTS`` documents.
     """
-    from cortex.manifest import ModelSection
+    from cortex.kernel.manifest import ModelSection
 
     data = json.loads(json.dumps(data))  # a deep copy
     defaults = ModelSection()
@@ -217,14 +217,14 @@ def tiny_args(argv: list[str]) -> list[str]:
 # --------------------------------------------------------------------------- workspace
 
 def manifest_sections() -> set[str]:
-    from cortex.manifest import Manifest
+    from cortex.kernel.manifest import Manifest
 
     return set(Manifest.model_fields)
 
 
 def make_workspace(path: Path) -> Path:
     """A page's folder: ``examples/`` and the files a reader is assumed to have."""
-    from cortex_plugins.demo import demo_documents
+    from cortex_plugins.data.demo import demo_documents
 
     path.mkdir(parents=True, exist_ok=True)
     shutil.copytree(ROOT / "examples", path / "examples", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
@@ -241,8 +241,8 @@ def make_workspace(path: Path) -> Path:
 def check_yaml(block: Block, text: str, venv: Venv | None = None, cwd: Path | None = None) -> None:
     """Parse a YAML block; validate it when it is a manifest or a manifest fragment (in
     ``venv`` when given, where the plugins the page installed are)."""
-    from cortex.errors import CortexError
-    from cortex.manifest import load_manifest_text
+    from cortex.kernel.errors import CortexError
+    from cortex.kernel.manifest import load_manifest_text
 
     try:
         data = yaml.safe_load(text)
@@ -253,7 +253,7 @@ def check_yaml(block: Block, text: str, venv: Venv | None = None, cwd: Path | No
     if not {"cortex", "name"} <= set(data):
         text = "cortex: 1\nname: docs-fragment\n" + text
     if venv is not None:
-        code = f"from cortex.manifest import load_manifest_text\nload_manifest_text({text!r}, {block.where!r})\n"
+        code = f"from cortex.kernel.manifest import load_manifest_text\nload_manifest_text({text!r}, {block.where!r})\n"
         result = venv.run(f"python - <<'__DOCS__'\n{code}\n__DOCS__", cwd or Path.cwd())
         if "fails" in block.marks:
             assert result.returncode != 0, f"{block.where}: marked <!-- fails --> but the manifest validates"
@@ -318,7 +318,7 @@ def make_venv(path: Path) -> Venv:
                            check=True, capture_output=True, text=True)
     site_dir = Path(probe.stdout.strip())
     (site_dir / "_parent_env.pth").write_text(f"import site; site.addsitedir({here!r})\n", encoding="utf-8")
-    for command, module in (("cortex", "cortex.cli"), ("pip", "pip"), ("pytest", "pytest")):
+    for command, module in (("cortex", "cortex.cli.app"), ("pip", "pip"), ("pytest", "pytest")):
         script = venv.bin / command
         script.write_text(f"#!{venv.python}\nimport runpy, sys\nsys.argv[0] = {command!r}\n"
                           f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)\n", encoding="utf-8")
@@ -346,7 +346,7 @@ class PageRunner:
         self.paths: list[str] = []  # sys.path entries of emulated installs
         self.ran = 0
         if venv is None:
-            from cortex_plugins import demo
+            from cortex_plugins.data import demo
 
             real = demo.demo_documents
 
@@ -596,7 +596,7 @@ def test_parser_reads_markers_fences_and_commands(tmp_path):
 
 
 def test_tiny_manifest_validates_and_is_small():
-    from cortex.manifest import load_manifest_text
+    from cortex.kernel.manifest import load_manifest_text
 
     big = {"cortex": 1, "name": "big", "model": {"dim": 512, "layers": 8, "heads": 8, "context": 1024,
                                                  "memory_layers": [5]},

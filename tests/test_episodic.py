@@ -7,9 +7,9 @@ import random
 import pytest
 import torch
 
-from cortex.interfaces import BuildContext
-from cortex.tokenizer import ByteTokenizer
-from cortex_plugins.episodic import EpisodicMemory, ngram_keys
+from cortex.kernel.interfaces import BuildContext
+from cortex.core.tokenizer import ByteTokenizer
+from cortex_plugins.memory.episodic import EpisodicMemory, ngram_keys
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -139,7 +139,7 @@ def test_replay_returns_episodes_for_sleep():
 
 @pytest.mark.parametrize("key", ["ngram", "model"])
 def test_state_survives_save_and_load(build_model, tmp_path, key):
-    from cortex.rundir import load_run, save_run
+    from cortex.runtime.rundir import load_run, save_run
 
     memory_section = "memory:\n  - {type: stm, settings: {capacity: 64}}" if key == "model" else ""
     model = build_model(MANIFEST.format(memory=memory_section, settings=f"{{key: {key}, capacity: 500}}"))

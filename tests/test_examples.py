@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from cortex.assemble import assemble
-from cortex.manifest import load_manifest
+from cortex.kernel.manifest import load_manifest
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

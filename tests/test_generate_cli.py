@@ -9,7 +9,7 @@ from contextlib import redirect_stderr, redirect_stdout
 import pytest
 import torch
 
-from cortex.rundir import load_run
+from cortex.runtime.rundir import load_run
 from tests.test_train import (
     manifest_text,
     read_metrics,
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny model built and trained by `cortex build` (shared by the tests of this module)."""
-    from cortex import cli
+    from cortex.cli import app as cli
 
     tmp = tmp_path_factory.mktemp("built")
     corpus = write_corpus(tmp / "corpus.jsonl")
@@ -72,7 +72,7 @@ def test_generate_is_streamed_and_seeded(trained, cortex_cli, monkeypatch):
     greedy = cortex_cli("generate", run, "--prompt", "the dog ran", "--max-tokens", "12", "--temperature", "0")
     assert greedy.stdout.startswith("the dog ran to the") or greedy.stdout.startswith("the dog ran"), greedy.stdout
 
-    from cortex import cli
+    from cortex.cli import app as cli
 
     writes: list[str] = []
 

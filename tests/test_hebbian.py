@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from cortex.interfaces import BuildContext
-from cortex_plugins.hebbian import HebbianRule
+from cortex.kernel.interfaces import BuildContext
+from cortex_plugins.plasticity.hebbian import HebbianRule
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

@@ -7,8 +7,8 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from cortex.interfaces import BuildContext, firing_rate
-from cortex_plugins.homeostasis import Homeostasis
+from cortex.kernel.interfaces import BuildContext, firing_rate
+from cortex_plugins.plasticity.homeostasis import Homeostasis
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from cortex.interfaces import BuildContext, Entries
-from cortex.model import ModelConfig
-from cortex_plugins.ltm import LongTermMemory
+from cortex.kernel.interfaces import BuildContext, Entries
+from cortex.core.transformer import ModelConfig
+from cortex_plugins.memory.ltm import LongTermMemory
 
 
 def ltm(dim: int = 32, **settings) -> LongTermMemory:

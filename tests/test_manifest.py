@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cortex.manifest import ManifestError, load_manifest, load_manifest_text, parse_yaml
+from cortex.kernel.manifest import ManifestError, load_manifest, load_manifest_text, parse_yaml
 
 GOOD = """\
 cortex: 1

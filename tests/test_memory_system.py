@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cortex.memory import session_stream, tier_weights
+from cortex.core.memory import session_stream, tier_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -79,7 +79,7 @@ def test_knn_attention_reads_only_the_rows_own_stream_and_no_gradient_reaches_me
 
 
 def test_training_steps_fill_every_tier_with_consolidation(build_model):
-    from cortex.step import make_optimizer, train_step
+    from cortex.runtime.step import make_optimizer, train_step
 
     torch.manual_seed(0)
     model = build_model(manifest(read="[knn_attention, knn_lm]", layers="[1]", after=1))
@@ -98,7 +98,7 @@ def test_training_steps_fill_every_tier_with_consolidation(build_model):
 
 
 def test_consolidation_waits_for_sleep_when_configured(build_model):
-    from cortex.step import make_optimizer, train_step
+    from cortex.runtime.step import make_optimizer, train_step
 
     model = build_model(manifest(read="[knn_attention]", layers="[1]", after=1) + "  consolidate: sleep\n")
     model.train()
@@ -115,7 +115,7 @@ def test_consolidation_waits_for_sleep_when_configured(build_model):
 
 
 def test_memory_survives_a_restart(build_model, tmp_path):
-    from cortex.rundir import load_run, save_run
+    from cortex.runtime.rundir import load_run, save_run
 
     torch.manual_seed(0)
     model = build_model(manifest()).eval()
@@ -133,7 +133,7 @@ def test_sessions_map_to_stable_streams_outside_training_rows():
 
 
 def test_manifest_cross_checks(tmp_path):
-    from cortex.manifest import ManifestError, load_manifest_text
+    from cortex.kernel.manifest import ManifestError, load_manifest_text
 
     with pytest.raises(ManifestError, match="knn_attention reads at the memory layers"):
         load_manifest_text(manifest(read="[knn_attention]"))
@@ -190,7 +190,7 @@ def test_knn_lm_pools_the_neighbours_of_every_tier(build_model):
     stm, ltm = ms.tiers[0], ms.tiers[1]
     key = torch.nn.functional.normalize(torch.randn(1, 64), dim=-1)
     near = torch.nn.functional.normalize(key + 0.03 * torch.randn(1, 64), dim=-1)
-    from cortex.interfaces import Entries
+    from cortex.kernel.interfaces import Entries
 
     stream = 0
     ltm.write(Entries(keys=key, values=key, tokens=torch.tensor([7]), streams=torch.tensor([stream])), step=0)
@@ -241,7 +241,7 @@ def test_a_cue_asked_alone_compares_only_the_offsets_it_has(build_model):
     """A key near the start of a text lacks the offsets that reach before it, so it matches
     the same text stored after other words only at about its coverage; kNN-LM lowers its
     floor by that factor, and still ignores what does not match the offsets it has."""
-    from cortex.interfaces import Entries
+    from cortex.kernel.interfaces import Entries
 
     torch.manual_seed(0)
     model = build_model(manifest()).eval()

@@ -1,4 +1,4 @@
-"""Tests of the transformer core (cortex.model) and the frozen reference GPT."""
+"""Tests of the transformer core (cortex.core.transformer) and the frozen reference GPT."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from cortex.model import KVCache, ModelConfig, Transformer, apply_rope, rope_frequencies
-from cortex.reference import ReferenceGPT, comparable_parameters
+from cortex.core.transformer import KVCache, ModelConfig, Transformer, apply_rope, rope_frequencies
+from cortex.bench.reference import ReferenceGPT, comparable_parameters
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -111,7 +111,7 @@ def test_init_scales_residual_projections():
 
 def test_rmsnorm_matches_torch():
     torch.manual_seed(0)
-    from cortex.model import RMSNorm
+    from cortex.core.transformer import RMSNorm
 
     ours = RMSNorm(24, eps=1e-5)
     ref = nn.RMSNorm(24, eps=1e-5)
@@ -147,7 +147,7 @@ def test_bf16_autocast_forward_backward():
 def test_bf16_cpu_attention_path_matches_sdpa(monkeypatch):
     """bf16 training on CPU takes a fused path (flash forward in bf16, backward in float32);
     it must give the loss and, within bf16 precision, the gradients of the plain path."""
-    import cortex.model as core
+    import cortex.core.transformer as core
 
     torch.manual_seed(0)
     model = Transformer(tiny(dim=64, context=32))
@@ -251,7 +251,7 @@ def test_model_is_translation_invariant(model):
 
 
 def test_fused_rotary_matches_plain_autograd():
-    from cortex.model import RopeTables, _RotaryQKV
+    from cortex.core.transformer import RopeTables, _RotaryQKV
 
     torch.manual_seed(0)
     B, T, H, hd = 2, 7, 3, 8

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from cortex.rundir import save_run
+from cortex.runtime.rundir import save_run
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFEST = """\

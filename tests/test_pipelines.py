@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from cortex.manifest import load_manifest_text
+from cortex.kernel.manifest import load_manifest_text
 
 ROOT = Path(__file__).resolve().parent.parent
 PIPELINES = ROOT / "examples" / "pipelines"
@@ -46,7 +46,7 @@ def run_script(name: str, *args: str, timeout: int = 600) -> subprocess.Complete
 def test_the_scripts_manifests_validate(size, tmp_path):
     ko_en, ablation, ddp = script("korean_english_bpe"), script("ablation_study"), script("distributed_training")
     tokenizer = tmp_path / "tokenizer.json"
-    from cortex.tokenizer import ByteTokenizer
+    from cortex.core.tokenizer import ByteTokenizer
 
     ByteTokenizer().save(tokenizer)  # stands in for the trained BPE: only the manifest is checked
     for text in (ko_en.manifest(tokenizer, tmp_path / "data", ko_en.SIZES[size], 0),
@@ -56,7 +56,7 @@ def test_the_scripts_manifests_validate(size, tmp_path):
 
 def test_korean_english_bpe_mixes_and_trains(tmp_path):
     import cortex
-    from cortex.tokenizer import load_tokenizer
+    from cortex.core.tokenizer import load_tokenizer
 
     out = run_script("korean_english_bpe", "--tiny", "-o", str(tmp_path / "ko-en"))
     report = json.loads((tmp_path / "ko-en" / "report.json").read_text(encoding="utf-8"))
@@ -102,7 +102,7 @@ def test_ablation_study_has_a_column_per_component(tmp_path, capsys):
 @pytest.mark.slow
 def test_distributed_training_trains_resumes_and_loads(tmp_path):
     import cortex
-    from cortex.checkpoint import latest_checkpoint
+    from cortex.runtime.checkpoint import latest_checkpoint
 
     out = run_script("distributed_training", "--tiny", "-o", str(tmp_path / "ddp"))
     report = json.loads((tmp_path / "ddp" / "report.json").read_text(encoding="utf-8"))

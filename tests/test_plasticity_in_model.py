@@ -14,11 +14,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from cortex.interfaces import PlasticityRule, firing_rate
-from cortex.rundir import load_run, save_run
-from cortex.step import cosine_schedule, make_optimizer, train_step
-from cortex_plugins.cortical_columns import ColumnMLP
-from cortex_plugins.demo import demo_documents
+from cortex.kernel.interfaces import PlasticityRule, firing_rate
+from cortex.runtime.rundir import load_run, save_run
+from cortex.runtime.step import cosine_schedule, make_optimizer, train_step
+from cortex_plugins.plasticity.cortical_columns import ColumnMLP
+from cortex_plugins.data.demo import demo_documents
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -248,9 +248,9 @@ def _free_port() -> int:
 
 
 def _rank(rank: int, world: int, port: int, text: str, out: str) -> None:
-    from cortex import distributed
+    from cortex.runtime import distributed
     from cortex.assemble import assemble
-    from cortex.manifest import load_manifest_text
+    from cortex.kernel.manifest import load_manifest_text
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from cortex.errors import PluginError
-from cortex.interfaces import Entries
-from cortex.plugins import create_plugin_manager
+from cortex.kernel.errors import PluginError
+from cortex.kernel.interfaces import Entries
+from cortex.kernel.plugins import create_plugin_manager
 from tests.conftest import Counter, ExactTier, ScaleRule, make_plugin
 
 THIRD_PARTY = """\
@@ -77,8 +77,8 @@ def test_broken_plugin_warns_in_listing_and_fails_build(fake_distribution, corte
 
 
 def test_build_imports_only_the_namespaces_it_names(monkeypatch):
-    from cortex import plugins
-    from cortex.registry import PluginSource
+    from cortex.kernel import plugins
+    from cortex.kernel.registry import PluginSource
 
     loaded = []
 
@@ -138,7 +138,7 @@ def test_autoload_switches(fake_distribution, monkeypatch):
 
 
 def test_plugin_state_round_trips_through_a_run_directory(test_components, build_model, tmp_path):
-    from cortex.rundir import load_run, save_run
+    from cortex.runtime.rundir import load_run, save_run
 
     model = build_model("cortex: 1\nname: st\nmodel: {dim: 16, layers: 1, heads: 2, context: 8}\n"
                         "memory:\n  - {type: test.exact, settings: {capacity: 3}}\n")
@@ -156,7 +156,7 @@ def test_plugin_state_round_trips_through_a_run_directory(test_components, build
 
 
 def test_a_namespace_excluded_by_the_environment_is_named_as_such(fake_distribution, monkeypatch):
-    from cortex.manifest import ManifestError, load_manifest_text
+    from cortex.kernel.manifest import ManifestError, load_manifest_text
 
     fake_distribution("a-dist", {"alpha": make_plugin(ExactTier)})
     text = "cortex: 1\nname: x\nmodel: {dim: 16, layers: 1, heads: 2, context: 8}\nmemory:\n  - type: alpha.exact\n"

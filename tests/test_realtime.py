@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cortex import hookimpl
-from cortex.rundir import load_run, save_run
+from cortex.runtime.rundir import load_run, save_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

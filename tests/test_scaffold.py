@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cortex.manifest import load_manifest
-from cortex.scaffold import SIZES, InitOptions, manifest_text, plugin_files
+from cortex.kernel.manifest import load_manifest
+from cortex.cli.scaffold import SIZES, InitOptions, manifest_text, plugin_files
 from tests.test_docs_examples import make_venv, tiny_manifest
 
 # --------------------------------------------------------------------------- cortex init
@@ -66,7 +66,7 @@ def test_init_never_overwrites_and_rejects_bad_names(cortex_cli, tmp_path):
 def test_init_asks_questions_when_given_no_flags(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from cortex.cli import app
+    from cortex.cli.app import app
 
     monkeypatch.chdir(tmp_path)
     answers = "bad name\nasked\nhuge\nsmall\nn\nn\n"  # wrong answers are asked again
@@ -157,7 +157,7 @@ def test_plugin_new_is_all_or_nothing(cortex_cli, tmp_path, monkeypatch):
             raise OSError(28, "No space left on device")
         return real(self, *args, **kwargs)
 
-    from cortex.scaffold import new_plugin
+    from cortex.cli.scaffold import new_plugin
 
     monkeypatch.setattr(Path, "write_text", flaky)
     with pytest.raises(OSError):

@@ -10,8 +10,8 @@ import torch
 from pydantic import ValidationError
 
 from cortex import hookimpl
-from cortex.step import make_optimizer, train_step
-from cortex_plugins.sleep_wake import SleepWake
+from cortex.runtime.step import make_optimizer, train_step
+from cortex_plugins.cognition.sleep_wake import SleepWake
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -191,8 +191,8 @@ def _full_example(tmp_path, name: str, **train):
     """examples/full.yaml (every built-in plugin), its sleep cycle shortened to a few steps,
     assembled into a fresh run directory, with small training settings."""
     from cortex.assemble import assemble
-    from cortex.manifest import load_manifest
-    from cortex.rundir import save_run
+    from cortex.kernel.manifest import load_manifest
+    from cortex.runtime.rundir import save_run
 
     text = (ROOT / "examples/full.yaml").read_text(encoding="utf-8")
     short = "{wake: 2, nrem: 1, rem: 1, lr: 1.0e-4}"  # a whole cycle within the few steps
@@ -211,8 +211,8 @@ def _full_example(tmp_path, name: str, **train):
 def test_full_example_validates_builds_trains_and_resumes_exactly(tmp_path):
     """examples/full.yaml with every plugin: N steps then a resume of N more gives the
     weights and plugin state of 2N steps straight (bcm, hebbian, cls, sleep, memory...)."""
-    from cortex.rundir import load_run
-    from cortex.train import train
+    from cortex.runtime.rundir import load_run
+    from cortex.runtime.train import train
     from tests.test_checkpoint import _flat
 
     n = 3

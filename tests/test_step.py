@@ -1,4 +1,4 @@
-"""Tests of the training step (cortex.step)."""
+"""Tests of the training step (cortex.runtime.step)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import cortex
-import cortex.hookspecs
-from cortex.model import ModelConfig, Transformer
-from cortex.step import cosine_schedule, make_optimizer, train_step
+import cortex.kernel.hookspecs
+from cortex.core.transformer import ModelConfig, Transformer
+from cortex.runtime.step import cosine_schedule, make_optimizer, train_step
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -38,7 +38,7 @@ def random_batch(batch: int, length: int = 17, seed: int = 0) -> torch.Tensor:
 
 def plugin_manager(*plugins) -> pluggy.PluginManager:
     pm = pluggy.PluginManager("cortex")
-    pm.add_hookspecs(cortex.hookspecs)
+    pm.add_hookspecs(cortex.kernel.hookspecs)
     for plugin in plugins:
         pm.register(plugin)
     return pm

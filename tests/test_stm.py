@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cortex.interfaces import BuildContext, Entries
-from cortex.model import ModelConfig
-from cortex_plugins.stm import ShortTermMemory
+from cortex.kernel.interfaces import BuildContext, Entries
+from cortex.core.transformer import ModelConfig
+from cortex_plugins.memory.stm import ShortTermMemory
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

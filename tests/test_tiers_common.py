@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cortex.interfaces import BuildContext, Entries, MemoryTier
-from cortex.model import ModelConfig
-from cortex.plugins import create_plugin_manager
-from cortex.rundir import flatten_state, load_state, save_state
-from cortex_plugins.archive import Archive
-from cortex_plugins.ltm import LongTermMemory
-from cortex_plugins.stm import ShortTermMemory
-from cortex_plugins.vector_index import entries_nbytes_fp32
+from cortex.kernel.interfaces import BuildContext, Entries, MemoryTier
+from cortex.core.transformer import ModelConfig
+from cortex.kernel.plugins import create_plugin_manager
+from cortex.runtime.rundir import flatten_state, load_state, save_state
+from cortex_plugins.memory.archive import Archive
+from cortex_plugins.memory.ltm import LongTermMemory
+from cortex_plugins.memory.stm import ShortTermMemory
+from cortex_plugins.memory._vector_index import entries_nbytes_fp32
 
 DIM = 32
 

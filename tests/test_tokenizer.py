@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from cortex.errors import CortexError, DataError
-from cortex.tokenizer import (
+from cortex.kernel.errors import CortexError, DataError
+from cortex.core.tokenizer import (
     BPETokenizer,
     ByteTokenizer,
     load_tokenizer,

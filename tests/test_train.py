@@ -14,13 +14,13 @@ from pydantic import Field
 
 from cortex import hookimpl
 from cortex.assemble import assemble
-from cortex.data import TokenDataset, prepare
-from cortex.errors import CortexError, DataError
-from cortex.interfaces import CognitiveFeature, Document, Settings
-from cortex.manifest import TrainSection, load_manifest
-from cortex.rundir import load_run, save_run
-from cortex.tokenizer import ByteTokenizer
-from cortex.train import hardware_preset, train
+from cortex.runtime.data import TokenDataset, prepare
+from cortex.kernel.errors import CortexError, DataError
+from cortex.kernel.interfaces import CognitiveFeature, Document, Settings
+from cortex.kernel.manifest import TrainSection, load_manifest
+from cortex.runtime.rundir import load_run, save_run
+from cortex.core.tokenizer import ByteTokenizer
+from cortex.runtime.train import hardware_preset, train
 from tests.conftest import make_plugin
 
 TINY = """\
@@ -320,11 +320,11 @@ def test_bad_data_is_a_clear_error(tmp_path):
 
 
 def test_gradient_checkpointing_gives_the_same_training(tmp_path, monkeypatch):
-    import cortex.model
+    import cortex.core.transformer
 
     calls = []
-    real = cortex.model.checkpoint
-    monkeypatch.setattr(cortex.model, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = cortex.core.transformer.checkpoint
+    monkeypatch.setattr(cortex.core.transformer, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
     corpus = write_corpus(tmp_path / "corpus.jsonl")
     weights = []
     for name, flag in (("plain", False), ("recomputed", True)):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cortex.errors import CortexError
-from cortex_plugins.working import WorkingMemoryLayer
+from cortex.kernel.errors import CortexError
+from cortex_plugins.memory.working import WorkingMemoryLayer
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -156,7 +156,7 @@ def test_working_memory_chains_the_memory_systems_reader_and_trains(build_model)
 
 
 def test_slots_and_tasks_survive_save_and_load(build_model, tmp_path):
-    from cortex.rundir import load_run, save_run
+    from cortex.runtime.rundir import load_run, save_run
 
     model, wm = build(build_model, "{slots: 4, tasks: 2, task: A}")
     items = Items()(2)

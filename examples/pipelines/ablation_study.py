@@ -3,7 +3,7 @@
     python examples/pipelines/ablation_study.py [MANIFEST] [-o OUT] [--train-steps 200] [--tiny]
 
 Drives the real ``ablate`` benchmark suite (``cortex bench ablate``, in
-``cortex_plugins.bench_ablate``) with training switched on: the manifest as written and
+``cortex_plugins.bench.ablate``) with training switched on: the manifest as written and
 one variant without each memory tier, plasticity rule and feature are each trained
 ``--train-steps`` steps on the manifest's data from the same seed, then measured by the
 same suites (``recall`` and ``facts``; ``recall`` alone with ``--quick``). The command line
@@ -30,11 +30,11 @@ from pathlib import Path
 
 import yaml
 
-from cortex.bench import SuiteResult, render_report
-from cortex.errors import CortexError
-from cortex.interfaces import BuildContext
-from cortex.plugins import create_plugin_manager
-from cortex.rundir import atomic_write, environment, write_json
+from cortex.bench.harness import SuiteResult, render_report
+from cortex.kernel.errors import CortexError
+from cortex.kernel.interfaces import BuildContext
+from cortex.kernel.plugins import create_plugin_manager
+from cortex.runtime.rundir import atomic_write, environment, write_json
 
 MANIFEST = """\
 cortex: 1

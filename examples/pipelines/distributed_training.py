@@ -4,7 +4,7 @@
 
 Runs the real command line under ``torchrun --standalone``, on the CPU (gloo):
 
-1. ``torchrun --standalone --nproc_per_node 2 -m cortex.cli train manifest.yaml --steps N``
+1. ``torchrun --standalone --nproc_per_node 2 -m cortex.cli.app train manifest.yaml --steps N``
    builds the run directory (rank 0 writes it) and trains it, each rank reading its own
    rows of every global batch;
 2. ``cortex train manifest.yaml --steps N`` in one process, into another folder, for
@@ -14,7 +14,7 @@ Runs the real command line under ``torchrun --standalone``, on the CPU (gloo):
    order; a loss spike early in training (too short a warm-up) can blow such rounding
    differences up into two different, equally good paths, and ``--compare-steps K`` then
    compares only the first K steps;
-3. ``torchrun ... -m cortex.cli train RUN --resume auto --steps M`` continues the run from its
+3. ``torchrun ... -m cortex.cli.app train RUN --resume auto --steps M`` continues the run from its
    latest checkpoint to step ``M``;
 4. the run directory is loaded back in this process and checked: ``train.json`` says two
    processes and ``M`` steps, ``metrics.jsonl`` has steps 1..M once each (the first ``N``
@@ -75,8 +75,8 @@ def run(work: Path, label: str, argv: list[str]) -> float:
 
 def torchrun(work: Path, nproc: int, *args: str) -> float:
     launcher = ["--standalone", "--nproc_per_node", str(nproc)]
-    return run(work, " ".join(["torchrun", *launcher, "-m", "cortex.cli", *args]),
-               [sys.executable, "-m", "torch.distributed.run", *launcher, "-m", "cortex.cli", *args])
+    return run(work, " ".join(["torchrun", *launcher, "-m", "cortex.cli.app", *args]),
+               [sys.executable, "-m", "torch.distributed.run", *launcher, "-m", "cortex.cli.app", *args])
 
 
 def step_losses(run_dir: Path) -> dict[int, float]:
@@ -118,13 +118,13 @@ def main(argv: list[str] | None = None) -> dict:
     single = None
     if not args.no_compare:
         seconds["single"] = run(work, f"cortex train manifest.yaml -o single --steps {first} --overwrite",
-                                [sys.executable, "-m", "cortex.cli", "train", "manifest.yaml", "-o", "single",
+                                [sys.executable, "-m", "cortex.cli.app", "train", "manifest.yaml", "-o", "single",
                                  "--steps", str(first), "--overwrite"])
         single = step_losses(work / "single" / "ddp")
     seconds["resume"] = torchrun(work, args.nproc, "train", "runs/ddp", "--resume", "auto", "--steps", str(total))
 
     import cortex
-    from cortex.checkpoint import latest_checkpoint
+    from cortex.runtime.checkpoint import latest_checkpoint
 
     summary = json.loads((run_dir / "train.json").read_text(encoding="utf-8"))
     after = step_losses(run_dir)

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cortex.tokenizer import load_tokenizer
-from cortex_plugins.demo import demo_documents
+from cortex.core.tokenizer import load_tokenizer
+from cortex_plugins.data.demo import demo_documents
 
 HANGUL = re.compile("[\uac00-\ud7a3]")
 SIZES = {  # documents per language, vocabulary, model, steps, batch
@@ -45,7 +45,7 @@ def cortex(work: Path, *args: str, threads: int | None = None) -> str:
     """Run ``cortex ARGS`` in ``work`` (a new process, as a user would); log it, return stdout."""
     print(f"$ cortex {' '.join(args)}", flush=True)
     env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-    out = subprocess.run([sys.executable, "-m", "cortex.cli", *args], cwd=work, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "cortex.cli.app", *args], cwd=work, capture_output=True, text=True,
                          env=env)
     with open(work / "commands.log", "a", encoding="utf-8") as log:
         log.write(f"$ cortex {' '.join(args)}\n{out.stdout}{out.stderr}\n")

@@ -20,8 +20,8 @@ import tempfile
 from pathlib import Path
 
 import cortex
-from cortex.rundir import save_state
-from cortex_plugins.bench_facts import DISTRACTORS, make_facts
+from cortex.runtime.rundir import save_state
+from cortex_plugins.bench.facts import DISTRACTORS, make_facts
 
 SESSION = "demo"
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from cortex.interfaces import BuildContext, Entries
-from cortex.model import ModelConfig
+from cortex.kernel.interfaces import BuildContext, Entries
+from cortex.core.transformer import ModelConfig
 
 from cortex_hopfield import plugin
 from cortex_hopfield.plugin import HopfieldMemory, OjaHebbian

@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from cortex import hookimpl
-from cortex.interfaces import Entries, MemoryTier, PlasticityRule, Retrieval, Settings
+from cortex.kernel.interfaces import Entries, MemoryTier, PlasticityRule, Retrieval, Settings
 
 _FIELDS = ("keys", "values", "tokens", "ids", "uses", "steps")
 

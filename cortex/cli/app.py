@@ -1,0 +1,561 @@
+"""The ``cortex`` command line. A user's mistake prints a message and exits 1, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+from typer.core import TyperGroup
+
+import cortex
+from cortex.kernel.errors import CortexError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+class _Group(TyperGroup):
+    """Turns a [`CortexError`][cortex.kernel.errors.CortexError] into a clean message and exit code 1."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CortexError as exc:
+            err_console.print(Text.assemble(("error: ", "bold red"), str(exc)), highlight=False)
+            raise typer.Exit(code=1) from None
+
+
+def _typer(help: str) -> typer.Typer:
+    return typer.Typer(cls=_Group, help=help, no_args_is_help=True, add_completion=False,
+                       pretty_exceptions_enable=False, rich_markup_mode=None)
+
+
+app = _typer("Build, train and measure small language models with brain-inspired memory.")
+tokenizer_app = _typer("Train tokenizers.")
+data_app = _typer("Prepare training data.")
+app.add_typer(tokenizer_app, name="tokenizer")
+app.add_typer(data_app, name="data")
+plugin_app = _typer("Create plugin packages.")
+app.add_typer(plugin_app, name="plugin")
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"cortex {cortex.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """Build, train and measure small language models with brain-inspired memory."""
+
+
+def _summary_table(summary: dict[str, Any]) -> Table:
+    table = Table(title=f"{summary['name']}: {summary['parameters']:,} parameters", show_lines=False)
+    table.add_column("part")
+    table.add_column("name")
+    table.add_column("details")
+    table.add_column("source")
+    m = summary["model"]
+    table.add_row("core", "transformer",
+                  f"dim {m['dim']}, layers {m['layers']}, heads {m['heads']}, context {m['context']}, "
+                  f"vocab {m['vocab_size']}, memory layers {m['memory_layers'] or 'none'}", "cortex")
+    tok = summary["tokenizer"]
+    table.add_row("tokenizer", tok["type"], f"fingerprint {tok['fingerprint'][:12]}", "cortex")
+    for section, rows in summary["components"].items():
+        for row in rows:
+            details = ", ".join(f"{k} {v}" for k, v in row.items() if k not in ("key", "name", "source"))
+            table.add_row(section, row["name"], details, row["source"])
+    return table
+
+
+@app.command()
+def build(
+    manifest: Path = typer.Argument(..., help="The manifest YAML file."),
+    output: Path = typer.Option(Path("runs"), "-o", "--output", help="Directory that receives the run directory."),
+    name: Optional[str] = typer.Option(None, "--name", help="Run name (default: the manifest's `name`)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run of the same name."),
+) -> None:
+    """Validate MANIFEST, assemble the model, print its summary and write a run directory.
+
+    With a `train:` section the model is then trained into the run directory, which ends
+    up holding the best model (by validation loss) with its checkpoints and metrics.
+    """
+    from cortex.assemble import assemble
+    from cortex.kernel.manifest import load_manifest
+    from cortex.runtime.rundir import run_path, save_run
+
+    built = load_manifest(manifest)
+    dest = run_path(output, name or built.manifest.name)
+    if dest.exists() and not overwrite:
+        raise CortexError(f"{dest} already exists; pass --overwrite or choose another --name")
+    settings = built.manifest.train
+    device = "cpu"
+    if settings is not None:
+        from cortex.runtime.train import resolve_device
+
+        device = resolve_device(settings.device)
+    model = assemble(built, device=device)
+    console.print(_summary_table(model.summary()))
+    path = save_run(model, output, name=dest.name, overwrite=overwrite)
+    console.print(f"run directory: {path}")
+    if settings is not None:
+        _train_into(model, path, settings)
+
+
+def _train_into(model: Any, path: Path, settings: Any, **options: Any) -> None:
+    from cortex.runtime.train import train
+
+    try:
+        summary = train(model, path, settings, console=console, **options)
+    except KeyboardInterrupt:
+        err_console.print(f"interrupted; continue with `cortex train {path} --resume auto`")
+        raise typer.Exit(code=130) from None
+    from cortex.runtime.distributed import is_main
+
+    if not is_main():
+        return
+    val = summary["best_val_loss"]
+    console.print(
+        f"trained {summary['steps']} steps ({summary['tokens']:,} tokens, {summary['precision']}, "
+        f"{summary['tokens_per_s'] or 0:,.0f} tokens/s, {summary['elapsed_s']:.0f} s); "
+        + (f"best validation loss {val:.4f} at step {summary['best_step']}" if val is not None
+           else f"final loss {summary['loss']:.4f}")
+    )
+    console.print(f"model: {path}  (try `cortex generate {path} --prompt ...`, `cortex plot {path}`)")
+
+
+@app.command("train")
+def train_command(
+    target: Path = typer.Argument(..., help="A manifest (builds a new run directory first) or a run directory."),
+    data: Optional[str] = typer.Option(None, "--data", help="Data source name, .jsonl/.txt file, Hugging Face dataset folder or prepared dataset folder; overrides train.data."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="`auto` (the run's latest checkpoint) or a checkpoint folder."),
+    output: Path = typer.Option(Path("runs"), "-o", "--output", help="Directory that receives a manifest's run directory."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Optimiser steps (default: train.tokens / (batch x context))."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run built from the same manifest."),
+) -> None:
+    """Train a run directory, or build MANIFEST into a new one and train it."""
+    from cortex.assemble import assemble
+    from cortex.kernel.manifest import TrainSection, load_manifest
+    from cortex.runtime.rundir import load_run, run_path, save_run
+    from cortex.runtime.train import resolve_device
+
+    if target.is_dir():
+        run = target
+        if not (run / "manifest.yaml").is_file():
+            raise CortexError(f"{run}: not a run directory (no manifest.yaml); pass a manifest or a run directory")
+        settings = load_manifest(run / "manifest.yaml").manifest.train or TrainSection()
+        model = load_run(run, device=str(resolve_device(settings.device)))
+    elif target.is_file():
+        from cortex.runtime import distributed
+
+        built = load_manifest(target)
+        settings = built.manifest.train or TrainSection()
+        device = resolve_device(settings.device)
+        main = distributed.init_from_env(device).main  # under torchrun only rank 0 writes the run
+        run = run_path(output, built.manifest.name)
+        exists = run.exists()
+        distributed.barrier()
+        if exists and resume is not None and not overwrite:
+            model = load_run(run, device=str(device))
+        elif exists and not overwrite:
+            raise CortexError(f"{run} already exists; continue it with `cortex train {run} --resume auto`, "
+                              "or pass --overwrite to start again")
+        else:
+            model = assemble(built, device=device)
+            if main:
+                console.print(_summary_table(model.summary()))
+                save_run(model, output, name=run.name, overwrite=overwrite)
+                console.print(f"run directory: {run}")
+            distributed.barrier()
+    else:
+        raise CortexError(f"{target}: no such manifest file or run directory")
+    _train_into(model, run, settings, data=data, resume=resume, steps=steps)
+
+
+class _StopGeneration(Exception):
+    pass
+
+
+@app.command()
+def generate(
+    run: Path = typer.Argument(..., help="The run directory."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue."),
+    max_tokens: int = typer.Option(200, "--max-tokens", min=1, help="Tokens to generate at most."),
+    temperature: float = typer.Option(0.8, "--temperature", min=0.0, help="Sampling temperature; 0 is greedy."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", min=1, help="Sample from the k likeliest tokens."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed: the same seed gives the same text."),
+) -> None:
+    """Continue PROMPT with the run's model, streaming tokens as they come (KV cache)."""
+    import torch
+
+    from cortex.runtime.rundir import load_run
+
+    if top_p is not None and top_p <= 0:
+        raise CortexError("--top-p must be in (0, 1]")
+    model = load_run(run)
+    tok = model.tokenizer
+    ids = tok.encode(prompt) or [tok.eos_id]
+    idx = torch.tensor([ids], dtype=torch.long)
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    new: list[int] = []
+    shown = [""]
+
+    def emit(final: bool = False) -> None:
+        text = tok.decode(new)
+        if not final:
+            text = text.rstrip("\ufffd")  # an incomplete multi-byte character: wait for the rest
+        if len(text) > len(shown[0]) and text.startswith(shown[0]):
+            console.print(text[len(shown[0]):], end="", markup=False, highlight=False, emoji=False, soft_wrap=True)
+            console.file.flush()
+            shown[0] = text
+
+    def on_token(token: int) -> None:
+        if token == tok.eos_id:
+            raise _StopGeneration
+        new.append(token)
+        emit()
+
+    console.print(prompt, end="", markup=False, highlight=False, emoji=False, soft_wrap=True, style="bold")
+    generate_fn = model.generate if hasattr(model, "generate") else model.core.generate
+    try:
+        generate_fn(idx, max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                    generator=generator, stream=on_token)
+    except _StopGeneration:
+        pass
+    emit(final=True)
+    console.print()
+
+
+@app.command()
+def plot(
+    run: Path = typer.Argument(..., help="The run directory (or its metrics.jsonl)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="PNG file (default: RUN/metrics.png)."),
+) -> None:
+    """Plot loss, validation loss, learning rate, tokens/s and plugin metrics to a PNG."""
+    from cortex.bench.plot import plot_metrics
+
+    console.print(f"plot: {plot_metrics(run, output)}")
+
+
+@app.command()
+def chat(
+    run: Path = typer.Argument(..., help="A run directory."),
+    session: str = typer.Option("self", "--session", help="Memory stream of this conversation."),
+    max_tokens: int = typer.Option(64, "--max-tokens", min=1, help="Tokens per answer at most."),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 answers greedily."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling."),
+    learn: bool = typer.Option(True, "--learn/--no-learn", help="Store each turn in memory."),
+) -> None:
+    """Talk to a model; it learns from every turn and keeps what it learnt in RUN.
+
+    Reads lines from standard input (``/quit`` ends). After each turn the memory state is
+    written back to RUN atomically, so a restart remembers the conversation.
+    """
+    from cortex.runtime.rundir import load_run, save_state
+
+    model = load_run(run).eval()
+    console.print(f"chatting with {run} (session {session!r}); /quit to leave", highlight=False)
+    for line in sys.stdin:
+        prompt = line.rstrip("\n")
+        if prompt.strip() in ("/quit", "/exit"):
+            break
+        if not prompt.strip():
+            continue
+        reply = model.chat(prompt, session=session, learn=learn, max_new_tokens=max_tokens,
+                           temperature=temperature, seed=seed)
+        console.print(Text(reply.text), highlight=False)
+        err_console.print(f"  confidence {reply.confidence:.2f} · {reply.language}", highlight=False)
+        if learn:
+            save_state(Path(run), model.plugin_state())
+
+
+@app.command()
+def memory(
+    run: Path = typer.Argument(..., help="A run directory."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Per memory tier: entries, capacity, bytes of stored state, hit rate and consolidations."""
+    from cortex.runtime.rundir import load_run
+
+    model = load_run(run)
+    if model.memory_system is None:
+        raise CortexError(f"{run}: this model has no memory tiers")
+    rows = [{"tier": tier.key, **tier.stats()} for tier in model.memory]
+    if as_json:
+        sys.stdout.write(json.dumps({"tiers": rows, "system": model.memory_system.summary()}, indent=2) + "\n")
+        return
+    columns = {"tier": "tier", "entries": "entries", "capacity": "capacity", "bytes": "bytes",
+               "hit_rate": "hit rate", "consolidated_in": "in", "consolidated_out": "out", "evicted": "evicted"}
+    table = Table(title=f"memory of {run}")
+    for label in columns.values():
+        table.add_column(label, no_wrap=True)
+    for row in rows:
+        table.add_row(*(f"{row.get(c, 0):.3f}" if c == "hit_rate" else str(row.get(c, "")) for c in columns))
+    console.print(table)
+
+
+@app.command()
+def graph(
+    run: Path = typer.Argument(..., help="A run directory."),
+    export: Optional[Path] = typer.Option(None, "--export", help="Write the graph to FILE.graphml or FILE.json."),
+    png: Optional[Path] = typer.Option(None, "--png", help="Draw the graph to a PNG file."),
+) -> None:
+    """Build the concept / association / causal graph of a run's memory and summarise it."""
+    from cortex.runtime.rundir import load_run
+    from cortex_plugins.cognition.cognition_graph import graph_of_run
+
+    if export is not None and export.suffix not in (".graphml", ".json"):
+        raise CortexError(f"--export {export}: use a .graphml or .json file name")
+    g = graph_of_run(load_run(run))
+    s = g.summary()
+    console.print(f"graph of {run}: {s['nodes']} nodes ({s['concepts']} concepts), "
+                  f"{s['associations']} associations, {s['causal']} causal candidates", highlight=False)
+    table = Table(title="concepts (largest first)")
+    for column in ("concept", "size", "label", "causes", "effects"):
+        table.add_column(column)
+    for c in g.concepts()[:12]:
+        table.add_row(c["id"], str(c.get("size", "")), str(c.get("label", "")),
+                      ", ".join(u for u, _, _ in g.causes(c["id"])[:3]),
+                      ", ".join(v for v, _, _ in g.effects(c["id"])[:3]))
+    console.print(table)
+    for u, v, d in g.causal_edges()[:10]:
+        console.print(f"  {u} -> {v}  delta_p {d['delta_p']:.3f}  count {d['count']}", highlight=False)
+    if export is not None:
+        console.print(f"graph: {g.export(export)}")
+    if png is not None:
+        console.print(f"png: {g.draw(png)}")
+
+
+@app.command()
+def validate(manifests: list[Path] = typer.Argument(..., help="Manifest files to check.")) -> None:
+    """Check manifests without building them; report every problem with FILE:LINE:COL."""
+    from cortex.kernel.manifest import load_manifest
+
+    failures = []
+    for path in manifests:
+        try:
+            load_manifest(path)
+            console.print(f"{path}: ok")
+        except CortexError as exc:
+            failures.append(str(exc))
+    if failures:
+        raise CortexError("\n".join(failures))
+
+
+@app.command()
+def schema(output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write to this file.")) -> None:
+    """Print the manifest's JSON schema, with the settings of every registered component."""
+    from cortex.kernel.manifest import json_schema
+    from cortex.runtime.rundir import atomic_write
+
+    text = json.dumps(json_schema(), indent=2)
+    if output:
+        atomic_write(output, text + "\n")
+    else:
+        sys.stdout.write(text + "\n")
+
+
+@app.command()
+def plugins(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """List installed plugins and their components; broken plugins are reported, not fatal."""
+    from cortex.kernel.plugins import create_plugin_manager
+
+    pm = create_plugin_manager(strict=False)
+    rows = [
+        {"name": i.name, "kind": i.kind, "distribution": i.source.distribution,
+         "version": i.source.version, "entry_point": i.source.entry_point}
+        for i in pm.registry
+    ]
+    if as_json:
+        sys.stdout.write(json.dumps({"components": rows, "errors": [str(e) for e in pm.load_errors]}, indent=2) + "\n")
+        return
+    table = Table(title="Cortex components")
+    for column in ("name", "kind", "distribution", "version", "entry_point"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(str(v) for v in row.values()))
+    console.print(table)
+    for error in pm.load_errors:
+        err_console.print(Text.assemble(("warning: ", "yellow"), str(error)), highlight=False)
+
+
+
+def _answer(check: Any) -> Any:
+    """A prompt's value check: a wrong answer is asked again instead of ending the command."""
+
+    def proc(value: str) -> Any:
+        try:
+            return check(value)
+        except (CortexError, ValueError) as exc:
+            raise typer.BadParameter(str(exc)) from None
+
+    return proc
+
+
+def _size_answer(value: str) -> str:
+    if value.strip() not in _Size.__members__:
+        raise ValueError(f"{value.strip()!r} is not a size; answer {', '.join(_Size.__members__)}")
+    return value.strip()
+
+
+class _Size(str, Enum):
+    tiny = "tiny"
+    small = "small"
+    base = "base"
+
+
+@app.command()
+def init(
+    path: Optional[Path] = typer.Argument(None, help="Manifest file to write, or a folder (default: NAME.yaml here)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Model name, also the run directory's name."),
+    memory: Optional[bool] = typer.Option(None, "--memory/--no-memory", help="Add short- and long-term memory tiers."),
+    size: Optional[_Size] = typer.Option(None, "--size", help="Preset shape and training budget."),
+    train: Optional[bool] = typer.Option(None, "--train/--no-train", help="Add a train: section, so `cortex build` trains."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Ask nothing: defaults for every answer not given."),
+) -> None:
+    """Write a commented first manifest that validates, from a few questions or flags.
+
+    Without flags it asks for the name, size, memory and training; with any of them, or
+    --yes, it asks nothing. It never overwrites a file.
+    """
+    from cortex.cli.scaffold import SIZE_HELP, InitOptions, check_run_name, init_manifest
+
+    defaults = InitOptions(name=path.stem if path is not None and path.suffix else InitOptions.name)
+    if not yes and name is None and memory is None and size is None and train is None:
+        name = typer.prompt("Model name", default=defaults.name, value_proc=_answer(check_run_name))
+        for key, text in SIZE_HELP.items():
+            typer.echo(f"  {key}: {text}")
+        size = typer.prompt(f"Size ({', '.join(SIZE_HELP)})", default=defaults.size,
+                            value_proc=_answer(_size_answer))
+        memory = typer.confirm("Add memory tiers (stm, ltm)?", default=defaults.memory)
+        train = typer.confirm("Train on the bundled demo corpus when built?", default=defaults.train)
+    options = InitOptions(
+        name=defaults.name if name is None else name,
+        size=defaults.size if size is None else _Size(size).value,
+        memory=defaults.memory if memory is None else memory,
+        train=defaults.train if train is None else train,
+    )
+    written = init_manifest(path if path is not None else Path(f"{options.name}.yaml"), options)
+    console.print(f"wrote {written}")
+    console.print(f"next: cortex validate {written}  then  cortex build {written}", highlight=False)
+
+
+@plugin_app.command("new")
+def plugin_new(
+    name: str = typer.Argument(..., help="Plugin name: a lower-case Python identifier such as demo_tier; "
+                                         "the package name and the namespace of its components."),
+    output: Path = typer.Option(Path("."), "-o", "--output", help="Folder that receives the package folder NAME."),
+) -> None:
+    """Write a ready-to-install plugin package: pyproject with the entry point, a memory tier, tests.
+
+    The package is written into a temporary folder and renamed into place; an existing
+    folder is never touched.
+    """
+    from cortex.cli.scaffold import distribution_name, new_plugin, plugin_files
+
+    dest = new_plugin(name, output)
+    console.print(f"wrote {dest} ({distribution_name(name)}, components {name}.recent):")
+    for file in plugin_files(name):
+        console.print(f"  {dest / file}", highlight=False)
+    console.print(f"next: pip install -e {dest}  then  cortex plugins  and  pytest {dest}", highlight=False)
+
+
+@tokenizer_app.command("train")
+def tokenizer_train(
+    files: list[Path] = typer.Argument(..., help="JSONL ({\"text\": ...}) or plain-text files."),
+    output: Path = typer.Option(Path("tokenizer.json"), "-o", "--output", help="Where to write tokenizer.json."),
+    vocab_size: int = typer.Option(8000, "--vocab-size", min=1, help="Vocabulary size."),
+) -> None:
+    """Train a byte-level BPE tokenizer on FILES."""
+    from cortex.core.tokenizer import train_bpe
+
+    tok = train_bpe(list(files), vocab_size, output)
+    console.print(f"{output}: {tok.vocab_size} tokens, fingerprint {tok.fingerprint[:12]}")
+
+
+@data_app.command("prepare")
+def data_prepare(
+    inputs: list[str] = typer.Argument(..., help="JSONL or text files, Hugging Face dataset folders (needs cortex[hf]), or registered data sources such as `demo`."),
+    output: Path = typer.Option(..., "-o", "--output", help="Dataset directory to create."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="tokenizer.json (default: bytes)."),
+    mix: Optional[str] = typer.Option(None, "--mix", help="Token shares, e.g. a.jsonl=0.4,b.jsonl=0.6."),
+    val_fraction: float = typer.Option(0.05, "--val-fraction", min=0.0, max=0.5, help="Share of documents held out."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Tokenizer processes."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip malformed lines (counted) instead of failing."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the train/validation split."),
+) -> None:
+    """Tokenize INPUTS into a dataset directory of token memmaps with meta.json."""
+    from cortex.runtime.data import documents_from_path, parse_mix, prepare
+    from cortex.kernel.interfaces import BuildContext
+    from cortex.kernel.plugins import create_plugin_manager
+    from cortex.core.tokenizer import ByteTokenizer, load_tokenizer
+    from cortex_plugins.data.hf import is_hf_dataset
+
+    tok = load_tokenizer(tokenizer) if tokenizer else ByteTokenizer()
+    weights = parse_mix(mix) if mix else {}
+    unknown = set(weights) - set(inputs)
+    if unknown:
+        raise CortexError(f"--mix names {', '.join(sorted(unknown))}, which are not among the inputs")
+    pm = None
+    sources = []
+    for item in inputs:
+        path = Path(item)
+        if is_hf_dataset(path):  # a `save_to_disk` folder or a folder of Parquet/Arrow files
+            pm = pm or create_plugin_manager()
+            info = pm.registry.get("data", "hf")
+            settings = info.cls.Settings(path=item, skip_bad=skip_bad)
+            docs = info.cls(settings, BuildContext(tokenizer=tok)).documents()
+        elif path.exists() or Path(item).suffix:
+            docs = documents_from_path(path, skip_bad=skip_bad)
+        else:
+            pm = pm or create_plugin_manager()
+            info = pm.registry.get("data", item)
+            if info is None:
+                raise CortexError(f"{item}: no such file, and no data source of that name "
+                                  f"(known: {', '.join(pm.registry.names('data'))})")
+            docs = info.cls(info.cls.Settings(), BuildContext(tokenizer=tok)).documents()
+        sources.append((item, docs, weights.get(item)))
+    report = prepare(sources, output, tok, val_fraction=val_fraction, workers=workers, seed=seed,
+                     skip_bad=skip_bad)
+    console.print_json(data=report)
+
+
+@app.command()
+def bench(
+    suite: str = typer.Argument(..., help="Suite: throughput, memory, recall, facts, continual, ablate."),
+    targets: Optional[list[Path]] = typer.Argument(None, help="Manifests or run directories to measure."),
+    quick: bool = typer.Option(False, "--quick", help="Small, fast settings (a few minutes at most)."),
+    seeds: int = typer.Option(1, "--seeds", min=1, help="Repeat over this many seeds; mean ± std."),
+    output: Path = typer.Option(Path("bench-out"), "-o", "--output", help="Report directory."),
+) -> None:
+    """Run a benchmark suite and write report.md, results.json and plots to the output directory."""
+    from cortex.bench.harness import run_suite
+
+    report = run_suite(suite, list(targets or []), quick=quick, seeds=seeds, out_dir=output,
+                       command=["cortex", *_invocation], console=console)
+    console.print(f"report: {report}")
+
+
+_invocation: list[str] = []
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``cortex`` script."""
+    _invocation[:] = sys.argv[1:] if argv is None else argv
+    app(args=argv, prog_name="cortex")
+
+
+if __name__ == "__main__":  # `python -m cortex.cli.app ...`, e.g. under `torchrun -m cortex.cli.app train RUN`
+    main()

@@ -1,0 +1,534 @@
+"""The memory system: how the model writes to, reads from and consolidates its memory tiers.
+
+Entries are written per processed segment: the **key** of position ``t`` is the hidden
+state after block ``key_layer`` computed over only the last ``key_window`` tokens
+(a banded causal mask, so keys do not depend on distant context), the **value** is the
+full-context hidden state after the memory layer, and the **token** is what followed.
+An importance score chooses which positions are stored (``write``/``write_fraction``).
+
+Two read modes, both configurable and both measured:
+
+* ``knn_attention`` (Memorizing Transformers): at each memory layer a learned query looks
+  up the ``k`` nearest entries of every tier in the row's own stream; attention over the
+  retrieved (stop-gradient) values is mixed into the residual stream through a learned
+  gate; tiers are weighted by a temperature-controlled softmax of their best score.
+* ``knn_lm`` (Khandelwal et al.): training-free; at evaluation and generation the
+  next-token distribution of the retrieved neighbours is interpolated with the model's.
+
+Consolidation hands entries down the tier chain (STM -> LTM -> Archive) at every step end
+or only during sleep (``consolidate: sleep``; the sleep plugin calls
+[`MemorySystem.consolidate`][cortex.core.memory.MemorySystem.consolidate]).
+
+How often each tier is read: with ``knn_attention`` every tier is read once per memory
+layer per segment, for every token of every row (one batched search per tier); with
+``knn_lm`` only at evaluation/generation, once per token. Writes happen once per segment.
+"""
+
+from __future__ import annotations
+
+import zlib
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterator, Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+from torch.nn import functional as F
+
+from cortex.kernel.hookspecs import hookimpl
+from cortex.kernel.interfaces import Entries, MemoryTier, Retrieval, Settings
+
+if TYPE_CHECKING:
+    from cortex.core.transformer import Transformer
+
+#: stream ids of sessions start here, above any batch-row stream used in training
+SESSION_BASE = 1 << 32
+
+
+def session_stream(session: str) -> int:
+    """The stable stream id of a named session (``"self"`` is the persistent one)."""
+    return SESSION_BASE + zlib.crc32(session.encode("utf-8"))
+
+
+class MemorySettings(Settings):
+    """The ``memory_system:`` section of a manifest."""
+
+    read: list[Literal["knn_attention", "knn_lm"]] = Field(
+        default_factory=lambda: ["knn_lm"], description="Read modes in use.")
+    k: int = Field(8, gt=0, description="Neighbours retrieved per tier and query.")
+    key_layer: int | None = Field(
+        None, ge=0, description="Block whose output gives memory keys (default: the first memory layer, "
+                                "else the last block).")
+    key_window: int = Field(32, ge=0, description="Tokens a key's hidden state sees (0: the full context).")
+    key_offsets: list[int] = Field(
+        default_factory=lambda: [0, 1, 2, 4, 8, 12, 16, 20, 24],
+        description="Positions back from the current one whose hidden states, each turned by a rotation "
+                    "of its own, are summed into a key.")
+    key_decay: float = Field(0.9, gt=0, le=1, description="Weight ratio of each further offset in a key.")
+    tier_temperature: float = Field(1.0, gt=0, description="kNN-attention: softmax temperature over tiers' best scores "
+                                                            "(kNN-LM pools every tier's neighbours instead).")
+    lm_lambda: float = Field(
+        0.8, ge=0, le=1, description="kNN-LM weight of memory at full strength; a match of strength s "
+                                     "(1 + its uses) weighs lm_lambda * s / (s + 1).")
+    lm_temperature: float = Field(0.001, gt=0, description="kNN-LM softmax temperature over cosine scores.")
+    lm_min_score: float = Field(0.9, ge=-1, le=1, description="kNN-LM ignores neighbours below this cosine.")
+    use_bonus: float = Field(1.0, ge=0, description="kNN-LM log-weight bonus per log(1 + uses): "
+                                                     "repetition raises confidence.")
+    read_temperature: float = Field(0.1, gt=0, description="Initial temperature of kNN-attention scores.")
+    read_min_score: float | None = Field(
+        None, ge=-1, le=1, description="Outside training, kNN-attention ignores entries below this cosine "
+                                       "and a position with none left reads nothing (None: every retrieved "
+                                       "entry is read). Training reads them all, so the read path keeps learning.")
+    gate_init: float = Field(-1.0, description="Initial logit of the kNN-attention gate.")
+    residual_weight: float = Field(1.0, ge=0, description="Scale of the memory output added to the stream.")
+    memory_dropout: float = Field(0.0, ge=0, lt=1, description="Share of retrieved slots dropped in training.")
+    gumbel_temperature: float | None = Field(
+        None, gt=0, description="Gumbel-softmax soft sparsity over slots in training (None: plain softmax).")
+    train_read_tiers: int = Field(
+        1, ge=1, description="Tiers kNN-attention reads in training (the first N; all at inference). "
+                             "Exact batched search of the first tier is cheap; FAISS per token is not.")
+    @model_validator(mode="after")
+    def _offsets(self) -> MemorySettings:
+        if not self.key_offsets or min(self.key_offsets) < 0 or 0 not in self.key_offsets:
+            raise ValueError("key_offsets must be non-negative and include 0 (the current position)")
+        return self
+
+    write: Literal["all", "surprise"] = Field(
+        "surprise", description="What to store: every position, or the most surprising (highest loss).")
+    write_fraction: float = Field(0.25, gt=0, le=1, description="Share of positions stored with `surprise`.")
+    write_in_training: bool = Field(True, description="Write each training segment to STM.")
+    spill: Literal["never", "inference", "always"] = Field(
+        "inference", description="When entries pushed out of a full tier move to the next one instead of "
+                                 "being forgotten: never, outside training (real-time use), or always.")
+    consolidate: Literal["step", "sleep"] = Field(
+        "step", description="Hand entries down the tiers at every step end, or only during sleep (NREM).")
+
+
+def tier_weights(best_scores: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Softmax over tiers (last dim) of their best scores / ``temperature``.
+
+    Empty tiers (score ``-inf``) get weight 0; when every tier is empty all weights are 0.
+    A low temperature favours the best-matching tier, a high one spreads evenly — never a
+    hard winner-take-all.
+    """
+    logits = best_scores / temperature
+    empty = torch.isneginf(best_scores)
+    weights = torch.softmax(logits.masked_fill(empty, -1e9), dim=-1)
+    return weights.masked_fill(empty, 0.0)
+
+
+class MemoryAttention(nn.Module):
+    """kNN-attention after one block: a learned query reads every tier, a gate mixes it in."""
+
+    def __init__(self, system: MemorySystem, dim: int, settings: MemorySettings) -> None:
+        super().__init__()
+        self._system = [system]  # a list: not a registered child (the system is not a Module of the core)
+        self.norm = nn.RMSNorm(dim)
+        self.query = nn.Linear(dim, dim, bias=False)
+        self.value = nn.Linear(dim, dim, bias=False)
+        self.out = nn.Linear(dim, dim, bias=False)
+        self.gate = nn.Parameter(torch.full((dim,), float(settings.gate_init)))
+        self.log_scale = nn.Parameter(torch.tensor(-float(torch.log(torch.tensor(settings.read_temperature)))))
+        self.settings = settings
+        with torch.no_grad():
+            self.query.weight.copy_(torch.eye(dim))
+            self.value.weight.copy_(torch.eye(dim))
+            nn.init.normal_(self.out.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        system = self._system[0]
+        segment = system.active
+        if segment is None or "knn_attention" not in self.settings.read:  # memory not consulted
+            return x
+        if segment.value is None:
+            segment.value = x.detach()
+        q = F.normalize(self.query(self.norm(x)), dim=-1)
+        tiers = system.readable_tiers(self.training)
+        mixed, best = [], []
+        for tier in tiers:
+            slots = tier.slots(segment.streams)
+            if slots is not None:
+                read = self._dense(tier, slots, q, segment.streams, system.step)
+            else:
+                read = self._searched(tier, q, segment.streams, system.step)
+            if read is not None:
+                mixed.append(read[0])
+                best.append(read[1])
+        if not mixed:
+            return x
+        weights = tier_weights(torch.stack(best, dim=-1), self.settings.tier_temperature).to(q.dtype)
+        memory = torch.einsum("btn,nbtd->btd", weights, torch.stack(mixed))
+        system.record_read(weights)
+        out = self.out(self.value(memory))
+        return x + self.settings.residual_weight * torch.sigmoid(self.gate) * out
+
+    def _attend(self, logits: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
+        """Attention weights over slots: memory dropout and Gumbel-softmax in training."""
+        if self.training and self.settings.memory_dropout > 0:
+            empty = empty | (torch.rand_like(logits) < self.settings.memory_dropout)
+        logits = logits.masked_fill(empty, -1e9)
+        if self.training and self.settings.gumbel_temperature:
+            attn = F.gumbel_softmax(logits, tau=self.settings.gumbel_temperature, dim=-1)
+        else:
+            attn = torch.softmax(logits, dim=-1)
+        return attn.masked_fill(empty, 0.0)
+
+    def _dense(self, tier: MemoryTier, slots: tuple, q: torch.Tensor, streams: torch.Tensor, step: int):
+        """Attend to the top-k of every slot of a small exact tier with batched matmuls."""
+        keys, values, valid = slots
+        if not bool(valid.any()):
+            return None
+        scores = torch.bmm(q.float().detach(), keys.transpose(1, 2)).masked_fill(~valid[:, None, :], float("-inf"))
+        scores = self._relevant(scores)
+        k = min(self.settings.k, scores.shape[-1])
+        top = scores.topk(k, dim=-1)
+        keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top.indices, True) & torch.isfinite(scores)
+        found = torch.isfinite(top.values[..., 0])
+        tier.touch(streams, keep.any(dim=1), step=step, queries=found.numel(), hits=int(found.sum()))
+        logits = torch.bmm(q, keys.to(q.dtype).transpose(1, 2)) * self.log_scale.exp()
+        attn = self._attend(logits, ~keep)
+        return torch.bmm(attn, values.to(q.dtype)), top.values[..., 0]
+
+    def _searched(self, tier: MemoryTier, q: torch.Tensor, streams: torch.Tensor, step: int):
+        """Attend to the k nearest entries found by the tier's search."""
+        r = tier.read_batch(q.detach().float(), streams, self.settings.k, step=step)
+        scores = self._relevant(r.scores.float().masked_fill(r.ids < 0, float("-inf")))
+        if not bool(torch.isfinite(scores).any()):
+            return None
+        logits = torch.einsum("btd,btkd->btk", q, r.keys.to(q.dtype)) * self.log_scale.exp()
+        attn = self._attend(logits, torch.isneginf(scores))
+        return torch.einsum("btk,btkd->btd", attn, r.values.to(q.dtype)), scores.max(dim=-1).values
+
+    def _relevant(self, scores: torch.Tensor) -> torch.Tensor:
+        """``scores`` with those below ``read_min_score`` set to ``-inf`` (not read) outside training."""
+        floor = self.settings.read_min_score
+        if floor is None or self.training:
+            return scores
+        return scores.masked_fill(scores < floor, float("-inf"))
+
+
+@dataclass
+class _Segment:
+    streams: torch.Tensor
+    value: torch.Tensor | None = None  # the residual stream entering the first reader
+
+
+class MemorySystem:
+    """Owns the tier chain of one model: writes, reads, kNN-LM and consolidation."""
+
+    def __init__(self, settings: MemorySettings, tiers: list[MemoryTier], core: Transformer) -> None:
+        if not tiers:
+            raise ValueError("a memory system needs at least one tier")
+        self.settings = settings
+        self.tiers = tiers
+        self.core = core
+        layers = core.config.layers
+        self.memory_layers = list(core.config.memory_layers)
+        self.key_layer = settings.key_layer if settings.key_layer is not None else (
+            self.memory_layers[0] if self.memory_layers else layers - 1)
+        if self.key_layer >= layers:
+            raise ValueError(f"memory_system.key_layer {self.key_layer} is not a block index (< {layers})")
+        g = torch.Generator().manual_seed(0x6B6579)  # fixed: the same keys in every run and process
+        d = core.config.dim
+        self._rotations = [torch.eye(d)] + [torch.linalg.qr(torch.randn(d, d, generator=g))[0]
+                                            for _ in range(len(set(settings.key_offsets)) - 1)]
+        self.active: _Segment | None = None
+        self.step = 0
+        self.stats = {"writes": 0, "reads": 0, "consolidated": 0, "spilled": 0}
+        self._tier_weight_sum = torch.zeros(len(tiers))
+        self.readers: list[MemoryAttention] = []
+        if "knn_attention" in settings.read:
+            if not self.memory_layers:
+                raise ValueError("knn_attention needs model.memory_layers, e.g. [1]")
+            for layer in self.memory_layers:
+                reader = MemoryAttention(self, core.config.dim, settings)
+                core.set_memory_layer(layer, reader)
+                self.readers.append(reader)
+
+    # -- reading ----------------------------------------------------------------------
+
+    def readable_tiers(self, training: bool) -> list[MemoryTier]:
+        """Tiers kNN-attention reads: the first ``train_read_tiers`` in training, all otherwise."""
+        self.stats["reads"] += 1
+        tiers = self.tiers[: self.settings.train_read_tiers] if training else self.tiers
+        return [t for t in tiers if len(t)]
+
+    def record_read(self, weights: torch.Tensor) -> None:
+        self._tier_weight_sum[: weights.shape[-1]] += weights.detach().float().reshape(-1, weights.shape[-1]).sum(0)
+
+    # -- keys -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def keys(self, idx: torch.Tensor) -> torch.Tensor:
+        """Memory keys (B, T, d) for every position of ``idx``.
+
+        The hidden states after ``key_layer`` over only the last ``key_window`` tokens, at
+        the positions ``key_offsets`` back, each normalised, turned by a fixed random
+        rotation of its own offset and summed with weights ``key_decay ** i``. The
+        rotations make two keys compare position by position — like one long vector of
+        the states side by side, in the width of one — so "Mina's ... is" and "Jisoo's
+        ... is" differ where the names sit instead of blurring into one bag of states.
+        A key never depends on more than ``key_span()`` tokens.
+        """
+        s = self.settings
+        h = F.normalize(self.core.hidden_states(idx, layer=self.key_layer, window=s.key_window).float(), dim=-1)
+        keys = torch.zeros_like(h)
+        for i, offset in enumerate(sorted(set(s.key_offsets))):
+            if offset < h.shape[1]:
+                keys[:, offset:] += s.key_decay**i * (h[:, : h.shape[1] - offset] @ self._rotation(i, h.device))
+        return F.normalize(keys, dim=-1)
+
+    def _rotation(self, i: int, device: torch.device) -> torch.Tensor:
+        """The fixed rotation of the ``i``-th key offset (identity for the current position)."""
+        if self._rotations[i].device != device:
+            self._rotations[i] = self._rotations[i].to(device)
+        return self._rotations[i]
+
+    def key_coverage(self, positions: torch.Tensor) -> torch.Tensor:
+        """The norm a key at each of ``positions`` (counted from the text's start) keeps of a
+        key with every offset: offsets that reach before the start are missing.
+
+        Offset terms are unit vectors turned by near-orthogonal rotations, so a key missing
+        some matches a full key of the same text at about this cosine; kNN-LM lowers its
+        floor by the same factor, and so compares only the offsets both keys have.
+        """
+        s = self.settings
+        offsets = torch.tensor(sorted(set(s.key_offsets)))
+        weights = s.key_decay ** (2 * torch.arange(len(offsets), dtype=torch.float32))
+        present = (offsets[None, :] <= positions[:, None]).float()
+        return (present @ weights / weights.sum()).sqrt()
+
+    def key_span(self) -> int:
+        """Tokens the key of the last position depends on (the whole context when unbounded)."""
+        s, context = self.settings, self.core.config.context
+        if not s.key_window:
+            return context
+        # each banded block reaches key_window - 1 tokens further back
+        reach = (self.key_layer + 1) * (s.key_window - 1) + 1
+        return min(context, reach + max(s.key_offsets))
+
+    # -- a segment's forward pass -----------------------------------------------------
+
+    @contextmanager
+    def segment(self, streams: torch.Tensor) -> Iterator[_Segment]:
+        """Reads during the forward pass inside this block use ``streams`` (one per row)."""
+        self.active = _Segment(streams)
+        try:
+            yield self.active
+        finally:
+            self.active = None
+
+    @torch.no_grad()
+    def write_segment(self, idx: torch.Tensor, targets: torch.Tensor, streams: torch.Tensor,
+                      *, importance: torch.Tensor | None = None, values: torch.Tensor | None = None,
+                      meta: list[dict[str, Any]] | None = None, training: bool = False) -> int:
+        """Write the chosen positions of a processed segment to the first tier.
+
+        ``importance`` (B, T) ranks positions for ``write: surprise``; ``values`` (B, T, d)
+        are what kNN-attention will read (the stream entering the memory layer); without
+        readers the keys serve as values. Positions whose target is -1 are never written.
+        Returns the number of entries written.
+        """
+        B, T = idx.shape
+        keys = self.keys(idx)
+        values = keys if values is None else values.float()
+        keep = targets >= 0
+        if self.settings.write == "surprise" and importance is not None and T > 1:
+            n = max(1, round(T * self.settings.write_fraction))
+            ranked = importance.float().masked_fill(~keep, float("-inf"))
+            top = ranked.topk(min(n, T), dim=1).indices
+            chosen = torch.zeros_like(keep)
+            chosen.scatter_(1, top, True)
+            keep = keep & chosen
+        rows, cols = keep.nonzero(as_tuple=True)
+        if rows.numel() == 0:
+            return 0
+        entries = Entries(
+            keys=keys[rows, cols],
+            values=values[rows, cols],
+            tokens=targets[rows, cols].long(),
+            streams=streams[rows].long(),
+            meta=[meta[i] for i in (rows * T + cols).tolist()] if meta is not None else None,
+        )
+        spill = self.settings.spill == "always" or (self.settings.spill == "inference" and not training)
+        for tier in self.tiers[:-1]:
+            tier.keep_displaced = spill
+        self.tiers[0].write(entries, step=self.step)
+        if spill:
+            for upper, lower in zip(self.tiers, self.tiers[1:]):
+                pushed = upper.displaced()
+                if pushed is not None and len(pushed):
+                    lower.write(pushed, step=self.step)
+                    self.stats["spilled"] += len(pushed)
+        self.stats["writes"] += len(entries)
+        return len(entries)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None, streams: torch.Tensor,
+                *, training: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The core's forward pass with memory: reads, then (training) writes or (eval) kNN-LM."""
+        with self.segment(streams) as segment:
+            logits, loss = self.core(idx, targets)
+        if training:
+            if targets is not None and self.settings.write_in_training:
+                importance = None
+                if self.settings.write == "surprise":
+                    with torch.no_grad():
+                        importance = F.cross_entropy(logits.detach().float().transpose(1, 2),
+                                                     targets.clamp_min(0), reduction="none")
+                self.write_segment(idx, targets, streams, importance=importance, values=segment.value,
+                                   training=True)
+        elif "knn_lm" in self.settings.read:
+            logits = self.knn_lm_logits(idx, logits, streams)
+            if targets is not None:
+                loss = F.cross_entropy(logits.flatten(0, 1), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    @torch.no_grad()
+    def remember(self, ids: torch.Tensor, stream: int, meta: dict[str, Any] | None = None) -> int:
+        """Store every position of token ids (1-D) in ``stream``; returns entries written.
+
+        Texts longer than the context are stored window by window. Entries pushed out of
+        a full tier move down the chain (``spill``), so what was told is not forgotten.
+        """
+        ids = ids.reshape(-1)
+        ctx = self.core.config.context
+        written = 0
+        for start in range(0, max(1, ids.numel() - 1), ctx):
+            chunk = ids[start : start + ctx + 1]
+            if chunk.numel() < 2:
+                break
+            inputs, targets = chunk[:-1].unsqueeze(0), chunk[1:].unsqueeze(0)
+            streams = torch.tensor([stream])
+            with self.segment(streams) as segment:
+                self.core(inputs)
+            entry_meta = None
+            if meta is not None:
+                entry_meta = [{**meta, "position": start + t} for t in range(inputs.shape[1])]
+            written += self.write_segment(inputs, targets, streams, values=segment.value, meta=entry_meta,
+                                          importance=None)
+        self.step += 1  # outside training, each remembered text ages memory by one step
+        return written
+
+    @torch.no_grad()
+    def knn_lm_logits(self, idx: torch.Tensor, logits: torch.Tensor, streams: torch.Tensor, *,
+                      touch: bool = True) -> torch.Tensor:
+        """kNN-LM log-probabilities (B, T, vocab) for every position of ``idx``."""
+        keys = self.keys(idx)
+        vocab = logits.shape[-1]
+        coverage = self.key_coverage(torch.arange(idx.shape[1]))
+        rows = []
+        for b in range(idx.shape[0]):
+            dist, lam = self.knn_distribution(keys[b], int(streams[b]), vocab, touch=touch, coverage=coverage)
+            rows.append(self.interpolate(logits[b], dist, lam))
+        return torch.stack(rows)
+
+    @torch.no_grad()
+    def knn_lm_next(self, ids: torch.Tensor, logits: torch.Tensor, stream: int) -> torch.Tensor:
+        """kNN-LM log-probabilities (B, vocab) of the token after ``ids`` (B, T)."""
+        window = ids[:, -self.key_span():]
+        keys = self.keys(window)[:, -1]
+        coverage = self.key_coverage(torch.tensor([window.shape[1] - 1])).expand(keys.shape[0])
+        dist, lam = self.knn_distribution(keys, stream, logits.shape[-1], coverage=coverage)
+        return self.interpolate(logits, dist, lam)
+
+    # -- kNN-LM -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def knn_distribution(self, keys: torch.Tensor, stream: int, vocab: int, *, touch: bool = True,
+                         coverage: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next-token distribution (Q, vocab) of the neighbours of ``keys`` (Q, d) in ``stream``,
+        and the memory weight λ per query: 0 where nothing close was found, else
+        ``lm_lambda * s / (s + 1)`` with ``s`` the strength (1 + uses) of the best match.
+
+        A neighbour counts from a cosine of ``lm_min_score`` times the query's ``coverage``
+        (Q,) (see [`key_coverage`][cortex.core.memory.MemorySystem.key_coverage]; 1 by default).
+
+        The neighbours of every tier are pooled into one softmax (a kNN-LM's datastore is
+        the whole hierarchy): the best match wins wherever it is held. Weighting tiers
+        first would let a near miss in one tier outvote the exact match in another.
+        """
+        s = self.settings
+        Q = keys.shape[0]
+        dist = torch.zeros(Q, vocab)
+        reads = [tier.read(keys, s.k, stream=stream, step=self.step, touch=touch) for tier in self.tiers if len(tier)]
+        if not reads:
+            return dist, torch.zeros(Q)
+        scores = torch.cat([r.scores for r in reads], dim=1)
+        tokens = torch.cat([r.tokens for r in reads], dim=1)
+        uses = torch.cat([self._uses(r) for r in reads], dim=1)
+        floor = s.lm_min_score if coverage is None else s.lm_min_score * coverage[:, None]
+        valid = (torch.cat([r.ids for r in reads], dim=1) >= 0) & (scores >= floor)
+        valid &= (tokens >= 0) & (tokens < vocab)
+        found = valid.any(dim=1)
+        logits = (scores / s.lm_temperature + s.use_bonus * torch.log1p(uses)).masked_fill(~valid, float("-inf"))
+        p = torch.zeros_like(logits)
+        p[found] = torch.softmax(logits[found], dim=1)
+        dist.scatter_add_(1, tokens.clamp(min=0), p)
+        best = scores.masked_fill(~valid, float("-inf")).argmax(dim=1, keepdim=True)
+        strength = 1 + uses.gather(1, best)[:, 0]
+        return dist, torch.where(found, s.lm_lambda * strength / (strength + 1), torch.zeros(Q))
+
+    @staticmethod
+    def _uses(r: Retrieval) -> torch.Tensor:
+        return r.uses.float() if r.uses is not None else torch.zeros_like(r.scores)
+
+    def interpolate(self, logits: torch.Tensor, knn: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+        """Log of ``(1 - λ) p_model + λ p_knn`` per row (λ = 0 leaves the model's)."""
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        lam = lam.unsqueeze(-1)
+        mixed = torch.logaddexp(logp + torch.log1p(-lam.clamp(max=1 - 1e-6)),
+                                torch.log(knn.clamp_min(1e-12)) + torch.log(lam.clamp_min(1e-12)))
+        return torch.where(lam > 0, mixed, logp)
+
+    # -- consolidation ----------------------------------------------------------------
+
+    def consolidate(self, step: int | None = None) -> int:
+        """Hand entries down the tier chain; returns how many moved."""
+        step = self.step if step is None else step
+        moved = 0
+        for upper, lower in zip(self.tiers, self.tiers[1:]):
+            entries = upper.handover(step=step)
+            if entries is not None and len(entries):
+                lower.write(entries, step=step)
+                moved += len(entries)
+        self.stats["consolidated"] += moved
+        return moved
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    @hookimpl
+    def cortex_before_step(self, model: Any, step: int, batch: torch.Tensor) -> None:
+        self.step = step
+
+    @hookimpl
+    def cortex_after_step(self, model: Any, step: int, metrics: dict[str, float]) -> None:
+        if self.settings.consolidate == "step":
+            metrics["memory/consolidated"] = float(self.consolidate(step))
+        metrics["memory/writes"] = float(self.stats["writes"])
+
+    @hookimpl
+    def cortex_sleep(self, model: Any, phase: str, step: int) -> None:
+        if phase == "nrem":
+            self.consolidate(step)
+
+    @hookimpl
+    def cortex_state_save(self, model: Any) -> dict[str, Any]:
+        return {"memory_system": {"step": self.step, "stats": dict(self.stats),
+                                  "tier_weight_sum": self._tier_weight_sum.clone()}}
+
+    @hookimpl
+    def cortex_state_load(self, model: Any, state: dict[str, Any]) -> None:
+        mine = state.get("memory_system")
+        if mine:
+            self.step = int(mine["step"])
+            self.stats.update({k: int(v) for k, v in mine["stats"].items()})
+            self._tier_weight_sum = mine["tier_weight_sum"].clone()
+
+    def summary(self) -> dict[str, Any]:
+        total = self._tier_weight_sum.sum().clamp_min(1e-9)
+        return {
+            **self.stats,
+            "read": list(self.settings.read),
+            "tier_weight_share": {t.key: float(w / total) for t, w in zip(self.tiers, self._tier_weight_sum)},
+        }

@@ -1,0 +1,698 @@
+"""The transformer core: a decoder-only language model, readable in one file.
+
+Pre-norm blocks (RMSNorm), rotary position embeddings (RoPE) on queries and keys, PyTorch
+scaled-dot-product attention, a GELU MLP, no biases and tied input/output embeddings.
+
+Two things make it Cortex's core rather than a plain GPT:
+
+* **Memory insertion points.** Every block has a ``memory`` attribute, ``None`` by default.
+  [`Transformer.set_memory_layer`][cortex.core.transformer.Transformer.set_memory_layer] installs a
+  module there; it is called as ``x = memory(x)`` on the residual stream right after the
+  block. With nothing installed the forward pass pays for one ``if`` per block.
+* **KV-cache generation.** [`Transformer.generate`][cortex.core.transformer.Transformer.generate] runs
+  on a preallocated [`KVCache`][cortex.core.transformer.KVCache] through
+  [`Transformer.forward_cached`][cortex.core.transformer.Transformer.forward_cached].
+
+It must train as fast as the plain GPT in [`cortex.bench.reference`][cortex.bench.reference] of the same
+shape. Three things in this file exist only for speed, each checked against plain autograd
+by the tests: RoPE is one complex multiplication over queries and keys together, done in
+place in the fused qkv projection's output and split out of it by hand (`_RotaryQKV`);
+RMSNorm has a backward built on LayerNorm's fused kernel and writes its output in the
+autocast dtype ([`RMSNorm`][cortex.core.transformer.RMSNorm]); and bf16 training on CPU runs the
+attention backward in float32, which PyTorch does faster there than in bf16
+(`_RotaryAttentionBF16`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
+
+__all__ = [
+    "KVCache", "ModelConfig", "RMSNorm", "RopeTables", "Transformer", "apply_rope", "rope_frequencies",
+]
+
+
+@dataclass
+class ModelConfig:
+    """The shape of a model. ``memory_layers`` lists the blocks after which memory may sit."""
+
+    vocab_size: int
+    dim: int
+    layers: int
+    heads: int
+    context: int
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    memory_layers: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "dim", "layers", "heads", "context"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+        if self.dim % self.heads:
+            raise ValueError(
+                f"ModelConfig.dim ({self.dim}) must be divisible by heads ({self.heads})"
+            )
+        if self.head_dim % 2:
+            raise ValueError(
+                f"ModelConfig head dimension dim/heads = {self.head_dim} must be even for RoPE"
+            )
+        if self.mlp_ratio <= 0 or int(self.mlp_ratio * self.dim) < 1:
+            raise ValueError(f"ModelConfig.mlp_ratio must be > 0, got {self.mlp_ratio!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.rope_base <= 0:
+            raise ValueError(f"ModelConfig.rope_base must be > 0, got {self.rope_base!r}")
+        if self.norm_eps <= 0:
+            raise ValueError(f"ModelConfig.norm_eps must be > 0, got {self.norm_eps!r}")
+        self.memory_layers = tuple(self.memory_layers)
+        for layer in self.memory_layers:
+            if not isinstance(layer, int) or not 0 <= layer < self.layers:
+                raise ValueError(
+                    f"ModelConfig.memory_layers: {layer!r} is not a block index in "
+                    f"[0, {self.layers - 1}]"
+                )
+        if len(set(self.memory_layers)) != len(self.memory_layers):
+            raise ValueError(f"ModelConfig.memory_layers has duplicates: {self.memory_layers}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+    @property
+    def hidden_dim(self) -> int:
+        """Width of the MLP's hidden layer, ``int(mlp_ratio * dim)``."""
+        return int(self.mlp_ratio * self.dim)
+
+
+# ----------------------------------------------------------------------------- RMSNorm
+
+
+_layer_norm_backward = torch.ops.aten.native_layer_norm_backward.default
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """``y = x * rsqrt(mean(x^2) + eps) * weight`` with a backward built on LayerNorm's.
+
+    PyTorch's CPU RMSNorm differentiates through a chain of elementwise ops (about four
+    times the cost of LayerNorm). With a zero mean, LayerNorm's fused backward computes
+    ``rstd * (gw - mean(gw) - xhat * mean(gw * xhat))`` and the weight gradient
+    ``sum(g * xhat)``; adding back ``rstd * mean(gw)`` gives RMSNorm's exact gradient.
+
+    The output is returned in ``out_dtype`` (the autocast dtype under autocast), so the
+    next linear layer does not cast it again.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, eps, out_dtype):
+        dim = x.size(-1)
+        # Tensor.norm is the fastest single-pass sum of squares on CPU here
+        rstd = x.norm(dim=-1, keepdim=True).square_().div_(dim).add_(eps).rsqrt_()
+        ctx.save_for_backward(x, rstd, weight)
+        # one fresh buffer, scaled in place (fresh allocations cost page faults on CPU); the
+        # cast is a separate pass because mixed-dtype ``out=`` is twice as slow on CPU
+        return torch.mul(x, rstd).mul_(weight).to(out_dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, rstd, weight = ctx.saved_tensors
+        dim = x.size(-1)
+        grad = grad.to(x.dtype).contiguous()
+        grad_x, grad_weight, _ = _layer_norm_backward(
+            grad, x, [dim], torch.zeros_like(rstd), rstd, weight, None,
+            [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False],
+        )
+        if grad_x is not None:
+            correction = torch.mv(grad.view(-1, dim), weight).view(rstd.shape).mul_(rstd)
+            grad_x.add_(correction, alpha=1.0 / dim)  # (addcmul_ with broadcasting is 3x slower)
+        return grad_x, grad_weight, None, None
+
+
+class RMSNorm(nn.RMSNorm):
+    """``nn.RMSNorm`` (same parameters and state dict) with a faster CPU backward.
+
+    The fast path covers contiguous CPU inputs whose dtype equals the weight's (e.g. the
+    float32 residual stream under bf16 autocast, where the output is bf16) and supports
+    first derivatives only; anything else goes through ``F.rms_norm``.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__(dim, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.dtype == self.weight.dtype and x.is_contiguous():
+            out_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+            return _RMSNormFunction.apply(x, self.weight, self.eps, out_dtype)
+        return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+
+
+# -------------------------------------------------------------------------------- RoPE
+
+
+def rope_frequencies(head_dim: int, length: int, base: float = 10000.0) -> torch.Tensor:
+    """Unit complex rotations ``exp(i * pos * base^(-2j/head_dim))``, shape (length, head_dim/2).
+
+    Dimensions ``2j`` and ``2j+1`` of a head form the pair rotated by frequency ``j``.
+    """
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)
+    return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
+
+
+def _as_complex(x: torch.Tensor) -> torch.Tensor:
+    """View float32 ``x`` (..., d) as complex (..., d/2), copying only if the strides forbid it."""
+    x = x.unflatten(-1, (-1, 2))
+    if x.stride(-1) != 1 or x.storage_offset() % 2 or any(s % 2 for s in x.stride()[:-1]):
+        x = x.contiguous()
+    return torch.view_as_complex(x)
+
+
+def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` (B, T, n, head_dim) by position; ``freqs`` (T, head_dim/2) from
+    [`rope_frequencies`][cortex.core.transformer.rope_frequencies]. Plain autograd; the model uses
+    the fused equivalent in its attention."""
+    rotated = _as_complex(x.float()) * freqs.unsqueeze(1)
+    return torch.view_as_real(rotated).flatten(-2).to(x.dtype)
+
+
+class RopeTables(NamedTuple):
+    """The rotations of positions ``start..end-1`` laid out for the fused functions below
+    (materialised over heads: multiplying by a broadcast table is ~20% slower on CPU)."""
+
+    rotate: torch.Tensor  # (T, 2*heads, head_dim/2) complex64, for q and k together
+    unrotate: torch.Tensor  # (T, heads, head_dim/2) complex64, the inverse, for gradients
+
+    @classmethod
+    def build(cls, freqs: torch.Tensor, heads: int) -> "RopeTables":
+        rotate = freqs.unsqueeze(1).expand(-1, 2 * heads, -1).contiguous()
+        return cls(rotate, rotate[:, :heads].conj().resolve_conj().contiguous())
+
+
+class _RotaryQKV(torch.autograd.Function):
+    """Split a fused projection (B, T, 3*dim) into q, k, v (B, heads, T, head_dim) with RoPE
+    on q and k, in one pass forward and one pass backward.
+
+    Written by hand because autograd's version of slicing q, k and v out of one tensor
+    allocates and sums a zero-filled gradient per slice, which cost more than the rotation.
+    Rotations are complex multiplications in float32. With ``in_place`` (float32 only) q
+    and k are rotated inside ``qkv`` itself, which saves a buffer and a pass: the caller
+    promises that nothing else reads ``qkv`` (see ``Attention._owns_qkv``).
+    """
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, rotate: torch.Tensor, unrotate: torch.Tensor, heads: int,
+                in_place: bool = False):
+        C = qkv.size(-1) // 3
+        hd = C // heads
+        qk = qkv[..., : 2 * C].unflatten(-1, (2 * heads, hd))
+        if in_place:  # view_as_complex raises rather than copy, so the rotation lands in qkv
+            torch.view_as_complex(qk.unflatten(-1, (-1, 2))).mul_(rotate)
+            rotated = qk
+        else:
+            rotated = torch.view_as_real(_as_complex(qk.float()) * rotate).flatten(-2).to(qkv.dtype)
+        ctx.save_for_backward(unrotate)
+        ctx.heads = heads
+        q = rotated[:, :, :heads].transpose(1, 2)
+        k = rotated[:, :, heads:].transpose(1, 2)
+        v = qkv[..., 2 * C :].unflatten(-1, (heads, hd)).transpose(1, 2)
+        return q, k, v
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_q, grad_k, grad_v):
+        (inverse,) = ctx.saved_tensors
+        ref = next(g for g in (grad_q, grad_k, grad_v) if g is not None)
+        B, H, T, hd = ref.shape
+        C = H * hd
+        grad = torch.empty(B, T, 3 * C, dtype=ref.dtype, device=ref.device)
+        for i, g in enumerate((grad_q, grad_k)):
+            dst = grad[..., i * C : (i + 1) * C].unflatten(-1, (H, hd))
+            if g is None:
+                dst.zero_()
+                continue
+            src = _as_complex(g.transpose(1, 2).float())
+            if dst.dtype == torch.float32:
+                torch.mul(src, inverse, out=torch.view_as_complex(dst.unflatten(-1, (-1, 2))))
+            else:
+                dst.copy_(torch.view_as_real(src * inverse).flatten(-2))
+        dst = grad[..., 2 * C :].unflatten(-1, (H, hd))
+        if grad_v is None:
+            dst.zero_()
+        else:
+            dst.copy_(grad_v.transpose(1, 2))
+        return grad, None, None, None, None
+
+
+_flash_forward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_flash_backward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+class _RotaryAttentionBF16(torch.autograd.Function):
+    """RoPE on q and k plus causal attention for bf16 training on CPU: (B, T, 3*dim) ->
+    (B, heads, T, head_dim).
+
+    The forward runs the very kernel ``F.scaled_dot_product_attention`` picks on CPU
+    (flash attention, bf16). The backward runs that kernel's backward in float32, on the
+    bf16 values the forward used: PyTorch's CPU flash-attention backward is markedly
+    slower in bf16 than in float32 (it dominates a bf16 training step), and float32 is
+    also the more accurate. The rotation of the gradients then needs no extra casts.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, rotate: torch.Tensor, unrotate: torch.Tensor, heads: int):
+        C = qkv.size(-1) // 3
+        hd = C // heads
+        rotated = _as_complex(qkv[..., : 2 * C].unflatten(-1, (2 * heads, hd)).float())  # a copy
+        rotated = torch.view_as_real(rotated.mul_(rotate)).flatten(-2).to(qkv.dtype)
+        q = rotated[:, :, :heads].transpose(1, 2)
+        k = rotated[:, :, heads:].transpose(1, 2)
+        v = qkv[..., 2 * C :].unflatten(-1, (heads, hd)).transpose(1, 2)
+        out, logsumexp = _flash_forward(q, k, v, 0.0, True)
+        ctx.save_for_backward(q, k, v, out, logsumexp, unrotate)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, out, logsumexp, inverse = ctx.saved_tensors
+        B, H, T, hd = q.shape
+        C = H * hd
+        grads = _flash_backward(
+            grad_out.float(), q.float(), k.float(), v.float(), out.float(), logsumexp, 0.0, True
+        )
+        grad = torch.empty(B, T, 3 * C, dtype=q.dtype, device=q.device)
+        for i, g in enumerate(grads):
+            dst = grad[..., i * C : (i + 1) * C].unflatten(-1, (H, hd))
+            if i < 2:  # undo the rotation of q and k
+                g = torch.view_as_real(_as_complex(g.transpose(1, 2)).mul_(inverse)).flatten(-2)
+                dst.copy_(g)
+            else:
+                dst.copy_(g.transpose(1, 2))
+        return grad, None, None, None
+
+
+def _use_bf16_cpu_attention(qkv: torch.Tensor) -> bool:
+    return (
+        qkv.dtype == torch.bfloat16
+        and qkv.device.type == "cpu"
+        and qkv.requires_grad
+        and torch.is_grad_enabled()
+        and _flash_backward is not None
+    )
+
+
+# ---------------------------------------------------------------------------- KV cache
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, ``(batch, heads, context, head_dim)``.
+
+    Storage is allocated on the first write of each layer, with the dtype and device of
+    the keys written (so it follows autocast). Positions ``[0, length)`` are valid.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int) -> None:
+        self.config = config
+        self.batch_size = batch_size
+        self.k: list[torch.Tensor | None] = [None] * config.layers
+        self.v: list[torch.Tensor | None] = [None] * config.layers
+        self.length = 0
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, start_pos: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``k``/``v`` (B, H, t, hd) at ``start_pos``; return the valid prefix."""
+        end = start_pos + k.size(2)
+        if self.k[layer] is None or self.k[layer].dtype != k.dtype or self.k[layer].device != k.device:
+            shape = (self.batch_size, k.size(1), self.config.context, k.size(3))
+            self.k[layer] = torch.empty(shape, dtype=k.dtype, device=k.device)
+            self.v[layer] = torch.empty(shape, dtype=v.dtype, device=v.device)
+        k_all, v_all = self.k[layer], self.v[layer]
+        k_all[:, :, start_pos:end] = k
+        v_all[:, :, start_pos:end] = v
+        return k_all[:, :, :end], v_all[:, :, :end]
+
+    def reset(self) -> None:
+        """Forget every position (storage is kept)."""
+        self.length = 0
+
+
+# ------------------------------------------------------------------------------ blocks
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.heads = config.heads
+        self.head_dim = config.head_dim
+        self.dropout = config.dropout
+        self.qkv = nn.Linear(config.dim, 3 * config.dim, bias=False)
+        self.proj = nn.Linear(config.dim, config.dim, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: RopeTables,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        start_pos: int = 0,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        B, T, C = x.shape
+        H, hd = self.heads, self.head_dim
+        qkv = self.qkv(x)
+        dropout = self.dropout if self.training else 0.0
+        if cache is None and mask is None and dropout == 0.0 and _use_bf16_cpu_attention(qkv):
+            y = _RotaryAttentionBF16.apply(qkv, rope.rotate, rope.unrotate, H)
+            return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        in_place = qkv.dtype == torch.float32 and self._owns_qkv()
+        q, k, v = _RotaryQKV.apply(qkv, rope.rotate, rope.unrotate, H, in_place)
+        if cache is None:
+            if mask is None:
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+            else:  # an explicit mask, e.g. the banded one of memory keys
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        else:
+            k, v = cache.update(layer, k, v, start_pos)
+            if mask is None and T > 1:  # prefill from position 0
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            else:  # one new token (no mask needed) or an explicit offset-causal mask
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+    def _owns_qkv(self) -> bool:
+        """Whether the qkv projection's output is read by nobody but this module: no forward
+        hook (a plasticity rule, a probe) may hold it when RoPE rotates it in place."""
+        return not (self.qkv._forward_hooks or nn.modules.module._global_forward_hooks)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(config.dim, config.hidden_dim, bias=False)
+        self.proj = nn.Linear(config.hidden_dim, config.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block, followed by the optional memory module."""
+
+    def __init__(self, config: ModelConfig, index: int) -> None:
+        super().__init__()
+        self.index = index
+        self.norm1 = RMSNorm(config.dim, eps=config.norm_eps)
+        self.attn = Attention(config)
+        self.norm2 = RMSNorm(config.dim, eps=config.norm_eps)
+        self.mlp = MLP(config)
+        self.drop = nn.Dropout(config.dropout) if config.dropout > 0 else None
+        #: module called as ``x = memory(x)`` after this block; a plain attribute when None
+        self.memory: nn.Module | None = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: RopeTables,
+        cache: KVCache | None = None,
+        start_pos: int = 0,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = self.body(x, rope, cache, start_pos, mask)
+        if self.memory is not None:
+            x = self.memory(x)
+        return x
+
+    def body(
+        self,
+        x: torch.Tensor,
+        rope: RopeTables,
+        cache: KVCache | None = None,
+        start_pos: int = 0,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Attention and MLP with their residuals, without the memory module."""
+        a = self.attn(self.norm1(x), rope, cache, self.index, start_pos, mask)
+        x = x + (a if self.drop is None else self.drop(a))
+        m = self.mlp(self.norm2(x))
+        return x + (m if self.drop is None else self.drop(m))
+
+
+# --------------------------------------------------------------------------- the model
+
+
+class Transformer(nn.Module):
+    """Decoder-only transformer; see the module docstring."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.dim)
+        self.drop = nn.Dropout(config.dropout) if config.dropout > 0 else None
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.layers))
+        self.norm = RMSNorm(config.dim, eps=config.norm_eps)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.lm_head.weight = self.tok_emb.weight  # tied
+        # stored as real (context, head_dim/2, 2) so that model.to(dtype) cannot drop the
+        # imaginary part; viewed as complex float32 in forward
+        freqs = rope_frequencies(config.head_dim, config.context, config.rope_base)
+        self.register_buffer("rope_freqs", torch.view_as_real(freqs), persistent=False)
+        #: recompute each block's activations in backward when training (less memory, more
+        #: compute); blocks with a memory module are not recomputed (their reads have effects)
+        self.gradient_checkpointing = False
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, 0.02) weights; residual projections scaled by 1/sqrt(2 * layers)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            elif isinstance(module, nn.RMSNorm):
+                nn.init.ones_(module.weight)
+        residual_std = 0.02 / math.sqrt(2 * self.config.layers)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.proj.weight, mean=0.0, std=residual_std)
+            nn.init.normal_(block.mlp.proj.weight, mean=0.0, std=residual_std)
+
+    def _rope(self, start: int, end: int) -> RopeTables:
+        """RoPE rotations for positions start..end-1, built once per forward."""
+        freqs = torch.view_as_complex(self.rope_freqs[start:end].float().contiguous())
+        return RopeTables.build(freqs, self.config.heads)
+
+    # -- memory ---------------------------------------------------------------------
+
+    def set_memory_layer(self, layer: int, module: nn.Module | None) -> None:
+        """Install ``module`` after block ``layer`` (``x = module(x)``); ``None`` removes it.
+
+        The module becomes a registered child (``blocks.<layer>.memory``), so its
+        parameters are trained and saved with the model. It sees the residual stream
+        (B, T, dim) of the full sequence in training, and only the new positions in
+        [`forward_cached`][cortex.core.transformer.Transformer.forward_cached].
+        """
+        if not isinstance(layer, int) or not 0 <= layer < self.config.layers:
+            raise ValueError(f"memory layer {layer!r} is not a block index in [0, {self.config.layers - 1}]")
+        block = self.blocks[layer]
+        if module is None:
+            block._modules.pop("memory", None)
+            block.memory = None
+        elif isinstance(module, nn.Module):
+            block.memory = module
+        else:
+            raise TypeError(f"memory module must be an nn.Module or None, got {type(module).__name__}")
+
+    def memory_layer(self, layer: int) -> nn.Module | None:
+        """The module installed after block ``layer``, or ``None``."""
+        return self.blocks[layer].memory
+
+    # -- forward --------------------------------------------------------------------
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, vocab) for ``idx`` (B, T) and, given ``targets``, the mean
+        cross-entropy (``-1`` targets are ignored)."""
+        T = idx.size(1)
+        if T > self.config.context:
+            raise ValueError(f"sequence length {T} exceeds the model context {self.config.context}")
+        x = self.tok_emb(idx)
+        if self.drop is not None:
+            x = self.drop(x)
+        rope = self._rope(0, T)
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for block in self.blocks:
+            if recompute and block.memory is None:
+                x = checkpoint(block, x, rope, use_reentrant=False)
+            else:
+                x = block(x, rope)
+        logits = self.lm_head(self.norm(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(
+                logits.flatten(0, 1), targets.reshape(-1), ignore_index=-1
+            )
+        return logits, loss
+
+    def hidden_states(self, idx: torch.Tensor, *, layer: int, window: int = 0) -> torch.Tensor:
+        """The residual stream (B, T, dim) after block ``layer`` (before its memory module).
+
+        With ``window > 0`` each position attends to at most the last ``window`` tokens
+        (itself included), so the result does not depend on distant context — the memory
+        system's keys. Memory modules are skipped: keys are a function of the weights alone.
+        """
+        T = idx.size(1)
+        if T > self.config.context:
+            raise ValueError(f"sequence length {T} exceeds the model context {self.config.context}")
+        mask = None
+        if 0 < window < T:
+            pos = torch.arange(T, device=idx.device)
+            offset = pos[:, None] - pos[None, :]
+            mask = (offset >= 0) & (offset < window)
+        x = self.tok_emb(idx)
+        rope = self._rope(0, T)
+        for block in self.blocks[: layer + 1]:
+            x = block.body(x, rope, None, 0, mask)
+        return x
+
+    def new_cache(self, batch_size: int) -> KVCache:
+        return KVCache(self.config, batch_size)
+
+    def forward_cached(self, idx: torch.Tensor, cache: KVCache, start_pos: int) -> torch.Tensor:
+        """Logits (B, t, vocab) for new tokens ``idx`` (B, t) at positions ``start_pos..``.
+
+        Keys and values of earlier positions come from ``cache`` (filled by earlier calls);
+        those of ``idx`` are written into it. Dropout is not applied.
+        """
+        B, T = idx.shape
+        end = start_pos + T
+        if start_pos < 0 or end > self.config.context:
+            raise ValueError(
+                f"positions {start_pos}..{end - 1} do not fit the model context {self.config.context}"
+            )
+        if start_pos > cache.length:
+            raise ValueError(f"start_pos {start_pos} leaves a gap after cached length {cache.length}")
+        if B != cache.batch_size:
+            raise ValueError(f"batch size {B} does not match the cache's {cache.batch_size}")
+        mask = None
+        if T > 1 and start_pos > 0:  # query i sees keys 0..start_pos+i
+            mask = torch.ones(T, end, dtype=torch.bool, device=idx.device).tril(diagonal=start_pos)
+        x = self.tok_emb(idx)
+        rope = self._rope(start_pos, end)
+        for block in self.blocks:
+            x = block(x, rope, cache, start_pos, mask)
+        cache.length = end
+        return self.lm_head(self.norm(x))
+
+    # -- generation -----------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+        stream: Callable[[int], None] | None = None,
+        adjust: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Append ``max_new_tokens`` sampled tokens to ``idx`` (B, T); return (B, T + new).
+
+        ``temperature=0`` is greedy. ``top_k`` keeps the k likeliest tokens, ``top_p`` the
+        smallest set whose probability reaches p. ``stream(token_id)`` is called for each
+        new token (batch size 1 only). ``adjust(ids, logits)`` may replace the next-token
+        logits (B, vocab) given the ids so far (kNN-LM uses it). The model runs in eval
+        mode meanwhile.
+
+        Sliding window: the model attends to at most ``context`` tokens. When the cache is
+        full, it is rebuilt from the last ``context // 2`` tokens (positions restart at 0)
+        and generation continues from there.
+        """
+        if idx.dim() != 2 or idx.size(1) == 0:
+            raise ValueError("idx must be a non-empty (batch, length) tensor of token ids")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if stream is not None and idx.size(0) != 1:
+            raise ValueError("stream needs batch size 1")
+        context = self.config.context
+        keep = max(1, context // 2)
+        was_training = self.training
+        self.eval()
+        try:
+            out = idx
+            cache = self.new_cache(idx.size(0))
+            window = out[:, -context:]
+            logits = self.forward_cached(window, cache, 0)[:, -1]
+            pos = window.size(1)
+            for i in range(max_new_tokens):
+                if adjust is not None:
+                    logits = adjust(out, logits)
+                token = _sample(logits, temperature, top_k, top_p, generator)
+                out = torch.cat([out, token], dim=1)
+                if stream is not None:
+                    stream(int(token))
+                if i == max_new_tokens - 1:
+                    break
+                if pos == context:  # full: rebuild from the last `keep` tokens
+                    cache.reset()
+                    window = out[:, -keep:]
+                    logits = self.forward_cached(window, cache, 0)[:, -1]
+                    pos = window.size(1)
+                else:
+                    logits = self.forward_cached(token, cache, pos)[:, -1]
+                    pos += 1
+            return out
+        finally:
+            self.train(was_training)
+
+    # -- bookkeeping ----------------------------------------------------------------
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Number of (unique) parameters; tied embeddings count once."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.tok_emb.weight.numel()
+        return n
+
+
+def _sample(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """Pick one token per row of ``logits`` (B, vocab); returns (B, 1)."""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        k = min(int(top_k), logits.size(-1))
+        if k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        kth = torch.topk(logits, k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # drop a token when the tokens before it already reach top_p (the first always stays)
+        drop = (probs.cumsum(dim=-1) - probs) >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)

@@ -1,0 +1,354 @@
+"""The component interfaces: memory tiers, plasticity rules, cognitive features, data sources.
+
+Every component is a class with a ``kind``, a ``name`` and a pydantic ``Settings`` model
+(unknown keys rejected), constructed as ``cls(settings, context)``. Built instances are
+registered on the model's plugin manager, so their ``@hookimpl`` methods take part in the
+lifecycle.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from cortex.kernel.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from cortex.assemble import CortexModel
+    from cortex.core.transformer import ModelConfig
+    from cortex.core.tokenizer import Tokenizer
+
+
+KINDS = ("memory", "plasticity", "feature", "data", "bench")
+
+
+class Settings(BaseModel):
+    """Base of every component's settings: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class BuildContext:
+    """What a component may know about the model it is built into."""
+
+    model: ModelConfig | None = None
+    tokenizer: Tokenizer | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    seed: int = 0
+    run_dir: Path | None = None
+
+
+class Component:
+    """Base of all components. Subclasses set ``kind``, ``name`` and ``Settings``."""
+
+    kind: ClassVar[str]
+    name: ClassVar[str]
+    Settings: ClassVar[type[Settings]] = Settings
+
+    def __init__(self, settings: Settings, context: BuildContext) -> None:
+        self.settings = settings
+        self.context = context
+        #: unique key of this instance in a model, e.g. ``memory.0.stm``; set by assembly
+        self.key = self.name
+
+    def stats(self) -> dict[str, Any]:
+        """Figures worth showing in summaries and logs."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and JSON-compatible values that must survive save and load."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what [`state_dict`][cortex.kernel.interfaces.Component.state_dict] returned."""
+
+    @hookimpl
+    def cortex_state_save(self, model: CortexModel) -> dict[str, Any] | None:
+        state = self.state_dict()
+        return {self.key: state} if state else None
+
+    @hookimpl
+    def cortex_state_load(self, model: CortexModel, state: dict[str, Any]) -> None:
+        if self.key in state:
+            self.load_state_dict(state[self.key])
+
+
+@dataclass
+class Entries:
+    """A batch of ``N`` memory entries moving into, between or out of tiers.
+
+    ``keys`` are what queries are compared with (cosine similarity: tiers normalise);
+    ``values`` are the vectors kNN-attention mixes in; ``tokens`` the token that followed
+    the key's position (kNN-LM's value, -1 if none); ``streams`` the stream each entry
+    belongs to (a batch row in training, a session at inference); ``uses`` how often it
+    was strengthened or retrieved; ``steps`` the step it was last written or used.
+    """
+
+    keys: torch.Tensor  # (N, key_dim) float32
+    values: torch.Tensor  # (N, value_dim) float32
+    tokens: torch.Tensor  # (N,) int64
+    streams: torch.Tensor  # (N,) int64
+    uses: torch.Tensor | None = None  # (N,) int64, zeros when None
+    steps: torch.Tensor | None = None  # (N,) int64, the writing step when None
+    meta: list[dict[str, Any]] | None = None  # e.g. {"text": "...", "span": [a, b]}
+
+    def __len__(self) -> int:
+        return int(self.keys.shape[0])
+
+
+@dataclass
+class Retrieval:
+    """The top-``k`` result of a memory read for ``Q`` queries.
+
+    Slots with no entry (fewer than ``k`` stored) have ``ids == -1``, ``scores == -inf``,
+    zero ``values`` and ``tokens == -1``.
+    """
+
+    values: torch.Tensor  # (Q, k, value_dim)
+    tokens: torch.Tensor  # (Q, k) int64
+    scores: torch.Tensor  # (Q, k) cosine similarity, descending
+    ids: torch.Tensor  # (Q, k) int64, tier-local entry ids
+    keys: torch.Tensor | None = None  # (Q, k, key_dim) the stored (normalised) keys
+    uses: torch.Tensor | None = None  # (Q, k) int64 use counts (strength) of the entries
+
+
+class MemoryTier(Component):
+    """A bounded store of memory entries searched by cosine similarity, per stream.
+
+    Tiers are chained in manifest order (STM -> LTM -> Archive): what one tier hands
+    over is written to the next. A tier never holds more than ``capacity`` entries, and a
+    read only ever sees entries of the stream it asks for. Keys and values have the
+    model's width (``context.model.dim``).
+    """
+
+    kind: ClassVar[str] = "memory"
+
+    def write(self, entries: Entries, *, step: int = 0) -> None:
+        """Store ``entries``, evicting (never the newest) so the tier stays within capacity."""
+        raise NotImplementedError
+
+    def read(self, queries: torch.Tensor, k: int, *, stream: int = 0, step: int = 0,
+             touch: bool = True) -> Retrieval:
+        """The ``k`` entries of ``stream`` most similar to each of ``queries`` (Q, key_dim).
+
+        With ``touch`` it counts a use and refreshes the last-access step of every entry
+        returned (retrieval strengthens a memory); ``touch=False`` only looks.
+        """
+        raise NotImplementedError
+
+    def read_batch(self, queries: torch.Tensor, streams: torch.Tensor, k: int, *, step: int = 0,
+                   touch: bool = True) -> Retrieval:
+        """[`read`][cortex.kernel.interfaces.MemoryTier.read] for (B, T, d) queries, row ``b`` in
+        stream ``streams[b]``; results have shapes (B, T, k, ...). Tiers may vectorise it."""
+        parts = [self.read(q, k, stream=int(s), step=step, touch=touch) for q, s in zip(queries, streams)]
+
+        def stack(name: str) -> torch.Tensor | None:
+            items = [getattr(part, name) for part in parts]
+            return None if items[0] is None else torch.stack(items)
+
+        return Retrieval(**{f.name: stack(f.name) for f in fields(Retrieval)})
+
+    def slots(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """For small exact tiers: every slot of each row's stream as ``(keys (B, S, d),
+        values (B, S, d), valid (B, S))``, so a reader can attend to them densely; ``None``
+        (the default) when the tier must be searched."""
+        return None
+
+    def touch(self, streams: torch.Tensor, used: torch.Tensor, *, step: int = 0, queries: int = 0,
+              hits: int = 0) -> None:
+        """After a dense read of [`slots`][cortex.kernel.interfaces.MemoryTier.slots]: count a use of
+        the slots marked in ``used`` (B, S), and ``queries`` reads of which ``hits`` found some."""
+
+    def handover(self, *, step: int = 0) -> Entries | None:
+        """Remove and return the entries due for the next tier (consolidation), if any."""
+        return None
+
+    #: set by the memory system when entries pushed out of a full tier should move down
+    #: the chain instead of being forgotten (see [`displaced`][cortex.kernel.interfaces.MemoryTier.displaced])
+    keep_displaced: bool = False
+
+    def displaced(self) -> Entries | None:
+        """Entries evicted since the last call, kept while ``keep_displaced`` is set."""
+        return None
+
+    def clear(self, stream: int | None = None) -> None:
+        """Forget the entries of ``stream`` (all streams when ``None``)."""
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def capacity(self) -> int:
+        """The most entries this tier will ever hold."""
+        return int(getattr(self.settings, "capacity"))
+
+
+def firing_rate(activity: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
+    """Cortex's one definition of a unit's firing rate, used by every rule and feature.
+
+    ``activity`` (..., units) is what a module outputs for a batch of tokens; a unit
+    *fires* on a token when its activation exceeds ``threshold``. Returns (units,) float32:
+    the fraction of tokens (every leading position) on which each unit fired. For an MLP's
+    ``fc`` output and ``threshold=0`` that is the share of tokens a hidden unit is in the
+    active (positive) half of its GELU.
+    """
+    flat = activity.detach().reshape(-1, activity.shape[-1])
+    return (flat > threshold).float().mean(0)
+
+
+class RuleSettings(Settings):
+    """Settings every rule built on [`PlasticityRule`][cortex.kernel.interfaces.PlasticityRule] may use.
+
+    Rules subclass it (and may change the defaults); the runtime reads ``lr``, ``warmup``
+    and ``max_norm``.
+    """
+
+    lr: float = Field(1e-3, ge=0, description="Learning rate of the rule's non-gradient update.")
+    warmup: int = Field(0, ge=0, description="Steps of linear warm-up of `lr` from 0 (0: constant).")
+    max_norm: float | None = Field(
+        None, gt=0, description="Bound on the L2 norm of each row of the target's weight after every update.")
+    threshold: float = Field(0.0, description="Activation above which a unit counts as firing (see `firing_rate`).")
+
+
+class PlasticityRule(Component):
+    """A non-gradient weight update on the modules matched by a glob ``target``.
+
+    The kernel selects modules by ``fnmatch`` over ``model.core.named_modules()`` names.
+    Forward hooks are registered only when the subclass overrides
+    [`observe`][cortex.kernel.interfaces.PlasticityRule.observe]; they call it (under
+    ``torch.no_grad()``) while [`observing`][cortex.kernel.interfaces.PlasticityRule.observing] is
+    true and the module is in training mode, so evaluation and generation never feed a
+    rule. With no rule in a manifest nothing is hooked: zero cost.
+
+    At step end (``cortex_after_step``) every rule of a model runs, **in manifest order**,
+    [`step_end`][cortex.kernel.interfaces.PlasticityRule.step_end]: ``apply`` for each target under
+    ``torch.no_grad()`` with ``self.lr`` set from the schedule, then the ``max_norm`` bound.
+    Statistics a rule gathered from its rank's data must go through
+    [`reduce_mean_`][cortex.kernel.interfaces.PlasticityRule.reduce_mean_] before they change
+    weights, so DDP ranks never drift apart. State a rule returns from ``state_dict`` is
+    saved in run directories and checkpoints.
+    """
+
+    kind: ClassVar[str] = "plasticity"
+    observing: bool = True
+    """Whether forward hooks record activity right now (set it to ``False`` to pause a rule)."""
+
+    def __init__(self, settings: Settings, context: BuildContext, target: str = "*") -> None:
+        super().__init__(settings, context)
+        self.target = target
+        self.targets: dict[str, torch.nn.Module] = {}
+        self._handles: list[Any] = []
+        #: the learning rate of the current step's update (set by ``step_end``)
+        self.lr = float(getattr(settings, "lr", 1.0))
+
+    @property
+    def needs_hooks(self) -> bool:
+        """Whether this rule observes forward passes (it overrides ``observe``)."""
+        return type(self).observe is not PlasticityRule.observe
+
+    def attach(self, root: torch.nn.Module) -> None:
+        """Select the target modules under ``root`` and hook their forward passes."""
+        self.targets = {
+            name: module
+            for name, module in root.named_modules()
+            if name and fnmatch.fnmatchcase(name, self.target)
+        }
+        if self.needs_hooks:
+            for name, module in self.targets.items():
+                self._handles.append(module.register_forward_hook(self._hook(name)))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _hook(self, name: str):
+        def hook(module: torch.nn.Module, inputs: tuple, output: Any) -> None:
+            if self.observing and module.training:
+                with torch.no_grad():
+                    self.observe(name, module, inputs, output)
+
+        return hook
+
+    def observe(self, name: str, module: torch.nn.Module, inputs: tuple, output: Any) -> None:
+        """Record pre/post activity of target ``name`` during a forward pass."""
+
+    def apply(self, name: str, module: torch.nn.Module) -> None:
+        """Update target ``name``'s weights from the recorded activity."""
+
+    # -- runtime helpers ---------------------------------------------------------------
+
+    def lr_at(self, step: int) -> float:
+        """``settings.lr``, ramped linearly over the first ``settings.warmup`` steps."""
+        lr = float(getattr(self.settings, "lr", 1.0))
+        warmup = int(getattr(self.settings, "warmup", 0) or 0)
+        return lr * min(1.0, (step + 1) / warmup) if warmup > 0 else lr
+
+    def firing_rate(self, activity: torch.Tensor) -> torch.Tensor:
+        """[`firing_rate`][cortex.kernel.interfaces.firing_rate] at this rule's ``threshold`` setting."""
+        return firing_rate(activity, float(getattr(self.settings, "threshold", 0.0)))
+
+    def bound_(self, weight: torch.Tensor) -> torch.Tensor:
+        """Scale down, in place, the rows of ``weight`` whose L2 norm exceeds ``max_norm``."""
+        max_norm = getattr(self.settings, "max_norm", None)
+        if max_norm is not None:
+            weight.copy_(torch.renorm(weight, 2, 0, float(max_norm)))
+        return weight
+
+    @staticmethod
+    def reduce_mean_(tensor: torch.Tensor) -> torch.Tensor:
+        """Average ``tensor`` over DDP ranks in place (a no-op in a single process)."""
+        from cortex.runtime.distributed import all_reduce_mean
+
+        return all_reduce_mean(tensor)
+
+    def step_end(self, model: Any, step: int, metrics: dict[str, float]) -> None:
+        """This rule's part of step end: ``apply`` to every target, then the weight bound."""
+        self.lr = self.lr_at(step)
+        for name, module in self.targets.items():
+            self.apply(name, module)
+            weight = getattr(module, "weight", None)
+            if isinstance(weight, torch.Tensor) and getattr(self.settings, "max_norm", None) is not None:
+                self.bound_(weight)
+
+    @hookimpl
+    def cortex_after_step(self, model: CortexModel, step: int, metrics: dict[str, float]) -> None:
+        rules = [r for r in getattr(model, "plasticity", ()) if isinstance(r, PlasticityRule)]
+        if not any(r is self for r in rules):
+            rules = [self]
+        elif rules[0] is not self:
+            return  # the model's first rule runs them all, in manifest order
+        with torch.no_grad():
+            for rule in rules:
+                rule.step_end(model, step, metrics)
+
+
+class CognitiveFeature(Component):
+    """A feature that reacts to lifecycle hooks (steps, sleep phases, interactions)."""
+
+    kind: ClassVar[str] = "feature"
+
+
+@dataclass
+class Document:
+    """One text of a data source, with where it came from (``FILE:LINE`` or a generator)."""
+
+    text: str
+    origin: str
+
+
+class DataSource(Component):
+    """A named source of training text (``demo``, ``jsonl``, ``text``, ...)."""
+
+    kind: ClassVar[str] = "data"
+
+    def documents(self) -> Iterator[Document]:
+        """Yield the source's documents in a deterministic order."""
+        raise NotImplementedError

@@ -1,0 +1,500 @@
+"""Manifests: YAML read safely with the position of every node, validated by pydantic.
+
+Every problem is reported at once as ``FILE:LINE:COL path.to.field: message``. Only
+registered component names are accepted, never import paths, and YAML tags beyond plain
+data (``!!python/object`` and friends) are refused before anything is constructed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cortex.kernel.errors import CortexError
+from cortex.core.memory import MemorySettings
+
+SCHEMA_VERSION = 1
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+_PLAIN_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "map", "seq")}
+_MAX_NODES = 100_000  # guards against alias ("billion laughs") expansion
+
+Path_ = tuple[str | int, ...]
+
+
+# --------------------------------------------------------------------------- models
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSection(_Section):
+    """Shape of the transformer core. The vocabulary size comes from the tokenizer."""
+
+    dim: int = Field(256, gt=0, description="Width of the residual stream.")
+    layers: int = Field(4, gt=0, description="Number of transformer blocks.")
+    heads: int = Field(4, gt=0, description="Attention heads; must divide `dim`, head size even.")
+    context: int = Field(256, gt=1, description="Context window in tokens.")
+    mlp_ratio: float = Field(4.0, gt=0, description="MLP hidden width as a multiple of `dim`.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout probability during training.")
+    rope_base: float = Field(10000.0, gt=0, description="RoPE frequency base.")
+    memory_layers: list[int] = Field(
+        default_factory=list, description="Blocks after which the memory layer reads the tiers."
+    )
+
+    @model_validator(mode="after")
+    def _shape(self) -> ModelSection:
+        if self.dim % self.heads:
+            raise ValueError(f"dim {self.dim} is not divisible by heads {self.heads}")
+        if (self.dim // self.heads) % 2:
+            raise ValueError(f"head size dim/heads = {self.dim // self.heads} must be even for RoPE")
+        bad = [i for i in self.memory_layers if not 0 <= i < self.layers]
+        if bad:
+            raise ValueError(f"memory_layers {bad} outside 0..{self.layers - 1}")
+        return self
+
+
+class TokenizerSection(_Section):
+    """``{type: byte}`` (default, no set-up) or ``{type: bpe, path: tokenizer.json}``."""
+
+    type: Literal["byte", "bpe"] = Field("byte", description="Tokenizer kind.")
+    path: str | None = Field(None, description="tokenizer.json of a BPE tokenizer, relative to the manifest.")
+
+    @model_validator(mode="after")
+    def _path(self) -> TokenizerSection:
+        if self.type == "bpe" and not self.path:
+            raise ValueError("a bpe tokenizer needs `path:` to its tokenizer.json")
+        return self
+
+
+class ComponentSpec(_Section):
+    """A registered component and its settings."""
+
+    type: str = Field(min_length=1, description="Registered component name, e.g. `stm` or `hopfield.hebbian`.")
+    settings: dict[str, Any] = Field(default_factory=dict, description="The component's own settings.")
+
+
+class RuleSpec(ComponentSpec):
+    """A plasticity rule, the modules it targets, and its settings."""
+
+    target: str = Field("*", min_length=1, description="Glob over module names, e.g. `blocks.*.mlp`.")
+
+
+class DataSpec(ComponentSpec):
+    """A data source: a registered name (``demo``) or a path to a prepared dataset."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return {"type": value} if isinstance(value, str) else value
+
+
+class TrainSection(_Section):
+    """Training settings; ``cortex build`` trains when this section is present."""
+
+    data: DataSpec = Field(default_factory=lambda: DataSpec(type="demo"), description="Data source.")
+    tokens: int = Field(3_000_000, gt=0, description="Training tokens in total.")
+    batch: int = Field(16, gt=0, description="Sequences per optimiser step.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
+    warmup: int = Field(100, ge=0, description="Linear warm-up steps before cosine decay.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay.")
+    clip: float = Field(1.0, gt=0, description="Gradient-norm clipping threshold.")
+    precision: Literal["fp32", "bf16", "auto"] = Field(
+        "bf16", description="Autocast precision; `auto` picks bf16 where the device runs it fast, else fp32.")
+    min_lr: float | None = Field(
+        None, ge=0, description="Learning rate at the end of the cosine decay (default: `lr / 10`).")
+    micro_batch: int | None = Field(
+        None, gt=0, description="Sequences per forward pass (per process under torchrun); the passes of a "
+        "step are accumulated (default: from `grad_accum`, else picked for the device).")
+    grad_accum: int | None = Field(
+        None, gt=0, description="Micro-batches accumulated per step; `batch` must be a multiple of it.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where to train; `auto` uses CUDA when present.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute each block's activations in backward: less memory, ~30% slower.")
+    val_fraction: float = Field(
+        0.05, ge=0, lt=0.5, description="Share of documents held out for validation when preparing data.")
+    eval_every: int = Field(200, ge=0, description="Validation loss every N steps (0: only at the end).")
+    eval_batches: int = Field(8, gt=0, description="Micro-batches of the validation split per evaluation.")
+    sample_every: int = Field(0, ge=0, description="Log a sample generation every N steps (0: never).")
+    sample_prompt: str = Field("", description="Prompt of the sample generations (default: start of val).")
+    sample_tokens: int = Field(64, gt=0, description="Tokens per sample generation.")
+    checkpoint_every: int = Field(500, ge=0, description="Write a resumable checkpoint every N steps (0: only at the end).")
+    keep_checkpoints: int = Field(2, ge=1, description="How many of the latest checkpoints to keep.")
+    spike_factor: float = Field(
+        3.0, gt=1, description="A loss above this multiple of the recent mean rolls back to the last checkpoint.")
+    spike_window: int = Field(
+        20, gt=0, description="Recent steps averaged for spike detection; no detection before that many steps.")
+    max_rollbacks: int = Field(10, ge=0, description="Rollbacks allowed in one run before training stops.")
+
+    @model_validator(mode="after")
+    def _accumulation(self) -> TrainSection:
+        mb, acc = self.micro_batch, self.grad_accum
+        if mb is not None and mb > self.batch:
+            raise ValueError(f"micro_batch {mb} is larger than batch {self.batch}")
+        if mb is not None and self.batch % mb:
+            raise ValueError(f"batch {self.batch} is not a multiple of micro_batch {mb}")
+        if acc is not None and self.batch % acc:
+            raise ValueError(f"batch {self.batch} is not a multiple of grad_accum {acc}")
+        if mb is not None and acc is not None and mb * acc != self.batch:
+            raise ValueError(f"micro_batch {mb} x grad_accum {acc} must equal batch {self.batch}")
+        if self.min_lr is not None and self.min_lr > self.lr:
+            raise ValueError(f"min_lr {self.min_lr} is above lr {self.lr}")
+        return self
+
+
+class Manifest(_Section):
+    """A model: its core, tokenizer, memory tiers, plasticity rules, features and training."""
+
+    cortex: int = Field(description=f"Schema version; this Cortex reads version {SCHEMA_VERSION}.")
+    name: str = Field(description="Run name: letters, digits, `.`, `_`, `-`; the run directory's name.")
+    seed: int = Field(0, description="Seed for initialisation and data order.")
+    model: ModelSection = Field(default_factory=ModelSection, description="Transformer core.")
+    tokenizer: TokenizerSection = Field(default_factory=TokenizerSection, description="Tokenizer.")
+    memory: list[ComponentSpec] = Field(default_factory=list, description="Memory tiers, in hand-over order.")
+    memory_system: MemorySettings = Field(
+        default_factory=MemorySettings, description="How the model writes, reads and consolidates its tiers.")
+    plasticity: list[RuleSpec] = Field(default_factory=list, description="Plasticity rules, applied in order.")
+    features: list[ComponentSpec] = Field(default_factory=list, description="Cognitive features.")
+    train: TrainSection | None = Field(None, description="Training; omit to build an untrained model.")
+
+    @field_validator("cortex")
+    @classmethod
+    def _version(cls, value: int) -> int:
+        if value != SCHEMA_VERSION:
+            raise ValueError(f"schema version {value} is not supported; this Cortex reads `cortex: {SCHEMA_VERSION}`")
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not RUN_NAME.match(value) or value in (".", ".."):
+            raise ValueError(
+                f"{value!r} is not a valid run name: use letters, digits, '.', '_' and '-', "
+                "starting with a letter or digit"
+            )
+        return value
+
+
+#: manifest section -> component kind
+SECTIONS = {"memory": "memory", "plasticity": "plasticity", "features": "feature"}
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@dataclass
+class Problem:
+    """One thing wrong with a manifest, with where it is."""
+
+    file: str
+    line: int
+    column: int
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}:{self.column}"
+        return f"{where} {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+
+
+class ManifestError(CortexError):
+    """All the problems found in a manifest."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+def dotted(path: Path_) -> str:
+    """``("memory", 0, "settings")`` -> ``memory[0].settings``."""
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+# --------------------------------------------------------------------------- YAML
+
+
+@dataclass
+class Source:
+    """A parsed YAML document, with the position of every value and key."""
+
+    file: str
+    text: str
+    data: Any = None
+    marks: dict[Path_, tuple[int, int]] = field(default_factory=dict)
+    key_marks: dict[Path_, tuple[int, int]] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
+
+    def position(self, path: Path_, *, key: bool = False) -> tuple[int, int]:
+        """Line and column (1-based) of ``path``, or of its nearest ancestor present."""
+        path = tuple(path)
+        while True:
+            if key and path in self.key_marks:
+                return self.key_marks[path]
+            if path in self.marks:
+                return self.marks[path]
+            if not path:
+                return (1, 1)
+            path = path[:-1]
+
+    def problem(self, path: Path_, message: str, *, key: bool = False) -> None:
+        line, col = self.position(path, key=key)
+        self.problems.append(Problem(self.file, line, col, dotted(path), message))
+
+
+def _mark(node: yaml.Node) -> tuple[int, int]:
+    return node.start_mark.line + 1, node.start_mark.column + 1
+
+
+def parse_yaml(text: str, file: str = "<manifest>") -> Source:
+    """Parse YAML into plain data, refusing non-data tags and duplicate keys."""
+    src = Source(file, text)
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        problem = getattr(exc, "problem", None) or str(exc)
+        src.problems.append(Problem(file, line, col, "", f"invalid YAML: {problem}"))
+        return src
+    finally:
+        loader.dispose()
+    if root is None:
+        src.problems.append(Problem(file, 1, 1, "", "the manifest is empty"))
+        return src
+    budget = [_MAX_NODES]
+
+    def build(node: yaml.Node, path: Path_) -> Any:
+        budget[0] -= 1
+        if budget[0] < 0:
+            raise _TooLarge
+        src.marks[path] = _mark(node)
+        if node.tag not in _PLAIN_TAGS:
+            line, col = _mark(node)
+            src.problems.append(Problem(
+                file, line, col, dotted(path),
+                f"YAML tag {node.tag!r} is not allowed: manifests hold plain data only "
+                "(mappings, lists, strings, numbers, booleans)",
+            ))
+            return None
+        if isinstance(node, yaml.MappingNode):
+            out: dict[str, Any] = {}
+            for key_node, value_node in node.value:
+                if key_node.tag not in _PLAIN_TAGS or not isinstance(key_node, yaml.ScalarNode):
+                    line, col = _mark(key_node)
+                    src.problems.append(Problem(file, line, col, dotted(path), "keys must be plain strings"))
+                    continue
+                key = str(loader.construct_object(key_node))
+                src.key_marks[path + (key,)] = _mark(key_node)
+                if key in out:
+                    src.problem(path + (key,), "duplicate key; each key may appear once", key=True)
+                out[key] = build(value_node, path + (key,))
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            return [build(item, path + (i,)) for i, item in enumerate(node.value)]
+        return loader.construct_object(node)
+
+    try:
+        src.data = build(root, ())
+    except _TooLarge:
+        src.problems.append(Problem(file, 1, 1, "", f"the manifest expands to more than {_MAX_NODES} nodes"))
+        src.data = None
+    return src
+
+
+class _TooLarge(Exception):
+    pass
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@dataclass
+class ResolvedComponent:
+    """A manifest entry bound to its registered class and validated settings."""
+
+    section: str
+    index: int
+    spec: ComponentSpec
+    info: Any  # cortex.kernel.registry.ComponentInfo
+    settings: BaseModel
+
+    @property
+    def key(self) -> str:
+        return f"{self.section}.{self.index}.{self.spec.type}"
+
+
+@dataclass
+class ValidatedManifest:
+    """A manifest that passed every check, with its components resolved."""
+
+    manifest: Manifest
+    source: Source
+    path: Path | None
+    components: list[ResolvedComponent]
+    plugins: Any  # cortex.kernel.plugins.CortexPluginManager
+    data: ResolvedComponent | None = None
+
+    def section(self, name: str) -> list[ResolvedComponent]:
+        return [c for c in self.components if c.section == name]
+
+
+def _pydantic_problems(src: Source, exc: ValidationError, prefix: Path_ = ()) -> None:
+    for err in exc.errors():
+        loc = prefix + tuple(err["loc"])
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "unknown key; remove it or check its spelling"
+            src.problem(loc, message, key=True)
+            continue
+        if err["type"] == "missing":
+            message = f"required field `{loc[-1]}` is missing"
+        src.problem(loc, message)
+
+
+def _referenced_namespaces(data: Any) -> set[str]:
+    names: list[Any] = []
+    if isinstance(data, dict):
+        for section in (*SECTIONS, "train"):
+            items = data.get(section)
+            if section == "train":
+                items = [items.get("data")] if isinstance(items, dict) else []
+            for item in items if isinstance(items, list) else []:
+                names.append(item.get("type") if isinstance(item, dict) else item)
+    return {n.split(".", 1)[0] for n in names if isinstance(n, str) and "." in n and "/" not in n}
+
+
+def _unknown(kind: str, name: str, pm: Any) -> str:
+    registry = pm.registry
+    other = registry.kinds_of(name)
+    if other:
+        return f"{name!r} is a {other[0]} component, not a {kind} component"
+    if "." in name:
+        namespace = name.split(".", 1)[0]
+        if namespace not in pm.installed_namespaces:
+            hint = difflib.get_close_matches(namespace, sorted(pm.installed_namespaces), n=1)
+            tip = f"; did you mean {hint[0]!r}?" if hint else "; install the plugin package that provides it"
+            return f"no installed plugin provides the namespace {namespace!r}{tip}"
+        if namespace not in pm.loaded_namespaces:
+            return (f"the plugin namespace {namespace!r} is installed but not loaded: "
+                    "CORTEX_DISABLE_PLUGIN_AUTOLOAD or CORTEX_PLUGINS excludes it")
+    candidates = registry.names(kind) + sorted(pm.installed_namespaces)
+    hint = difflib.get_close_matches(name, candidates, n=3, cutoff=0.6)
+    known = ", ".join(registry.names(kind)) or "none"
+    tip = f"; did you mean {' or '.join(repr(h) for h in hint)}?" if hint else f"; known: {known}"
+    return f"unknown {kind} component {name!r}{tip}"
+
+
+def _looks_like_path(name: str) -> bool:
+    return "/" in name or "\\" in name or name.startswith(".") or Path(name).suffix != ""
+
+
+def validate(src: Source, path: Path | None = None, *, plugins: Any = None) -> ValidatedManifest:
+    """Validate parsed YAML; raise [`ManifestError`][cortex.kernel.manifest.ManifestError] with every problem."""
+    from cortex.kernel.plugins import create_plugin_manager
+
+    manifest = None
+    if not src.problems:
+        if not isinstance(src.data, dict):
+            src.problem((), "a manifest is a mapping of sections (cortex, name, model, ...)")
+        else:
+            try:
+                manifest = Manifest.model_validate(src.data)
+            except ValidationError as exc:
+                _pydantic_problems(src, exc)
+    pm = plugins if plugins is not None else create_plugin_manager(_referenced_namespaces(src.data))
+    components: list[ResolvedComponent] = []
+    data_component = None
+    raw = src.data if isinstance(src.data, dict) else {}
+    entries: list[tuple[str, str, int, Any]] = []
+    for section, kind in SECTIONS.items():
+        items = raw.get(section)
+        for i, item in enumerate(items if isinstance(items, list) else []):
+            entries.append((section, kind, i, item))
+    train = raw.get("train")
+    if isinstance(train, dict) and "data" in train:
+        entries.append(("train", "data", -1, train["data"]))
+    for section, kind, i, item in entries:
+        spec_cls = RuleSpec if section == "plasticity" else DataSpec if kind == "data" else ComponentSpec
+        where: Path_ = ("train", "data") if kind == "data" else (section, i)
+        try:
+            spec = spec_cls.model_validate(item)
+        except ValidationError:
+            continue  # already reported by the whole-manifest validation
+        info = pm.registry.get(kind, spec.type)
+        if info is None:
+            if kind == "data" and _looks_like_path(spec.type):
+                continue  # a prepared dataset directory or a file, checked when training reads it
+            src.problem(where + ("type",), _unknown(kind, spec.type, pm))
+            continue
+        try:
+            settings = info.cls.Settings.model_validate(spec.settings)
+        except ValidationError as exc:
+            _pydantic_problems(src, exc, where + ("settings",))
+            continue
+        resolved = ResolvedComponent(section, i, spec, info, settings)
+        if kind == "data":
+            data_component = resolved
+        else:
+            components.append(resolved)
+    if manifest is not None:
+        _cross_checks(src, manifest)
+    if src.problems:
+        src.problems.sort(key=lambda p: (p.line, p.column))
+        raise ManifestError(src.problems)
+    assert manifest is not None
+    return ValidatedManifest(manifest, src, path, components, pm, data_component)
+
+
+def _cross_checks(src: Source, m: Manifest) -> None:
+    """Constraints between sections."""
+    ms = m.memory_system
+    given = isinstance(src.data, dict) and "memory_system" in src.data
+    if given and not m.memory:
+        src.problem(("memory_system",), "a memory system needs at least one tier under `memory:`")
+    if m.memory and "knn_attention" in ms.read and not m.model.memory_layers:
+        src.problem(("memory_system", "read"),
+                    "knn_attention reads at the memory layers: set model.memory_layers, e.g. [1]")
+    if ms.key_layer is not None and ms.key_layer >= m.model.layers:
+        src.problem(("memory_system", "key_layer"), f"must be a block index below model.layers ({m.model.layers})")
+
+
+def load_manifest(path: str | Path, *, plugins: Any = None) -> ValidatedManifest:
+    """Read and validate a manifest file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CortexError(f"{path}: no such manifest file") from None
+    except IsADirectoryError:
+        raise CortexError(f"{path}: is a directory, not a manifest file") from None
+    except UnicodeDecodeError as exc:
+        raise CortexError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    return validate(parse_yaml(text, str(path)), path, plugins=plugins)
+
+
+def load_manifest_text(text: str, file: str = "<manifest>", *, plugins: Any = None) -> ValidatedManifest:
+    """Validate a manifest given as a YAML string."""
+    return validate(parse_yaml(text, file), None, plugins=plugins)
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON schema of the manifest, plus the settings schema of every registered component."""
+    from cortex.kernel.plugins import create_plugin_manager
+
+    schema = Manifest.model_json_schema()
+    pm = create_plugin_manager(strict=False)
+    schema["x-cortex-components"] = {
+        f"{info.kind}:{info.name}": info.cls.Settings.model_json_schema() for info in pm.registry
+    }
+    return schema

@@ -1,0 +1,84 @@
+"""The component registry: (kind, full name) -> class, with the plugin it came from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+from pydantic import BaseModel
+
+from cortex.kernel.errors import PluginError
+from cortex.kernel.interfaces import KINDS
+
+
+@dataclass(frozen=True)
+class PluginSource:
+    """Where a plugin came from: its distribution, version and entry point."""
+
+    distribution: str
+    version: str
+    entry_point: str  # the entry point's name, which is the namespace of third parties
+    value: str  # what the entry point loads, e.g. ``cortex_plugins.data.demo``
+    builtin: bool = False
+
+    def describe(self) -> str:
+        return f"{self.distribution} {self.version} (entry point {self.entry_point} = {self.value})"
+
+
+@dataclass(frozen=True)
+class ComponentInfo:
+    """A registered component class."""
+
+    kind: str
+    name: str
+    cls: type
+    source: PluginSource
+
+
+class Registry:
+    """Maps (kind, name) to component classes. Third-party names carry their namespace."""
+
+    def __init__(self) -> None:
+        self._items: dict[tuple[str, str], ComponentInfo] = {}
+
+    def add(self, cls: type, source: PluginSource) -> ComponentInfo:
+        """Register ``cls`` for ``source``; a real clash raises an error naming both sources."""
+        kind, name = getattr(cls, "kind", None), getattr(cls, "name", None)
+        settings = getattr(cls, "Settings", None)
+        problem = None
+        if kind not in KINDS:
+            problem = f"kind {kind!r} is not one of {', '.join(KINDS)}"
+        elif not isinstance(name, str) or not name.isidentifier():
+            problem = f"name {name!r} must be a Python identifier such as 'my_tier'"
+        elif not (isinstance(settings, type) and issubclass(settings, BaseModel)):
+            problem = "it has no pydantic Settings model"
+        if problem:
+            raise PluginError(
+                f"component {getattr(cls, '__qualname__', cls)!r} from {source.describe()} "
+                f"cannot be registered: {problem}"
+            )
+        full = name if source.builtin else f"{source.entry_point}.{name}"
+        existing = self._items.get((kind, full))
+        if existing is not None and existing.cls is not cls:
+            raise PluginError(
+                f"{kind} component {full!r} is registered twice: by "
+                f"{existing.source.describe()} and by {source.describe()}; uninstall one of them"
+            )
+        info = ComponentInfo(kind, full, cls, source)
+        self._items[(kind, full)] = info
+        return info
+
+    def get(self, kind: str, name: str) -> ComponentInfo | None:
+        return self._items.get((kind, name))
+
+    def names(self, kind: str | None = None) -> list[str]:
+        return sorted(n for k, n in self._items if kind is None or k == kind)
+
+    def kinds_of(self, name: str) -> list[str]:
+        return [k for k, n in self._items if n == name]
+
+    def __iter__(self) -> Iterator[ComponentInfo]:
+        return iter(sorted(self._items.values(), key=lambda i: (i.kind, i.name)))
+
+    def __len__(self) -> int:
+        return len(self._items)

@@ -1,0 +1,215 @@
+"""Run directories: written atomically, loaded back exactly.
+
+A run directory holds ``manifest.yaml`` (the manifest as written), ``model.safetensors``,
+``tokenizer.json``, ``state.safetensors`` + ``state.json`` (every plugin's state) and
+``build.json`` (versions, plugin sources, summary). It is assembled in a temporary
+directory beside its destination and renamed into place, so a crash never leaves half a run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_model, save_file, save_model
+
+import cortex
+from cortex.kernel.errors import CheckpointError, CortexError
+from cortex.kernel.manifest import RUN_NAME
+
+RUN_FILES = ("manifest.yaml", "model.safetensors", "tokenizer.json", "state.safetensors", "state.json", "build.json")
+
+
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data.encode() if isinstance(data, str) else data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+@contextmanager
+def staged_directory(dest: Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory that replaces ``dest`` only if the block succeeds."""
+    dest = Path(dest)
+    if dest.exists() and not overwrite:
+        raise CortexError(f"{dest} already exists; pass --overwrite or choose another -o/--name")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            os.replace(dest, old)
+            os.replace(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_path(out_dir: Path, name: str) -> Path:
+    """The run directory ``out_dir/name``; a name can never point outside ``out_dir``."""
+    out_dir = Path(out_dir).resolve()
+    if not RUN_NAME.match(name) or name in (".", ".."):
+        raise CortexError(f"run name {name!r} is not allowed: use letters, digits, '.', '_' and '-'")
+    path = (out_dir / name).resolve()
+    if path.parent != out_dir:
+        raise CortexError(f"run name {name!r} would write outside {out_dir}")
+    return path
+
+
+# ------------------------------------------------------------------ plugin state
+
+
+def flatten_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], Any]:
+    """Split nested plugin state into tensors (for safetensors) and JSON with references."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(value: Any, key: str) -> Any:
+        if isinstance(value, torch.Tensor):
+            tensors[key] = value.detach().cpu().contiguous()
+            return {"__tensor__": key}
+        if isinstance(value, dict):
+            return {str(k): walk(v, f"{key}/{k}") for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [walk(v, f"{key}/{i}") for i, v in enumerate(value)]
+        return value
+
+    return tensors, walk(state, "state")
+
+
+def unflatten_state(tensors: dict[str, torch.Tensor], data: Any) -> Any:
+    """Inverse of [`flatten_state`][cortex.runtime.rundir.flatten_state]."""
+    if isinstance(data, dict):
+        if set(data) == {"__tensor__"}:
+            return tensors[data["__tensor__"]]
+        return {k: unflatten_state(tensors, v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [unflatten_state(tensors, v) for v in data]
+    return data
+
+
+def save_state(directory: Path, state: dict[str, Any]) -> None:
+    """Write plugin state as ``state.safetensors`` (authoritative: tensors plus the JSON
+    part in its metadata, replaced in one rename) and a readable copy ``state.json``."""
+    tensors, data = flatten_state(state)
+    text = json.dumps(data, ensure_ascii=False)
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"cortex_state": text})
+        os.replace(tmp, directory / "state.safetensors")
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    write_json(directory / "state.json", data)
+
+
+def load_state(directory: Path) -> dict[str, Any]:
+    """Read what [`save_state`][cortex.runtime.rundir.save_state] wrote."""
+    path = directory / "state.safetensors"
+    with safe_open(path, framework="pt") as fh:
+        text = (fh.metadata() or {}).get("cortex_state")
+        tensors = {key: fh.get_tensor(key) for key in fh.keys()}
+    data = json.loads(text) if text is not None else json.loads((directory / "state.json").read_text("utf-8"))
+    return unflatten_state(tensors, data)
+
+
+# ------------------------------------------------------------------ runs
+
+
+def environment() -> dict[str, Any]:
+    """Versions and machine facts recorded with every run and benchmark."""
+    return {
+        "cortex": cortex.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+    }
+
+
+def save_run(model: Any, out_dir: Path, *, name: str | None = None, overwrite: bool = False) -> Path:
+    """Write ``model`` (a [`CortexModel`][cortex.assemble.CortexModel]) as a run directory."""
+    dest = run_path(out_dir, name or model.manifest.name)
+    with staged_directory(dest, overwrite=overwrite) as tmp:
+        write_into(model, tmp)
+    return dest
+
+
+def write_into(model: Any, directory: Path) -> None:
+    """Write every run file of ``model`` into an existing directory (each file atomically)."""
+    directory = Path(directory)
+    atomic_write(directory / "manifest.yaml", model.built.source.text)
+    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    os.close(fd)
+    save_model(model.core, tmp)
+    os.replace(tmp, directory / "model.safetensors")
+    model.tokenizer.save(directory / "tokenizer.json")
+    save_state(directory, model.plugin_state())
+    write_json(directory / "build.json", {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "environment": environment(),
+        "summary": model.summary(),
+    })
+
+
+def load_weights(core: torch.nn.Module, file: Path, *, device: str = "cpu") -> None:
+    """Load ``file`` into ``core``; a missing, unreadable or mismatched file is a CheckpointError."""
+    try:
+        missing, unexpected = load_model(core, str(file), strict=False, device=str(device))
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise CheckpointError(f"{file}: cannot be loaded: {exc}") from None
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{file} does not match this model (missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}) — was it written by another manifest?"
+        )
+
+
+def load_run(path: Path, *, device: str = "cpu") -> Any:
+    """Rebuild the model of a run directory: manifest, weights, tokenizer and plugin state."""
+    from cortex.assemble import assemble
+    from cortex.kernel.manifest import load_manifest
+    from cortex.core.tokenizer import load_tokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a run directory (build one with `cortex build MANIFEST`)")
+    missing = [f for f in RUN_FILES if not (path / f).is_file()]
+    if missing:
+        raise CheckpointError(f"{path}: incomplete run directory, missing {', '.join(missing)}")
+    built = load_manifest(path / "manifest.yaml")
+    tokenizer = load_tokenizer(path / "tokenizer.json")
+    model = assemble(built, device=device, tokenizer=tokenizer)
+    load_weights(model.core, path / "model.safetensors", device=device)
+    try:
+        state = load_state(path)
+    except (SafetensorError, OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{path}: plugin state cannot be read: {exc}") from None
+    model.load_plugin_state(state)
+    return model

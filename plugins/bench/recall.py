@@ -1,0 +1,141 @@
+"""``cortex bench recall``: associative recall beyond the context window.
+
+Two tasks, generated offline from seeds:
+
+- **passkey**: "The pass key is 48213. Remember it." followed by ``d`` context windows
+  of demo-corpus filler; then the cue "The pass key is" alone must complete to the key;
+- **mqar** (multi-query associative recall): several "Remember: kq=73." pairs, ``d``
+  windows of filler, then each "Remember: kq=" must complete to its value.
+
+Everything before the cue is written to memory through the real-time API and is gone
+from the context when the cue is asked, so only memory can answer. Accuracy is reported by
+distance (in context windows) for each read mode the model has, and with memory off (a
+session that was told nothing; chance is 1e-5 for a passkey, 1e-2 for a value).
+"""
+
+from __future__ import annotations
+
+import random
+import string
+from pathlib import Path
+from typing import Callable
+
+import torch
+from pydantic import Field
+
+from cortex import hookimpl
+from cortex.bench.harness import BenchSuite, Check, SuiteResult, load_target, median_and_spread
+from cortex.kernel.interfaces import Settings
+
+TARGETS = {4: 0.9, 16: 0.8}  # distance in windows -> accuracy with memory
+
+
+def filler(tokens: int, tokenizer, seed: int) -> list[str]:
+    """Demo-corpus paragraphs totalling at least ``tokens`` tokens."""
+    from cortex_plugins.data.demo import demo_documents
+
+    texts, total = [], 0
+    for doc in demo_documents(10 * (tokens // 200 + 1), seed=2_000_000 + seed):
+        texts.append(doc.text)
+        total += len(tokenizer.encode(doc.text))
+        if total >= tokens:
+            break
+    return texts
+
+
+def passkey_trial(rng: random.Random) -> tuple[str, list[tuple[str, str]]]:
+    key = str(rng.randint(10000, 99999))
+    return f"The pass key is {key}. Remember it.", [("The pass key is", key)]
+
+
+def mqar_trial(rng: random.Random, pairs: int = 4) -> tuple[str, list[tuple[str, str]]]:
+    keys = rng.sample([a + b for a in string.ascii_lowercase for b in string.ascii_lowercase], pairs)
+    values = [str(rng.randint(10, 99)) for _ in keys]
+    text = " ".join(f"Remember: {k}={v}." for k, v in zip(keys, values))
+    return text, [(f"Remember: {k}=", v) for k, v in zip(keys, values)]
+
+
+TASKS = {"passkey": passkey_trial, "mqar": mqar_trial}
+
+
+class Recall(BenchSuite):
+    """Recall accuracy by distance, per read mode, memory on and off."""
+
+    name = "recall"
+    default_targets = ("examples/quickstart.yaml",)
+
+    class Settings(Settings):
+        distances: list[int] = Field(default_factory=lambda: [1, 4, 16], description="Filler, in context windows.")
+        trials: int = Field(10, gt=0, description="Trials per task, distance and seed.")
+
+    def run(self, targets: list[Path], *, quick: bool, seeds: list[int],
+            log: Callable[[str], None]) -> SuiteResult:
+        s = self.settings
+        distances, trials = ([1, 4], 3) if quick else (s.distances, s.trials)
+        result = SuiteResult()
+        rows = []
+        for target in targets:
+            acc: dict[tuple[str, str, int], list[float]] = {}
+            for seed in seeds:
+                torch.manual_seed(seed)
+                model = load_target(target).eval()
+                for key, value in self._one_seed(model, seed, distances, trials).items():
+                    acc.setdefault(key, []).append(value)
+                log(f"{target} seed {seed} done")
+            for (task, mode, distance), values in sorted(acc.items()):
+                figure = median_and_spread(values)
+                result.figures[f"{target}:{task}:{mode}:{distance}"] = figure
+                rows.append([str(target), task, mode, distance, f"{figure['mean']:.2f} ± {figure['std']:.2f}"])
+            for distance, goal in TARGETS.items():
+                best = max((median_and_spread(v)["mean"] for (t, m, d), v in acc.items()
+                            if d == distance and m != "off"), default=None)
+                if best is not None:
+                    result.checks.append(Check(f"{target} best read mode at {distance} windows", best, goal))
+        result.tables.append(("Recall accuracy by distance in context windows (mean ± std over seeds)",
+                              ["target", "task", "read mode", "distance", "accuracy"], rows))
+        result.notes.append("Everything before the cue is flushed from the context: only memory can answer. "
+                            "'off' asks a session that was told nothing.")
+        return result
+
+    @staticmethod
+    def _one_seed(model, seed: int, distances: list[int], trials: int) -> dict[tuple[str, str, int], float]:
+        ms = model.memory_system
+        modes = [] if ms is None else [m for m in ("knn_lm", "knn_attention")
+                                       if m in ms.settings.read and (m == "knn_lm" or ms.readers)]
+        original = list(ms.settings.read) if ms is not None else []
+        window = model.config.context
+        out: dict[tuple[str, str, int], float] = {}
+        try:
+            for task, make in TASKS.items():
+                for distance in distances:
+                    rng = random.Random(f"{task}:{seed}:{distance}")
+                    correct: dict[str, int] = {}
+                    asked = 0
+                    for trial in range(trials):
+                        text, questions = make(rng)
+                        session = f"recall-{task}-{seed}-{distance}-{trial}"
+                        if ms is not None:
+                            model.remember(text, session=session)
+                            for chunk in filler(distance * window, model.tokenizer, seed * 1000 + trial):
+                                model.remember(chunk, session=session)
+                        asked += len(questions)
+                        for mode in [*modes, "off"]:
+                            if mode != "off":
+                                ms.settings.read = [mode]
+                            who = session if mode != "off" else f"{session}-untold"
+                            correct[mode] = correct.get(mode, 0) + sum(
+                                model.generate_text(cue, session=who, max_new_tokens=len(answer) + 1)
+                                .strip().startswith(answer) for cue, answer in questions)
+                        if ms is not None:
+                            ms.settings.read = original
+                    for mode, n in correct.items():
+                        out[(task, mode, distance)] = n / asked
+        finally:
+            if ms is not None:
+                ms.settings.read = original
+        return out
+
+
+@hookimpl
+def cortex_register_components(register):
+    register(Recall)

@@ -1,0 +1,333 @@
+"""The ``demo`` data source: a synthetic bilingual (Korean/English) corpus, made offline.
+
+Each document is a small world. A few people get a few facts each (where they live, their
+job, age, favourite colour, pets, favourite food, locker number), told either as plain
+statements or as a dialogue in which they answer each other's questions; the document then
+asks questions whose answers are stated earlier in the same document::
+
+    Mina lives in Busan. Jun is a teacher. Mina is 34 years old.
+    Where does Mina live? Busan.
+    How old is Mina? 34.
+
+    민아: 준아, 어디에 살아?
+    준: 나는 부산에 살아.
+    준은 어디에 살아? 부산.
+
+A model trained on it has to copy from its context and bind names to facts, which is what
+memory components are measured on. Everything is drawn from built-in word lists by a
+seeded ``random.Random`` per document, so document ``i`` of a seed is always the same
+(and the first ``n`` documents do not depend on how many are asked for).
+
+```yaml
+train:
+  data: {type: demo, settings: {documents: 20000, seed: 0, korean: 0.5}}
+```
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from pydantic import Field
+
+from cortex import hookimpl
+from cortex.kernel.interfaces import DataSource, Document, Settings
+
+# --------------------------------------------------------------------------- word lists
+# (English, Korean) pairs, so the same world can be told in either language.
+
+NAMES = [
+    ("Mina", "민아"), ("Jun", "준"), ("Jiwoo", "지우"), ("Seojun", "서준"), ("Hana", "하나"),
+    ("Minho", "민호"), ("Yuna", "유나"), ("Doyun", "도윤"), ("Sora", "소라"), ("Taeyang", "태양"),
+    ("Eunji", "은지"), ("Hyunwoo", "현우"), ("Jisoo", "지수"), ("Siwoo", "시우"), ("Nari", "나리"),
+    ("Woojin", "우진"), ("Haneul", "하늘"), ("Somin", "소민"), ("Daeho", "대호"), ("Yerin", "예린"),
+    ("Jihun", "지훈"), ("Subin", "수빈"), ("Kyungmin", "경민"), ("Areum", "아름"), ("Sejin", "세진"),
+    ("Boram", "보람"), ("Chanwoo", "찬우"), ("Dahye", "다혜"), ("Gaeun", "가은"), ("Hyejin", "혜진"),
+    ("Inho", "인호"), ("Jaemin", "재민"), ("Minseo", "민서"), ("Sungho", "성호"), ("Yejin", "예진"),
+    ("Taemin", "태민"), ("Bora", "보라"), ("Seoyeon", "서연"), ("Dongha", "동하"), ("Juhee", "주희"),
+    ("Anna", "안나"), ("Ben", "벤"), ("Chloe", "클로이"), ("David", "데이비드"), ("Emma", "엠마"),
+    ("Felix", "펠릭스"), ("Grace", "그레이스"), ("Henry", "헨리"), ("Lucy", "루시"), ("Leo", "레오"),
+    ("Mia", "미아"), ("Noah", "노아"), ("Olivia", "올리비아"), ("Sam", "샘"), ("Tom", "톰"),
+    ("Zoe", "조이"),
+]
+
+CITIES = [
+    ("Seoul", "서울"), ("Busan", "부산"), ("Incheon", "인천"), ("Daegu", "대구"), ("Daejeon", "대전"),
+    ("Gwangju", "광주"), ("Ulsan", "울산"), ("Suwon", "수원"), ("Jeonju", "전주"),
+    ("Gangneung", "강릉"), ("Jeju", "제주"), ("Pohang", "포항"), ("Chuncheon", "춘천"),
+    ("Gyeongju", "경주"), ("Mokpo", "목포"), ("Yeosu", "여수"), ("Tokyo", "도쿄"), ("Osaka", "오사카"),
+    ("Paris", "파리"), ("London", "런던"), ("Berlin", "베를린"), ("Rome", "로마"), ("Madrid", "마드리드"),
+    ("Sydney", "시드니"), ("Toronto", "토론토"), ("Chicago", "시카고"), ("Boston", "보스턴"),
+    ("Seattle", "시애틀"), ("Cairo", "카이로"), ("Lima", "리마"), ("Oslo", "오슬로"), ("Hanoi", "하노이"),
+    ("Bangkok", "방콕"), ("Lisbon", "리스본"), ("Dublin", "더블린"), ("Prague", "프라하"),
+    ("New York", "뉴욕"), ("Hong Kong", "홍콩"),
+]
+
+JOBS = [
+    ("teacher", "교사"), ("doctor", "의사"), ("nurse", "간호사"), ("cook", "요리사"),
+    ("police officer", "경찰관"), ("firefighter", "소방관"), ("lawyer", "변호사"), ("reporter", "기자"),
+    ("painter", "화가"), ("singer", "가수"), ("actor", "배우"), ("farmer", "농부"),
+    ("fisher", "어부"), ("baker", "제빵사"), ("programmer", "프로그래머"), ("engineer", "엔지니어"),
+    ("architect", "건축가"), ("scientist", "과학자"), ("pharmacist", "약사"), ("pilot", "조종사"),
+    ("photographer", "사진작가"), ("writer", "작가"), ("musician", "음악가"), ("designer", "디자이너"),
+    ("bus driver", "버스 기사"), ("bank clerk", "은행원"), ("hairdresser", "미용사"),
+    ("dentist", "치과의사"), ("vet", "수의사"), ("accountant", "회계사"), ("translator", "번역가"),
+    ("gardener", "정원사"), ("mail carrier", "집배원"), ("carpenter", "목수"), ("judge", "판사"),
+    ("librarian", "사서"), ("astronaut", "우주비행사"), ("dancer", "무용수"), ("tailor", "재단사"),
+]
+
+COLOURS = [
+    ("red", "빨간색"), ("orange", "주황색"), ("yellow", "노란색"), ("green", "초록색"), ("blue", "파란색"),
+    ("navy", "남색"), ("purple", "보라색"), ("pink", "분홍색"), ("white", "흰색"), ("black", "검은색"),
+    ("grey", "회색"), ("brown", "갈색"), ("gold", "금색"), ("silver", "은색"), ("sky blue", "하늘색"),
+]
+
+# (singular, plural, Korean)
+ANIMALS = [
+    ("cat", "cats", "고양이"), ("dog", "dogs", "강아지"), ("rabbit", "rabbits", "토끼"),
+    ("hamster", "hamsters", "햄스터"), ("turtle", "turtles", "거북이"), ("parrot", "parrots", "앵무새"),
+    ("goldfish", "goldfish", "금붕어"), ("chicken", "chickens", "닭"), ("duck", "ducks", "오리"),
+    ("horse", "horses", "말"), ("goat", "goats", "염소"), ("hedgehog", "hedgehogs", "고슴도치"),
+    ("lizard", "lizards", "도마뱀"), ("frog", "frogs", "개구리"), ("pig", "pigs", "돼지"),
+]
+
+FOODS = [
+    ("apples", "사과"), ("bananas", "바나나"), ("grapes", "포도"), ("strawberries", "딸기"),
+    ("peaches", "복숭아"), ("oranges", "오렌지"), ("watermelon", "수박"), ("noodles", "국수"),
+    ("kimchi", "김치"), ("bread", "빵"), ("rice cakes", "떡"), ("dumplings", "만두"), ("pizza", "피자"),
+    ("cheese", "치즈"), ("ice cream", "아이스크림"), ("fried chicken", "치킨"), ("tofu", "두부"),
+    ("bibimbap", "비빔밥"), ("cucumbers", "오이"), ("potatoes", "감자"),
+]
+
+ATTRIBUTES = ("city", "job", "age", "colour", "pets", "food", "locker")
+
+# --------------------------------------------------------------------------- Korean grammar
+
+
+def has_final_consonant(word: str) -> bool:
+    """Whether the last syllable of ``word`` ends in a consonant (받침), for choosing particles."""
+    last = word[-1]
+    if "가" <= last <= "힣":
+        return (ord(last) - 0xAC00) % 28 != 0
+    return last in "013678"  # 영 일 삼 육 칠 팔
+
+
+def _topic(w: str) -> str:
+    return w + ("은" if has_final_consonant(w) else "는")
+
+
+def _subject(w: str) -> str:
+    return w + ("이" if has_final_consonant(w) else "가")
+
+
+def _object(w: str) -> str:
+    return w + ("을" if has_final_consonant(w) else "를")
+
+
+def _is(w: str) -> str:  # plain copula: 교사다 / 경찰관이다
+    return w + ("이다" if has_final_consonant(w) else "다")
+
+
+def _is_casual(w: str) -> str:  # 교사야 / 경찰관이야
+    return w + ("이야" if has_final_consonant(w) else "야")
+
+
+def _call(w: str) -> str:  # vocative: 준아 / 민아야
+    return w + ("아" if has_final_consonant(w) else "야")
+
+
+def _article(noun: str) -> str:
+    return ("an " if noun[0] in "aeiou" else "a ") + noun
+
+
+def _cap(s: str) -> str:
+    return s[0].upper() + s[1:]
+
+
+# --------------------------------------------------------------------------- worlds
+
+
+@dataclass
+class Person:
+    """One person of a world: an (English, Korean) name and drawn attribute values."""
+
+    name: tuple[str, str]
+    facts: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass
+class DemoWorld:
+    """A generated document with its structure, for benchmarks that need the answers."""
+
+    korean: bool
+    kind: str  # "facts" or "dialogue"
+    people: list[Person]
+    #: (question, answer) pairs asked at the end, in order
+    qa: list[tuple[str, str]]
+    text: str
+
+
+def _draw_people(rng: random.Random) -> list[Person]:
+    count = rng.randint(2, 4)
+    names = rng.sample(NAMES, count)
+    # distinct values per attribute within a world: answers must come from binding name to fact
+    pools = {
+        "city": rng.sample(CITIES, count),
+        "job": rng.sample(JOBS, count),
+        "age": rng.sample(range(18, 80), count),
+        "colour": rng.sample(COLOURS, count),
+        "pets": [(a, rng.randint(1, 9)) for a in rng.sample(ANIMALS, count)],
+        "food": rng.sample(FOODS, count),
+        "locker": rng.sample(range(100, 10000), count),
+    }
+    people = []
+    for i, name in enumerate(names):
+        chosen = rng.sample(ATTRIBUTES, rng.randint(2, 4))
+        people.append(Person(name, {a: pools[a][i] for a in chosen}))
+    return people
+
+
+def _statement(p: Person, attr: str, ko: bool) -> str:
+    v = p.facts[attr]
+    if ko:
+        n = p.name[1]
+        return {
+            "city": lambda: f"{_topic(n)} {v[1]}에 산다.",
+            "job": lambda: f"{_topic(n)} {_is(v[1])}.",
+            "age": lambda: f"{_topic(n)} {v}살이다.",
+            "colour": lambda: f"{_subject(n)} 좋아하는 색은 {_is(v[1])}.",
+            "pets": lambda: f"{_topic(n)} {v[0][2]} {v[1]}마리를 키운다.",
+            "food": lambda: f"{_topic(n)} {_object(v[1])} 좋아한다.",
+            "locker": lambda: f"{n}의 사물함 번호는 {v}번이다.",
+        }[attr]()
+    n = p.name[0]
+    return {
+        "city": lambda: f"{n} lives in {v[0]}.",
+        "job": lambda: f"{n} is {_article(v[0])}.",
+        "age": lambda: f"{n} is {v} years old.",
+        "colour": lambda: f"{n}'s favourite colour is {v[0]}.",
+        "pets": lambda: f"{n} has {v[1]} {v[0][0] if v[1] == 1 else v[0][1]}.",
+        "food": lambda: f"{n} likes {v[0]}.",
+        "locker": lambda: f"{n}'s locker number is {v}.",
+    }[attr]()
+
+
+def _question(p: Person, attr: str, ko: bool) -> tuple[str, str]:
+    v = p.facts[attr]
+    if ko:
+        n = p.name[1]
+        return {
+            "city": lambda: (f"{_topic(n)} 어디에 살아?", f"{v[1]}."),
+            "job": lambda: (f"{_topic(n)} 무슨 일을 해?", f"{v[1]}."),
+            "age": lambda: (f"{_topic(n)} 몇 살이야?", f"{v}살."),
+            "colour": lambda: (f"{_subject(n)} 좋아하는 색은 뭐야?", f"{v[1]}."),
+            "pets": lambda: (f"{_topic(n)} {_object(v[0][2])} 몇 마리 키워?", f"{v[1]}마리."),
+            "food": lambda: (f"{_topic(n)} 무슨 음식을 좋아해?", f"{v[1]}."),
+            "locker": lambda: (f"{n}의 사물함 번호는 뭐야?", f"{v}번."),
+        }[attr]()
+    n = p.name[0]
+    return {
+        "city": lambda: (f"Where does {n} live?", f"{v[0]}."),
+        "job": lambda: (f"What is {n}'s job?", f"{_cap(_article(v[0]))}."),
+        "age": lambda: (f"How old is {n}?", f"{v}."),
+        "colour": lambda: (f"What is {n}'s favourite colour?", f"{_cap(v[0])}."),
+        "pets": lambda: (f"How many {v[0][1]} does {n} have?", f"{v[1]}."),
+        "food": lambda: (f"What does {n} like to eat?", f"{_cap(v[0])}."),
+        "locker": lambda: (f"What is {n}'s locker number?", f"{v}."),
+    }[attr]()
+
+
+def _exchange(asker: Person, p: Person, attr: str, ko: bool) -> list[str]:
+    """Two dialogue turns: ``asker`` asks ``p`` about ``attr``, ``p`` answers in the first person."""
+    v = p.facts[attr]
+    if ko:
+        a, n = asker.name[1], p.name[1]
+        c = _call(n)
+        ask, answer = {
+            "city": lambda: (f"{c}, 어디에 살아?", f"나는 {v[1]}에 살아."),
+            "job": lambda: (f"{c}, 무슨 일을 해?", f"나는 {_is_casual(v[1])}."),
+            "age": lambda: (f"{c}, 몇 살이야?", f"나는 {v}살이야."),
+            "colour": lambda: (f"{c}, 무슨 색을 좋아해?", f"나는 {_object(v[1])} 좋아해."),
+            "pets": lambda: (f"{c}, {_object(v[0][2])} 몇 마리 키워?", f"나는 {v[0][2]} {v[1]}마리를 키워."),
+            "food": lambda: (f"{c}, 무슨 음식을 좋아해?", f"나는 {_object(v[1])} 좋아해."),
+            "locker": lambda: (f"{c}, 사물함 번호가 뭐야?", f"내 사물함 번호는 {v}번이야."),
+        }[attr]()
+    else:
+        a, n = asker.name[0], p.name[0]
+        pets = v[0][0] if attr == "pets" and v[1] == 1 else (v[0][1] if attr == "pets" else "")
+        ask, answer = {
+            "city": lambda: (f"Where do you live, {n}?", f"I live in {v[0]}."),
+            "job": lambda: (f"What do you do, {n}?", f"I'm {_article(v[0])}."),
+            "age": lambda: (f"How old are you, {n}?", f"I'm {v} years old."),
+            "colour": lambda: (f"What's your favourite colour, {n}?", f"My favourite colour is {v[0]}."),
+            "pets": lambda: (f"Do you have any pets, {n}?", f"I have {v[1]} {pets}."),
+            "food": lambda: (f"What do you like to eat, {n}?", f"I like {v[0]}."),
+            "locker": lambda: (f"What's your locker number, {n}?", f"My locker number is {v}."),
+        }[attr]()
+    return [f"{a}: {ask}", f"{n}: {answer}"]
+
+
+def make_world(rng: random.Random, korean: bool, kind: str | None = None) -> DemoWorld:
+    """Draw one world from ``rng``: its people and facts, told as ``"facts"`` or ``"dialogue"``."""
+    if kind is None:
+        kind = "facts" if rng.random() < 0.6 else "dialogue"
+    people = _draw_people(rng)
+    told = [(p, a) for p in people for a in p.facts]
+    rng.shuffle(told)
+    if kind == "facts":
+        body = " ".join(_statement(p, a, korean) for p, a in told)
+    elif kind == "dialogue":
+        people = people[:2]  # two speakers
+        told = [(p, a) for p, a in told if p in people]
+        if korean:
+            greeting = [f"{people[0].name[1]}: 안녕, 나는 {_is_casual(people[0].name[1])}.",
+                        f"{people[1].name[1]}: 반가워, 나는 {_is_casual(people[1].name[1])}."]
+        else:
+            greeting = [f"{people[0].name[0]}: Hi, I'm {people[0].name[0]}.",
+                        f"{people[1].name[0]}: Nice to meet you, I'm {people[1].name[0]}."]
+        turns = list(greeting)
+        for p, a in told:
+            asker = people[1] if p is people[0] else people[0]
+            turns.extend(_exchange(asker, p, a, korean))
+        body = "\n".join(turns)
+    else:
+        raise ValueError(f"unknown world kind {kind!r}; use 'facts' or 'dialogue'")
+    asked = rng.sample(told, min(len(told), rng.randint(2, 5)))
+    qa = [_question(p, a, korean) for p, a in asked]
+    text = body + "\n" + "\n".join(f"{q} {a}" for q, a in qa)
+    return DemoWorld(korean, kind, people, qa, text)
+
+
+def demo_worlds(n: int, seed: int = 0, korean: float = 0.5) -> Iterator[DemoWorld]:
+    """The first ``n`` worlds of ``seed``; a share ``korean`` of them in Korean."""
+    for i in range(n):
+        rng = random.Random(f"cortex-demo:{seed}:{i}")
+        yield make_world(rng, rng.random() < korean)
+
+
+def demo_documents(n: int, seed: int = 0, korean: float = 0.5) -> Iterator[Document]:
+    """The demo corpus as [`Document`][cortex.kernel.interfaces.Document]s with origin ``demo:SEED:INDEX``."""
+    for i, world in enumerate(demo_worlds(n, seed, korean)):
+        yield Document(world.text, f"demo:{seed}:{i}")
+
+
+class DemoSource(DataSource):
+    """The synthetic bilingual facts-and-questions corpus (no files needed)."""
+
+    name = "demo"
+
+    class Settings(Settings):
+        documents: int = Field(20000, gt=0, description="Number of documents.")
+        seed: int = Field(0, description="Seed of the generator; the same seed gives the same corpus.")
+        korean: float = Field(0.5, ge=0.0, le=1.0, description="Share of Korean documents.")
+
+    def documents(self) -> Iterator[Document]:
+        s = self.settings
+        return demo_documents(s.documents, s.seed, s.korean)
+
+
+@hookimpl
+def cortex_register_components(register):
+    register(DemoSource)

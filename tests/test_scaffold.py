@@ -165,6 +165,91 @@ def test_plugin_new_is_all_or_nothing(cortex_cli, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # neither the package nor its temporary folder
 
 
+# --------------------------------------------------------------------------- the template files
+
+
+def _template_files() -> set[str]:
+    """Every file under cortex/cli/templates, as a '/'-separated path, read as package data."""
+    from importlib.resources import files
+
+    found, todo = set(), [(files("cortex.cli").joinpath("templates"), "")]
+    while todo:
+        folder, prefix = todo.pop()
+        for entry in folder.iterdir():
+            if entry.is_dir():
+                todo.append((entry, f"{prefix}{entry.name}/"))
+            else:
+                found.add(prefix + entry.name)
+    return found
+
+
+def test_every_template_file_is_used_and_renders_with_no_placeholder_left(monkeypatch):
+    from cortex.cli import scaffold
+
+    used, real = set(), scaffold._template
+    monkeypatch.setattr(scaffold, "_template", lambda path: used.add(path) or real(path))
+    rendered = dict(plugin_files("demo_tier"))
+    for size in SIZES:
+        for memory in (True, False):
+            for train in (True, False):
+                text = manifest_text(InitOptions(name="x", size=size, memory=memory, train=train))
+                rendered[f"x-{size}-{memory}-{train}.yaml"] = text
+    assert used == _template_files() and all(path.endswith(".tmpl") for path in used)
+    assert {f"plugin/{path}.tmpl" for path in scaffold.PLUGIN_TEMPLATES} <= used
+    for path, text in rendered.items():
+        assert "__ns__" not in path and ".tmpl" not in path, path
+        assert "$" not in text and "__ns__" not in text, path  # no placeholder, escaped or not
+        assert text.endswith("\n") and not text.endswith("\n\n"), path
+
+
+def test_package_data_ships_every_template_file():
+    """A non-editable wheel holds the templates: the package-data globs cover every file."""
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))
+    package = root / "cortex/cli"
+    shipped = {str(p.relative_to(package / "templates").as_posix())
+               for pattern in project["tool"]["setuptools"]["package-data"]["cortex.cli"]
+               for p in package.glob(pattern) if p.is_file()}
+    assert shipped == _template_files()
+
+
+def test_rendered_files_match_the_golden_text():
+    files = plugin_files("demo_tier")
+    assert list(files) == ["pyproject.toml", "README.md", "src/demo_tier/__init__.py", "src/demo_tier/plugin.py",
+                           "src/demo_tier/tiers.py", "tests/test_plugin.py"]  # the order `plugin new` lists
+    lines = {path: text.splitlines() for path, text in files.items()}
+    assert lines["pyproject.toml"][5] == 'name = "cortex-demo-tier"'
+    assert 'demo_tier = "demo_tier.plugin"' in lines["pyproject.toml"]
+    assert lines["README.md"][0] == "# cortex-demo-tier"
+    assert lines["src/demo_tier/__init__.py"] == [
+        '"""cortex-demo-tier: a Cortex plugin (components under the `demo_tier.` namespace)."""', "",
+        '__version__ = "0.1.0"']
+    assert lines["src/demo_tier/plugin.py"][-6:] == [
+        "from demo_tier.tiers import RecentMemory", "", "", "@hookimpl",
+        "def cortex_register_components(register):", "    register(RecentMemory)"]
+    assert lines["src/demo_tier/tiers.py"][0] == '"""The memory tier of cortex-demo-tier: `demo_tier.recent`."""'
+    test = lines["tests/test_plugin.py"]
+    i = test.index('MANIFEST = """\\')  # the backslash survives: the string starts at "cortex: 1"
+    assert test[i + 1:i + 6] == ["cortex: 1", "name: demo_tier-test",
+                                 "model: {dim: 32, layers: 2, heads: 2, context: 16}", "memory:",
+                                 "  - {type: demo_tier.recent, settings: {capacity: 8}}"]
+    assert '        fake_distribution("cortex-demo-tier", {"demo_tier": plugin}, version="0.1.0")' in test
+
+    text = manifest_text(InitOptions(name="golden", size="small"), "golden.yaml").splitlines()
+    assert text[4] == "#   cortex build golden.yaml         assemble the model, then train it into runs/golden"
+    assert text[6] == "name: golden               # the run directory will be runs/golden"
+    assert text[10] == "  dim: 128                 # width of the residual stream"
+    bpe = " " * 27 + "# or {type: bpe, path: tokenizer.json} (`cortex tokenizer train`)"
+    assert text[16:19] == [bpe, "", "memory:                    # memory tiers, in hand-over order (stm -> ltm)"]
+    assert "      capacity: 10000      # entries at most, over all streams" in text
+    i = text.index("train:                     # with this section, `cortex build` also trains the model")
+    assert text[i - 1] == "" and text[-1] == (
+        "  checkpoint_every: 200    # resumable checkpoints (`cortex train RUN --resume auto`)")
+    bare = manifest_text(InitOptions(name="golden", memory=False, train=False)).splitlines()
+    assert bare[4] == "#   cortex build manifest.yaml         assemble the model"
+    assert bare[16:] == [bpe]  # nothing after the tokenizer
+
+
 # --------------------------------------------------------------------------- the tutorial's steps, for real
 
 

@@ -67,7 +67,7 @@ def register_plugin(fake_distribution: Callable[..., None]) -> Callable[..., Non
 
 @pytest.fixture
 def build_model(tmp_path: Path) -> Callable[..., Any]:
-    """Build a [`CortexModel`][cortex.assemble.CortexModel] from a YAML string."""
+    """Build a [`CortexModel`][cortex.model.CortexModel] from a YAML string."""
     from cortex.assemble import assemble
     from cortex.kernel.manifest import load_manifest
 

@@ -4,7 +4,7 @@
     python docs/gen_reference.py --check   # exit 1 if either page is out of date
 
 The manifest reference comes from the pydantic models of `cortex.kernel.manifest` (and
-`cortex.core.memory.MemorySettings`) and from the `Settings` of every built-in component in
+`cortex.kernel.manifest.MemorySettings`) and from the `Settings` of every built-in component in
 the registry; the CLI reference from the typer app `cortex.cli.app.app`. The output depends
 on nothing but the code (no terminal width, no installed third-party plugins), so the
 committed pages can be compared with a fresh generation (`tests/test_docs_reference.py`).
@@ -141,7 +141,7 @@ def first_paragraph(obj: Any) -> str:
 def manifest_sections() -> list[tuple[str, type[BaseModel], str]]:
     """(heading, model, note) for the manifest's top level and each of its sections."""
     from cortex.kernel.manifest import ComponentSpec, DataSpec, Manifest, ModelSection, RuleSpec, TokenizerSection, TrainSection
-    from cortex.core.memory import MemorySettings
+    from cortex.kernel.manifest import MemorySettings
 
     return [
         ("Top level", Manifest, ""),
@@ -288,7 +288,10 @@ def command_help(command: Any) -> str:
 def cli_reference() -> str:
     import typer
 
-    from cortex.cli.app import app
+    from cortex.cli.app import add_plugin_commands, app
+    from cortex.kernel.plugins import create_plugin_manager
+
+    add_plugin_commands(create_plugin_manager(namespaces=()))  # built-in plugins' commands only
 
     root = typer.main.get_command(app)
     out = [
@@ -337,7 +340,10 @@ def undocumented_cli() -> list[str]:
     """Commands without help text and parameters without ``help=``."""
     import typer
 
-    from cortex.cli.app import app
+    from cortex.cli.app import add_plugin_commands, app
+    from cortex.kernel.plugins import create_plugin_manager
+
+    add_plugin_commands(create_plugin_manager(namespaces=()))  # built-in plugins' commands only
 
     missing = []
     for path, command in walk(typer.main.get_command(app)):

@@ -46,8 +46,8 @@ class ExactTier(MemoryTier):
 
     def __init__(self, settings, context):
         super().__init__(settings, context)
-        self.keys = torch.zeros(0, context.model.dim)
-        self.values = torch.zeros(0, context.model.dim)
+        self.keys = torch.zeros(0, context.config.dim)
+        self.values = torch.zeros(0, context.config.dim)
 
     def write(self, entries: Entries, *, step=0):
         self.keys = torch.cat([self.keys, entries.keys])[-self.capacity:]

@@ -6,15 +6,15 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from cortex.kernel.interfaces import BuildContext, Entries
 from cortex.core.transformer import ModelConfig
+from cortex.kernel.interfaces import BuildContext, Entries
 from cortex.runtime.rundir import save_state
-from cortex_plugins.memory.archive import Archive
 from cortex_plugins.memory._vector_index import entries_nbytes_fp32
+from cortex_plugins.memory.archive import Archive
 
 
 def archive(dim: int = 32, **settings) -> Archive:
-    ctx = BuildContext(model=ModelConfig(vocab_size=32, dim=dim, layers=1, heads=2, context=8))
+    ctx = BuildContext(config=ModelConfig(vocab_size=32, dim=dim, layers=1, heads=2, context=8))
     return Archive(Archive.Settings(**settings), ctx)
 
 

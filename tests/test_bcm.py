@@ -35,7 +35,7 @@ def present(root, rule, patterns, steps, *, batch=128, noise=0.02, first=0, scal
     for step in range(first, first + steps):
         x = patterns[torch.randint(0, len(patterns), (batch,))] + noise * torch.randn(batch, patterns.shape[1])
         root(scale * x)
-        rule.cortex_after_step(model=None, step=step, metrics={})
+        rule.step_end(None, step, {})
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -54,16 +54,12 @@ class StepCounter(CognitiveFeature):
         self.total += torch.tensor([metrics["loss"], step], dtype=torch.float64)
         metrics["counted"] = float(self.count)
 
-    @hookimpl
-    def cortex_state_save(self, model):
-        return {self.key: {"count": self.count, "total": self.total.clone()}}
+    def state_dict(self):
+        return {"count": self.count, "total": self.total.clone()}
 
-    @hookimpl
-    def cortex_state_load(self, model, state):
-        mine = state.get(self.key)
-        if mine:
-            self.count = int(mine["count"])
-            self.total = mine["total"].clone()
+    def load_state_dict(self, state):
+        self.count = int(state["count"])
+        self.total = state["total"].clone()
 
 
 COUNTED = manifest_text(extra=", dropout: 0.1", more="features: [{type: ckpt.counter}]\n")

@@ -8,9 +8,10 @@ from pydantic import ValidationError
 from torch import nn
 from torch.nn import functional as F
 
-from cortex.kernel.interfaces import BuildContext
 from cortex.core.transformer import ModelConfig, Transformer
-from cortex_plugins.plasticity.cortical_columns import ColumnMLP, CorticalColumns
+from cortex.kernel.interfaces import BuildContext
+from cortex_plugins.plasticity._column_mlp import ColumnMLP
+from cortex_plugins.plasticity.cortical_columns import CorticalColumns
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -111,7 +112,7 @@ def biased_columns(balance: float, steps: int = 200):
     first = None
     for step in range(steps):
         m(x)
-        rule.cortex_after_step(model=None, step=step, metrics={})
+        rule.step_end(None, step, {})
         if first is None:
             first = rule.usage["blocks.0.mlp"].clone()
     m.eval()

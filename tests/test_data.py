@@ -19,9 +19,9 @@ from cortex.runtime.data import (
     read_jsonl,
     read_text,
 )
+from cortex.core.tokenizer import ByteTokenizer, load_tokenizer
 from cortex.kernel.errors import CortexError, DataError
 from cortex.kernel.interfaces import BuildContext, Document
-from cortex.core.tokenizer import ByteTokenizer, load_tokenizer
 from cortex_plugins.data.jsonl import JsonlSource
 from cortex_plugins.data.text import TextSource
 

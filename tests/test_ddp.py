@@ -13,12 +13,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from cortex.runtime import distributed
 from cortex.assemble import assemble
-from cortex.runtime.data import prepare
-from cortex.kernel.manifest import TrainSection, load_manifest
-from cortex.runtime.rundir import load_run, save_run
 from cortex.core.tokenizer import ByteTokenizer
+from cortex.kernel.manifest import TrainSection, load_manifest
+from cortex.runtime import distributed
+from cortex.runtime.data import prepare
+from cortex.runtime.rundir import load_run, save_run
 from cortex.runtime.train import train
 from tests.test_train import (
     manifest_text,

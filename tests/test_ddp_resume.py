@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cortex.runtime.checkpoint import load_checkpoint, rank_state, save_checkpoint, verify_checkpoint
 from cortex.kernel.errors import CheckpointError
+from cortex.runtime.checkpoint import load_checkpoint, rank_state, save_checkpoint, verify_checkpoint
 from cortex.runtime.rundir import load_state
 from tests.test_checkpoint import _flat  # state dicts as (path, leaf) pairs
 

@@ -43,7 +43,7 @@ def test_every_command_and_parameter_has_help(gen):
 
 def test_reference_covers_every_field_section_and_component(gen):
     from cortex.kernel.manifest import Manifest, TrainSection
-    from cortex.core.memory import MemorySettings
+    from cortex.kernel.manifest import MemorySettings
 
     page = gen.MANIFEST_PAGE.read_text(encoding="utf-8")
     for model in (Manifest, TrainSection, MemorySettings):

@@ -7,8 +7,8 @@ import random
 import pytest
 import torch
 
-from cortex.kernel.interfaces import BuildContext
 from cortex.core.tokenizer import ByteTokenizer
+from cortex.kernel.interfaces import BuildContext
 from cortex_plugins.memory.episodic import EpisodicMemory, ngram_keys
 
 
@@ -152,7 +152,8 @@ def test_state_survives_save_and_load(build_model, tmp_path, key):
     cue = texts[6][10:40]
     before = memory.recall(cue)
     assert before and before[0].episode == 6 and before[0].text == texts[6][40:]
-    loaded = load_run(save_run(model, tmp_path / "runs")).features[0]
+    reloaded = load_run(save_run(model, tmp_path / "runs"))  # kept: components hold their model weakly
+    loaded = reloaded.features[0]
     assert loaded.stats() == memory.stats()
     assert torch.allclose(loaded.keys[: len(loaded)], memory.keys[: len(memory)], atol=1e-5)
     assert loaded.recall(cue) == before

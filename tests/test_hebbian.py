@@ -37,7 +37,7 @@ def attached(rule_settings: dict, out: int, d: int = 8, **layer):
 def run(root, rule, sample, steps: int, batch: int = 64):
     for step in range(steps):
         root(sample(batch))
-        rule.cortex_after_step(model=None, step=step, metrics={})
+        rule.step_end(None, step, {})
 
 
 def test_oja_converges_to_the_first_principal_component():
@@ -82,11 +82,11 @@ def test_learning_rate_warms_up_and_only_training_passes_are_observed():
     before = layer.weight.detach().clone()
     root.eval()
     root(torch.randn(16, 8))  # evaluation and generation never feed a rule
-    rule.cortex_after_step(model=None, step=0, metrics={})
+    rule.step_end(None, 0, {})
     assert torch.equal(layer.weight, before) and rule.updates == 0
     root.train()
     root(torch.randn(16, 8))
-    rule.cortex_after_step(model=None, step=0, metrics={})
+    rule.step_end(None, 0, {})
     assert not torch.equal(layer.weight, before) and rule.updates == 1
 
 

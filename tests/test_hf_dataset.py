@@ -18,11 +18,11 @@ import pytest
 
 datasets = pytest.importorskip("datasets")
 
-from cortex.runtime.data import TokenDataset, prepare  # noqa: E402
+from cortex.core.tokenizer import ByteTokenizer  # noqa: E402
 from cortex.kernel.errors import CortexError, DataError  # noqa: E402
 from cortex.kernel.interfaces import BuildContext  # noqa: E402
 from cortex.kernel.plugins import create_plugin_manager  # noqa: E402
-from cortex.core.tokenizer import ByteTokenizer  # noqa: E402
+from cortex.runtime.data import TokenDataset, prepare  # noqa: E402
 from cortex_plugins.data.hf import HFSource, is_hf_dataset, is_saved_dataset  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread", "offline")  # one_thread: cortex/testing.py

@@ -29,7 +29,7 @@ def train(root, rule, steps: int, batch: int = 1024) -> None:
     root.train()
     for step in range(steps):
         root(torch.randn(batch, 16))
-        rule.cortex_after_step(model=None, step=step, metrics={})
+        rule.step_end(None, step, {})
 
 
 def rates(root, threshold: float = 0.0) -> torch.Tensor:
@@ -66,11 +66,11 @@ def test_no_updates_outside_training_and_the_optimiser_cannot_undo_the_control()
     shift = rule.shift["0"].clone()
     root.eval()
     root(torch.randn(64, 16))
-    rule.cortex_after_step(model=None, step=20, metrics={})
+    rule.step_end(None, 20, {})
     assert torch.equal(rule.shift["0"], shift)  # evaluation does not feed the controller
     assert not any(p is rule.shift["0"] for p in root.parameters())  # a buffer of the rule
     metrics: dict[str, float] = {}
     root.train()
     root(torch.randn(64, 16))
-    rule.cortex_after_step(model=None, step=21, metrics=metrics)
+    rule.step_end(None, 21, metrics)
     assert metrics[f"{rule.key}.rate"] == pytest.approx(0.1, abs=0.05)

@@ -6,13 +6,13 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from cortex.kernel.interfaces import BuildContext, Entries
 from cortex.core.transformer import ModelConfig
+from cortex.kernel.interfaces import BuildContext, Entries
 from cortex_plugins.memory.ltm import LongTermMemory
 
 
 def ltm(dim: int = 32, **settings) -> LongTermMemory:
-    ctx = BuildContext(model=ModelConfig(vocab_size=32, dim=dim, layers=1, heads=2, context=8))
+    ctx = BuildContext(config=ModelConfig(vocab_size=32, dim=dim, layers=1, heads=2, context=8))
     return LongTermMemory(LongTermMemory.Settings(**settings), ctx)
 
 

@@ -17,8 +17,8 @@ import torch.multiprocessing as mp
 from cortex.kernel.interfaces import PlasticityRule, firing_rate
 from cortex.runtime.rundir import load_run, save_run
 from cortex.runtime.step import cosine_schedule, make_optimizer, train_step
-from cortex_plugins.plasticity.cortical_columns import ColumnMLP
 from cortex_plugins.data.demo import demo_documents
+from cortex_plugins.plasticity._column_mlp import ColumnMLP
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

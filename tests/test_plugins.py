@@ -164,3 +164,43 @@ def test_a_namespace_excluded_by_the_environment_is_named_as_such(fake_distribut
     monkeypatch.setenv("CORTEX_DISABLE_PLUGIN_AUTOLOAD", "1")
     with pytest.raises(ManifestError, match="'alpha' is installed but not loaded: CORTEX_DISABLE_PLUGIN_AUTOLOAD"):
         load_manifest_text(text)
+
+
+def test_a_plugin_adds_a_command_to_the_cli(register_plugin, cortex_cli, monkeypatch):
+    from cortex import CortexError, hookimpl
+    from cortex.cli import app as cli
+
+    class Greeter:
+        @hookimpl
+        def cortex_register_commands(self, app):
+            @app.command()
+            def greet(name: str) -> None:
+                """Say hello."""
+                if name == "nobody":
+                    raise CortexError("greet: give a name")
+                print(f"hello {name}")
+
+    assert "greet" not in cortex_cli("--help").stdout
+    register_plugin(Greeter(), "greeter")
+    monkeypatch.setattr(cli, "_plugin_commands", [])  # as in a new process, with the plugin installed
+    before = list(cli.app.registered_commands)
+    try:
+        assert "greet" in cortex_cli("--help").stdout
+        done = cortex_cli("greet", "Mina")
+        assert done.exit_code == 0 and "hello Mina" in done.stdout
+        failed = cortex_cli("greet", "nobody")  # a plugin command's CortexError is one line, no traceback
+        assert failed.exit_code == 1 and failed.stderr.strip() == "error: greet: give a name"
+    finally:
+        cli.app.registered_commands[:] = before
+    assert "greet" not in cortex_cli("--help").stdout
+
+
+def test_graph_comes_from_its_plugin_through_the_hook():
+    from pathlib import Path
+
+    from cortex.cli import app as cli
+
+    assert "def graph(" not in Path(cli.__file__).read_text(encoding="utf-8")
+    pm = create_plugin_manager(namespaces=())
+    impls = {impl.plugin_name for impl in pm.hook.cortex_register_commands.get_hookimpls()}
+    assert impls == {"cortex:cognition_graph"}

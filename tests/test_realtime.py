@@ -105,7 +105,7 @@ def test_python_api_load_chat_and_stats(build_model, tmp_path):
 
 
 def test_language_detection():
-    from cortex.assemble import detect_language
+    from cortex.model import detect_language
 
     assert detect_language("민아는 부산에 산다.") == "ko"
     assert detect_language("Mina lives in Busan.") == "en"

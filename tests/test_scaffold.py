@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cortex.kernel.manifest import load_manifest
 from cortex.cli.scaffold import SIZES, InitOptions, manifest_text, plugin_files
+from cortex.kernel.manifest import load_manifest
 from tests.test_docs_examples import make_venv, tiny_manifest
 
 # --------------------------------------------------------------------------- cortex init

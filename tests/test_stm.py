@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cortex.kernel.interfaces import BuildContext, Entries
 from cortex.core.transformer import ModelConfig
+from cortex.kernel.interfaces import BuildContext, Entries
 from cortex_plugins.memory.stm import ShortTermMemory
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -15,7 +15,7 @@ DIM = 32
 
 
 def stm(**settings) -> ShortTermMemory:
-    ctx = BuildContext(model=ModelConfig(vocab_size=32, dim=DIM, layers=1, heads=2, context=8))
+    ctx = BuildContext(config=ModelConfig(vocab_size=32, dim=DIM, layers=1, heads=2, context=8))
     return ShortTermMemory(ShortTermMemory.Settings(**settings), ctx)
 
 

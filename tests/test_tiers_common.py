@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cortex.kernel.interfaces import BuildContext, Entries, MemoryTier
 from cortex.core.transformer import ModelConfig
+from cortex.kernel.interfaces import BuildContext, Entries, MemoryTier
 from cortex.kernel.plugins import create_plugin_manager
 from cortex.runtime.rundir import flatten_state, load_state, save_state
+from cortex_plugins.memory._vector_index import entries_nbytes_fp32
 from cortex_plugins.memory.archive import Archive
 from cortex_plugins.memory.ltm import LongTermMemory
 from cortex_plugins.memory.stm import ShortTermMemory
-from cortex_plugins.memory._vector_index import entries_nbytes_fp32
 
 DIM = 32
 
@@ -28,7 +28,7 @@ TIERS = {
 
 
 def context(dim: int = DIM) -> BuildContext:
-    return BuildContext(model=ModelConfig(vocab_size=32, dim=dim, layers=1, heads=2, context=8))
+    return BuildContext(config=ModelConfig(vocab_size=32, dim=dim, layers=1, heads=2, context=8))
 
 
 def make(name: str) -> MemoryTier:

@@ -14,8 +14,8 @@ from cortex.core.tokenizer import (
     ByteTokenizer,
     load_tokenizer,
     tokenizer_from_spec,
-    train_bpe,
 )
+from cortex.runtime.bpe import train_bpe
 
 SAMPLES = [
     "Mina lives in Busan. Where does Mina live? Busan.",

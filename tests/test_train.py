@@ -14,12 +14,12 @@ from pydantic import Field
 
 from cortex import hookimpl
 from cortex.assemble import assemble
-from cortex.runtime.data import TokenDataset, prepare
+from cortex.core.tokenizer import ByteTokenizer
 from cortex.kernel.errors import CortexError, DataError
 from cortex.kernel.interfaces import CognitiveFeature, Document, Settings
 from cortex.kernel.manifest import TrainSection, load_manifest
+from cortex.runtime.data import TokenDataset, prepare
 from cortex.runtime.rundir import load_run, save_run
-from cortex.core.tokenizer import ByteTokenizer
 from cortex.runtime.train import hardware_preset, train
 from tests.conftest import make_plugin
 

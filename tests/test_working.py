@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cortex.kernel.errors import CortexError
-from cortex_plugins.memory.working import WorkingMemoryLayer
+from cortex_plugins.memory._working_layer import WorkingMemoryLayer
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

@@ -14,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
 
-import cortex
+from cortex.kernel import VERSION
 from cortex.kernel.errors import CortexError
 
 console = Console()
@@ -48,7 +48,7 @@ app.add_typer(plugin_app, name="plugin")
 
 def _version(value: bool) -> None:
     if value:
-        console.print(f"cortex {cortex.__version__}")
+        console.print(f"cortex {VERSION}")
         raise typer.Exit()
 
 
@@ -307,38 +307,6 @@ def memory(
 
 
 @app.command()
-def graph(
-    run: Path = typer.Argument(..., help="A run directory."),
-    export: Optional[Path] = typer.Option(None, "--export", help="Write the graph to FILE.graphml or FILE.json."),
-    png: Optional[Path] = typer.Option(None, "--png", help="Draw the graph to a PNG file."),
-) -> None:
-    """Build the concept / association / causal graph of a run's memory and summarise it."""
-    from cortex.runtime.rundir import load_run
-    from cortex_plugins.cognition.cognition_graph import graph_of_run
-
-    if export is not None and export.suffix not in (".graphml", ".json"):
-        raise CortexError(f"--export {export}: use a .graphml or .json file name")
-    g = graph_of_run(load_run(run))
-    s = g.summary()
-    console.print(f"graph of {run}: {s['nodes']} nodes ({s['concepts']} concepts), "
-                  f"{s['associations']} associations, {s['causal']} causal candidates", highlight=False)
-    table = Table(title="concepts (largest first)")
-    for column in ("concept", "size", "label", "causes", "effects"):
-        table.add_column(column)
-    for c in g.concepts()[:12]:
-        table.add_row(c["id"], str(c.get("size", "")), str(c.get("label", "")),
-                      ", ".join(u for u, _, _ in g.causes(c["id"])[:3]),
-                      ", ".join(v for v, _, _ in g.effects(c["id"])[:3]))
-    console.print(table)
-    for u, v, d in g.causal_edges()[:10]:
-        console.print(f"  {u} -> {v}  delta_p {d['delta_p']:.3f}  count {d['count']}", highlight=False)
-    if export is not None:
-        console.print(f"graph: {g.export(export)}")
-    if png is not None:
-        console.print(f"png: {g.draw(png)}")
-
-
-@app.command()
 def validate(manifests: list[Path] = typer.Argument(..., help="Manifest files to check.")) -> None:
     """Check manifests without building them; report every problem with FILE:LINE:COL."""
     from cortex.kernel.manifest import load_manifest
@@ -479,7 +447,7 @@ def tokenizer_train(
     vocab_size: int = typer.Option(8000, "--vocab-size", min=1, help="Vocabulary size."),
 ) -> None:
     """Train a byte-level BPE tokenizer on FILES."""
-    from cortex.core.tokenizer import train_bpe
+    from cortex.runtime.bpe import train_bpe
 
     tok = train_bpe(list(files), vocab_size, output)
     console.print(f"{output}: {tok.vocab_size} tokens, fingerprint {tok.fingerprint[:12]}")
@@ -501,26 +469,24 @@ def data_prepare(
     from cortex.kernel.interfaces import BuildContext
     from cortex.kernel.plugins import create_plugin_manager
     from cortex.core.tokenizer import ByteTokenizer, load_tokenizer
-    from cortex_plugins.data.hf import is_hf_dataset
-
     tok = load_tokenizer(tokenizer) if tokenizer else ByteTokenizer()
     weights = parse_mix(mix) if mix else {}
     unknown = set(weights) - set(inputs)
     if unknown:
         raise CortexError(f"--mix names {', '.join(sorted(unknown))}, which are not among the inputs")
-    pm = None
+    pm = create_plugin_manager()
     sources = []
     for item in inputs:
         path = Path(item)
-        if is_hf_dataset(path):  # a `save_to_disk` folder or a folder of Parquet/Arrow files
-            pm = pm or create_plugin_manager()
-            info = pm.registry.get("data", "hf")
-            settings = info.cls.Settings(path=item, skip_bad=skip_bad)
+        found = pm.registry.reader_of(path) if path.is_dir() else None
+        if found is not None:  # e.g. a Hugging Face dataset folder, read by the hf source
+            info, settings = found
+            if "skip_bad" in type(settings).model_fields:
+                settings = settings.model_copy(update={"skip_bad": skip_bad})
             docs = info.cls(settings, BuildContext(tokenizer=tok)).documents()
         elif path.exists() or Path(item).suffix:
             docs = documents_from_path(path, skip_bad=skip_bad)
         else:
-            pm = pm or create_plugin_manager()
             info = pm.registry.get("data", item)
             if info is None:
                 raise CortexError(f"{item}: no such file, and no data source of that name "
@@ -551,9 +517,24 @@ def bench(
 _invocation: list[str] = []
 
 
+def add_plugin_commands(plugins: Any = None) -> None:
+    """Let every plugin of ``plugins`` (default: all installed) add its commands through
+    ``cortex_register_commands``, once per process."""
+    if not _plugin_commands:
+        from cortex.kernel.plugins import create_plugin_manager
+
+        pm = plugins if plugins is not None else create_plugin_manager(strict=False)
+        pm.hook.cortex_register_commands(app=app)
+        _plugin_commands.append(True)
+
+
+_plugin_commands: list[bool] = []
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``cortex`` script."""
     _invocation[:] = sys.argv[1:] if argv is None else argv
+    add_plugin_commands()
     app(args=argv, prog_name="cortex")
 
 

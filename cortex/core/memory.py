@@ -32,15 +32,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator, Literal
 
 import torch
-from pydantic import Field, model_validator
 from torch import nn
 from torch.nn import functional as F
 
 from cortex.kernel.hookspecs import hookimpl
-from cortex.kernel.interfaces import Entries, MemoryTier, Retrieval, Settings
+from cortex.kernel.interfaces import Entries, MemoryTier, Retrieval
 
 if TYPE_CHECKING:
     from cortex.core.transformer import Transformer
+    from cortex.kernel.manifest import MemorySettings
 
 #: stream ids of sessions start here, above any batch-row stream used in training
 SESSION_BASE = 1 << 32
@@ -49,60 +49,6 @@ SESSION_BASE = 1 << 32
 def session_stream(session: str) -> int:
     """The stable stream id of a named session (``"self"`` is the persistent one)."""
     return SESSION_BASE + zlib.crc32(session.encode("utf-8"))
-
-
-class MemorySettings(Settings):
-    """The ``memory_system:`` section of a manifest."""
-
-    read: list[Literal["knn_attention", "knn_lm"]] = Field(
-        default_factory=lambda: ["knn_lm"], description="Read modes in use.")
-    k: int = Field(8, gt=0, description="Neighbours retrieved per tier and query.")
-    key_layer: int | None = Field(
-        None, ge=0, description="Block whose output gives memory keys (default: the first memory layer, "
-                                "else the last block).")
-    key_window: int = Field(32, ge=0, description="Tokens a key's hidden state sees (0: the full context).")
-    key_offsets: list[int] = Field(
-        default_factory=lambda: [0, 1, 2, 4, 8, 12, 16, 20, 24],
-        description="Positions back from the current one whose hidden states, each turned by a rotation "
-                    "of its own, are summed into a key.")
-    key_decay: float = Field(0.9, gt=0, le=1, description="Weight ratio of each further offset in a key.")
-    tier_temperature: float = Field(1.0, gt=0, description="kNN-attention: softmax temperature over tiers' best scores "
-                                                            "(kNN-LM pools every tier's neighbours instead).")
-    lm_lambda: float = Field(
-        0.8, ge=0, le=1, description="kNN-LM weight of memory at full strength; a match of strength s "
-                                     "(1 + its uses) weighs lm_lambda * s / (s + 1).")
-    lm_temperature: float = Field(0.001, gt=0, description="kNN-LM softmax temperature over cosine scores.")
-    lm_min_score: float = Field(0.9, ge=-1, le=1, description="kNN-LM ignores neighbours below this cosine.")
-    use_bonus: float = Field(1.0, ge=0, description="kNN-LM log-weight bonus per log(1 + uses): "
-                                                     "repetition raises confidence.")
-    read_temperature: float = Field(0.1, gt=0, description="Initial temperature of kNN-attention scores.")
-    read_min_score: float | None = Field(
-        None, ge=-1, le=1, description="Outside training, kNN-attention ignores entries below this cosine "
-                                       "and a position with none left reads nothing (None: every retrieved "
-                                       "entry is read). Training reads them all, so the read path keeps learning.")
-    gate_init: float = Field(-1.0, description="Initial logit of the kNN-attention gate.")
-    residual_weight: float = Field(1.0, ge=0, description="Scale of the memory output added to the stream.")
-    memory_dropout: float = Field(0.0, ge=0, lt=1, description="Share of retrieved slots dropped in training.")
-    gumbel_temperature: float | None = Field(
-        None, gt=0, description="Gumbel-softmax soft sparsity over slots in training (None: plain softmax).")
-    train_read_tiers: int = Field(
-        1, ge=1, description="Tiers kNN-attention reads in training (the first N; all at inference). "
-                             "Exact batched search of the first tier is cheap; FAISS per token is not.")
-    @model_validator(mode="after")
-    def _offsets(self) -> MemorySettings:
-        if not self.key_offsets or min(self.key_offsets) < 0 or 0 not in self.key_offsets:
-            raise ValueError("key_offsets must be non-negative and include 0 (the current position)")
-        return self
-
-    write: Literal["all", "surprise"] = Field(
-        "surprise", description="What to store: every position, or the most surprising (highest loss).")
-    write_fraction: float = Field(0.25, gt=0, le=1, description="Share of positions stored with `surprise`.")
-    write_in_training: bool = Field(True, description="Write each training segment to STM.")
-    spill: Literal["never", "inference", "always"] = Field(
-        "inference", description="When entries pushed out of a full tier move to the next one instead of "
-                                 "being forgotten: never, outside training (real-time use), or always.")
-    consolidate: Literal["step", "sleep"] = Field(
-        "step", description="Hand entries down the tiers at every step end, or only during sleep (NREM).")
 
 
 def tier_weights(best_scores: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -512,18 +458,13 @@ class MemorySystem:
         if phase == "nrem":
             self.consolidate(step)
 
-    @hookimpl
-    def cortex_state_save(self, model: Any) -> dict[str, Any]:
-        return {"memory_system": {"step": self.step, "stats": dict(self.stats),
-                                  "tier_weight_sum": self._tier_weight_sum.clone()}}
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "stats": dict(self.stats), "tier_weight_sum": self._tier_weight_sum.clone()}
 
-    @hookimpl
-    def cortex_state_load(self, model: Any, state: dict[str, Any]) -> None:
-        mine = state.get("memory_system")
-        if mine:
-            self.step = int(mine["step"])
-            self.stats.update({k: int(v) for k, v in mine["stats"].items()})
-            self._tier_weight_sum = mine["tier_weight_sum"].clone()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.stats.update({k: int(v) for k, v in state["stats"].items()})
+        self._tier_weight_sum = state["tier_weight_sum"].clone()
 
     def summary(self) -> dict[str, Any]:
         total = self._tier_weight_sum.sum().clamp_min(1e-9)

@@ -30,7 +30,6 @@ __all__ = [
     "Tokenizer",
     "ByteTokenizer",
     "BPETokenizer",
-    "train_bpe",
     "load_tokenizer",
     "tokenizer_from_spec",
     "TOKENIZER_FILE",
@@ -185,7 +184,7 @@ class ByteTokenizer(Tokenizer):
 
 
 class BPETokenizer(Tokenizer):
-    """A Hugging Face ``tokenizers.Tokenizer``, normally a byte-level BPE from [`train_bpe`][cortex.core.tokenizer.train_bpe].
+    """A Hugging Face ``tokenizers.Tokenizer``, normally a byte-level BPE from [`train_bpe`][cortex.runtime.bpe.train_bpe].
 
     Any ``tokenizer.json`` with an end-of-text special token (``<eos>``, ``</s>``,
     ``<|endoftext|>``, ...) can be wrapped. Special-token names inside input text are
@@ -255,7 +254,8 @@ class BPETokenizer(Tokenizer):
         return target
 
 
-def _new_bpe(vocab_size: int) -> tuple[Any, Any]:
+def new_bpe(vocab_size: int) -> tuple[Any, Any]:
+    """An empty byte-level BPE and its trainer for at most ``vocab_size`` ids."""
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -273,51 +273,6 @@ def _new_bpe(vocab_size: int) -> tuple[Any, Any]:
 
 #: the smallest vocabulary a byte-level BPE can have: 256 bytes plus the special tokens
 MIN_BPE_VOCAB = 256 + len(SPECIAL_TOKENS)
-
-
-def train_bpe(files: Sequence[Path], vocab_size: int, out: Path) -> BPETokenizer:
-    """Train a byte-level BPE tokenizer on ``files`` and save it to ``out``.
-
-    ``files`` are JSONL (``{"text": ...}`` per line, chosen by the ``.jsonl`` extension) or
-    plain text files, read with [`documents_from_path`][cortex.runtime.data.documents_from_path].
-    The vocabulary has at most ``vocab_size`` ids (fewer when the corpus is too small to
-    learn that many merges). ``out`` is a file, or a folder to write ``tokenizer.json`` in.
-
-    Raises:
-        CortexError: no files, a vocabulary smaller than ``MIN_BPE_VOCAB``, or a corpus
-            without any text (a [`DataError`][cortex.kernel.errors.DataError]).
-    """
-    from cortex.runtime.data import documents_from_path
-
-    files = [Path(f) for f in files]
-    if not files:
-        raise CortexError("no training files given — pass one or more .jsonl or text files")
-    if vocab_size < MIN_BPE_VOCAB:
-        raise CortexError(
-            f"vocab size {vocab_size} is too small: a byte-level BPE needs at least "
-            f"{MIN_BPE_VOCAB} (256 bytes + {len(SPECIAL_TOKENS)} special tokens); try 8000"
-        )
-    streams = [documents_from_path(f) for f in files]  # checks every file up front
-    count = 0
-
-    def texts() -> Iterable[str]:
-        nonlocal count
-        for stream in streams:
-            for doc in stream:
-                if doc.text:
-                    count += 1
-                    yield doc.text
-
-    hf, trainer = _new_bpe(vocab_size)
-    hf.train_from_iterator(texts(), trainer)
-    if count == 0:
-        from cortex.kernel.errors import DataError
-
-        names = ", ".join(str(f) for f in files)
-        raise DataError(f"{names}: the corpus has no text — give files with documents in them")
-    tok = BPETokenizer(hf)
-    tok.save(Path(out))
-    return tok
 
 
 def load_tokenizer(path: Path) -> Tokenizer:

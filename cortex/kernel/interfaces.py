@@ -3,26 +3,23 @@
 Every component is a class with a ``kind``, a ``name`` and a pydantic ``Settings`` model
 (unknown keys rejected), constructed as ``cls(settings, context)``. Built instances are
 registered on the model's plugin manager, so their ``@hookimpl`` methods take part in the
-lifecycle.
+lifecycle. [`ModelHandle`][cortex.kernel.interfaces.ModelHandle] is the surface of a built
+model that hooks and components may use. Nothing here imports torch until it is used.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import weakref
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator
+from typing import Any, ClassVar, ContextManager, Iterator, Protocol, Sequence
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from cortex.kernel.hookspecs import hookimpl
-
-if TYPE_CHECKING:
-    from cortex.assemble import CortexModel
-    from cortex.core.transformer import ModelConfig
-    from cortex.core.tokenizer import Tokenizer
-
+from cortex.kernel.errors import CortexError
+from cortex.kernel.lazy import torch
 
 KINDS = ("memory", "plasticity", "feature", "data", "bench")
 
@@ -33,13 +30,79 @@ class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class ModelShape(Protocol):
+    """The shape of a transformer core (``cortex.core.transformer.ModelConfig``)."""
+
+    vocab_size: int
+    dim: int
+    layers: int
+    heads: int
+    context: int
+    memory_layers: tuple[int, ...]
+
+
+class TextTokenizer(Protocol):
+    """What components may use of a tokenizer (``cortex.core.tokenizer.Tokenizer``)."""
+
+    vocab_size: int
+    eos_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+class ModelHandle(Protocol):
+    """The surface of a built model that hooks and components may use.
+
+    ``cortex.model.CortexModel`` implements it. Hooks receive it as ``model``; a component
+    reaches the model it was built into through [`Component.model`][cortex.kernel.interfaces.Component.model].
+    Anything else on the concrete model is private and may change.
+    """
+
+    #: the transformer core (an ``nn.Module`` with ``blocks``, ``hidden_states`` and ``generate``)
+    core: Any
+    tokenizer: TextTokenizer
+    memory: list[MemoryTier]
+    plasticity: list[PlasticityRule]
+    features: list[Component]
+    #: the ``cortex.core.memory.MemorySystem`` reading and writing the tiers, or ``None``
+    memory_system: Any
+    #: this model's plugin manager: ``model.pm.hook.cortex_sleep(...)`` notifies every component
+    pm: Any
+    training: bool
+
+    @property
+    def config(self) -> ModelShape: ...
+
+    @property
+    def components(self) -> list[Component]: ...
+
+    def train(self, mode: bool = True) -> Any: ...
+
+    def eval(self) -> Any: ...
+
+    def parameters(self) -> Iterator[Any]: ...
+
+    def remember(self, text: str, session: str = "self") -> int: ...
+
+    def interact(self, prompt: str, *, session: str = "self", learn: bool = True, **generation: Any) -> str: ...
+
+    def generate_text(self, prompt: str, *, session: str = "self", max_new_tokens: int = 64,
+                      **sampling: Any) -> str: ...
+
+
+def _cpu() -> Any:
+    return torch.device("cpu")
+
+
 @dataclass
 class BuildContext:
     """What a component may know about the model it is built into."""
 
-    model: ModelConfig | None = None
-    tokenizer: Tokenizer | None = None
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    config: ModelShape | None = None
+    tokenizer: TextTokenizer | None = None
+    device: Any = field(default_factory=_cpu)  # a torch.device
     seed: int = 0
     run_dir: Path | None = None
 
@@ -56,6 +119,24 @@ class Component:
         self.context = context
         #: unique key of this instance in a model, e.g. ``memory.0.stm``; set by assembly
         self.key = self.name
+        self._model_ref: weakref.ref | None = None
+
+    @property
+    def model(self) -> ModelHandle:
+        """The model this component was built into (held weakly, so no cycle keeps it alive)."""
+        model = self._model_ref() if self._model_ref is not None else None
+        if model is None:
+            raise CortexError(f"component {self.key!r} is not part of a built model")
+        return model
+
+    @property
+    def is_bound(self) -> bool:
+        """Whether this component is part of a built model that still exists."""
+        return self._model_ref is not None and self._model_ref() is not None
+
+    def bind(self, model: ModelHandle) -> None:
+        """Called by assembly, before ``cortex_model_built``: remember ``model`` weakly."""
+        self._model_ref = weakref.ref(model)
 
     def stats(self) -> dict[str, Any]:
         """Figures worth showing in summaries and logs."""
@@ -66,17 +147,10 @@ class Component:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what [`state_dict`][cortex.kernel.interfaces.Component.state_dict] returned."""
+        """Restore what [`state_dict`][cortex.kernel.interfaces.Component.state_dict] returned.
 
-    @hookimpl
-    def cortex_state_save(self, model: CortexModel) -> dict[str, Any] | None:
-        state = self.state_dict()
-        return {self.key: state} if state else None
-
-    @hookimpl
-    def cortex_state_load(self, model: CortexModel, state: dict[str, Any]) -> None:
-        if self.key in state:
-            self.load_state_dict(state[self.key])
+        This is the one way component state is saved: the model stores every component's
+        ``state_dict`` under its ``key`` in run directories and checkpoints."""
 
 
 @dataclass
@@ -124,7 +198,7 @@ class MemoryTier(Component):
     Tiers are chained in manifest order (STM -> LTM -> Archive): what one tier hands
     over is written to the next. A tier never holds more than ``capacity`` entries, and a
     read only ever sees entries of the stream it asks for. Keys and values have the
-    model's width (``context.model.dim``).
+    model's width (``context.config.dim``).
     """
 
     kind: ClassVar[str] = "memory"
@@ -203,6 +277,24 @@ def firing_rate(activity: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
     return (flat > threshold).float().mean(0)
 
 
+def all_reduce_mean(tensor: Any) -> Any:
+    """Replace ``tensor`` in place by its mean over all DDP ranks and return it.
+
+    For non-gradient state (plasticity updates, running statistics) that must stay
+    identical on every rank. Integer tensors are averaged in float64 and rounded back.
+    A no-op in a single process.
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    if tensor.is_floating_point():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor.div_(dist.get_world_size())
+    total = tensor.double()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return tensor.copy_(total.div_(dist.get_world_size()).round_())
+
+
 class RuleSettings(Settings):
     """Settings every rule built on [`PlasticityRule`][cortex.kernel.interfaces.PlasticityRule] may use.
 
@@ -227,9 +319,10 @@ class PlasticityRule(Component):
     true and the module is in training mode, so evaluation and generation never feed a
     rule. With no rule in a manifest nothing is hooked: zero cost.
 
-    At step end (``cortex_after_step``) every rule of a model runs, **in manifest order**,
-    [`step_end`][cortex.kernel.interfaces.PlasticityRule.step_end]: ``apply`` for each target under
-    ``torch.no_grad()`` with ``self.lr`` set from the schedule, then the ``max_norm`` bound.
+    At step end, after the optimiser update and every ``cortex_after_step`` implementation,
+    the model runs every rule's [`step_end`][cortex.kernel.interfaces.PlasticityRule.step_end]
+    in manifest order: ``apply`` for each target under ``torch.no_grad()`` with ``self.lr``
+    set from the schedule, then the ``max_norm`` bound.
     Statistics a rule gathered from its rank's data must go through
     [`reduce_mean_`][cortex.kernel.interfaces.PlasticityRule.reduce_mean_] before they change
     weights, so DDP ranks never drift apart. State a rule returns from ``state_dict`` is
@@ -305,35 +398,35 @@ class PlasticityRule(Component):
     @staticmethod
     def reduce_mean_(tensor: torch.Tensor) -> torch.Tensor:
         """Average ``tensor`` over DDP ranks in place (a no-op in a single process)."""
-        from cortex.runtime.distributed import all_reduce_mean
-
         return all_reduce_mean(tensor)
 
     def step_end(self, model: Any, step: int, metrics: dict[str, float]) -> None:
-        """This rule's part of step end: ``apply`` to every target, then the weight bound."""
+        """This rule's part of step end, under ``torch.no_grad()``: ``apply`` to every
+        target, then the weight bound. The model calls it; tests may call it directly."""
         self.lr = self.lr_at(step)
-        for name, module in self.targets.items():
-            self.apply(name, module)
-            weight = getattr(module, "weight", None)
-            if isinstance(weight, torch.Tensor) and getattr(self.settings, "max_norm", None) is not None:
-                self.bound_(weight)
-
-    @hookimpl
-    def cortex_after_step(self, model: CortexModel, step: int, metrics: dict[str, float]) -> None:
-        rules = [r for r in getattr(model, "plasticity", ()) if isinstance(r, PlasticityRule)]
-        if not any(r is self for r in rules):
-            rules = [self]
-        elif rules[0] is not self:
-            return  # the model's first rule runs them all, in manifest order
         with torch.no_grad():
-            for rule in rules:
-                rule.step_end(model, step, metrics)
+            for name, module in self.targets.items():
+                self.apply(name, module)
+                weight = getattr(module, "weight", None)
+                if isinstance(weight, torch.Tensor) and getattr(self.settings, "max_norm", None) is not None:
+                    self.bound_(weight)
 
 
 class CognitiveFeature(Component):
     """A feature that reacts to lifecycle hooks (steps, sleep phases, interactions)."""
 
     kind: ClassVar[str] = "feature"
+
+    def frozen(self) -> ContextManager[None]:
+        """A context in which this feature's state stays as it is: sleep replay runs in it,
+        so replayed text is not learnt as new experience. The default changes nothing."""
+        return contextlib.nullcontext()
+
+    def replay_sequences(self, n: int, generator: Any = None) -> list[Any]:
+        """Up to ``n`` stored token sequences (1-D LongTensors) for offline replay, drawn
+        with ``generator``; features that keep experience (``sleep_wake``) offer them to
+        features that consolidate it (``cls``). The default offers none."""
+        return []
 
 
 @dataclass
@@ -352,3 +445,9 @@ class DataSource(Component):
     def documents(self) -> Iterator[Document]:
         """Yield the source's documents in a deterministic order."""
         raise NotImplementedError
+
+    @classmethod
+    def reads(cls, path: Path) -> Settings | None:
+        """The settings with which this source reads ``path`` (given as ``--data PATH`` or a
+        file to prepare), or ``None`` when it does not recognise it (the default)."""
+        return None

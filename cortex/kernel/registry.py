@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from pathlib import Path
+from typing import Any, Iterator
 
 from pydantic import BaseModel
 
@@ -73,6 +74,16 @@ class Registry:
 
     def names(self, kind: str | None = None) -> list[str]:
         return sorted(n for k, n in self._items if kind is None or k == kind)
+
+    def reader_of(self, path: Any) -> tuple[ComponentInfo, BaseModel] | None:
+        """The data source that recognises ``path`` (see ``DataSource.reads``) and the
+        settings it reads it with, or ``None``."""
+        for info in self:
+            reads = getattr(info.cls, "reads", None) if info.kind == "data" else None
+            settings = reads(Path(path)) if reads is not None else None
+            if settings is not None:
+                return info, settings
+        return None
 
     def kinds_of(self, name: str) -> list[str]:
         return [k for k, n in self._items if n == name]

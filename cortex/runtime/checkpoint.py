@@ -44,8 +44,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_model
 
-from cortex.runtime import distributed
 from cortex.kernel.errors import CheckpointError
+from cortex.runtime import distributed
 from cortex.runtime.rundir import (
     atomic_write,
     flatten_state,

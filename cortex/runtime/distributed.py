@@ -38,6 +38,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from cortex.kernel.interfaces import all_reduce_mean
+
 __all__ = [
     "DistInfo",
     "all_reduce_floats",
@@ -104,25 +106,6 @@ def init_from_env(device: str | torch.device | None = None) -> DistInfo:
             torch.cuda.set_device(local)
         dist.init_process_group(backend=backend)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local, dist.get_backend())
-
-
-def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    """Replace ``tensor`` in place by its mean over all ranks and return it.
-
-    For non-gradient state (plasticity updates, running statistics) that must stay
-    identical on every rank. Integer tensors are averaged in float64 and rounded back.
-    A no-op in a single process.
-    """
-    if not is_distributed():
-        return tensor
-    if tensor.is_floating_point():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        tensor.div_(dist.get_world_size())
-    else:
-        buf = tensor.double()
-        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-        tensor.copy_(torch.round(buf / dist.get_world_size()).to(tensor.dtype))
-    return tensor
 
 
 def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:

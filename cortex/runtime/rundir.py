@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_file, save_model
 
-import cortex
+from cortex.kernel import VERSION
 from cortex.kernel.errors import CheckpointError, CortexError
 from cortex.kernel.manifest import RUN_NAME
 
@@ -143,7 +143,7 @@ def load_state(directory: Path) -> dict[str, Any]:
 def environment() -> dict[str, Any]:
     """Versions and machine facts recorded with every run and benchmark."""
     return {
-        "cortex": cortex.__version__,
+        "cortex": VERSION,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -154,7 +154,7 @@ def environment() -> dict[str, Any]:
 
 
 def save_run(model: Any, out_dir: Path, *, name: str | None = None, overwrite: bool = False) -> Path:
-    """Write ``model`` (a [`CortexModel`][cortex.assemble.CortexModel]) as a run directory."""
+    """Write ``model`` (a [`CortexModel`][cortex.model.CortexModel]) as a run directory."""
     dest = run_path(out_dir, name or model.manifest.name)
     with staged_directory(dest, overwrite=overwrite) as tmp:
         write_into(model, tmp)
@@ -164,7 +164,7 @@ def save_run(model: Any, out_dir: Path, *, name: str | None = None, overwrite: b
 def write_into(model: Any, directory: Path) -> None:
     """Write every run file of ``model`` into an existing directory (each file atomically)."""
     directory = Path(directory)
-    atomic_write(directory / "manifest.yaml", model.built.source.text)
+    atomic_write(directory / "manifest.yaml", model.validated.source.text)
     fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
     os.close(fd)
     save_model(model.core, tmp)
@@ -189,6 +189,11 @@ def load_weights(core: torch.nn.Module, file: Path, *, device: str = "cpu") -> N
             f"{file} does not match this model (missing {sorted(missing)[:5]}, "
             f"unexpected {sorted(unexpected)[:5]}) — was it written by another manifest?"
         )
+
+
+def load(run: str | Path, *, device: str = "cpu") -> Any:
+    """Load a run directory for real-time use: ``cortex.load("runs/quickstart").chat("...")``."""
+    return load_run(Path(run), device=device).eval()
 
 
 def load_run(path: Path, *, device: str = "cpu") -> Any:

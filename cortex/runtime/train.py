@@ -49,10 +49,10 @@ from cortex.runtime.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
-from cortex.runtime.data import TokenDataset, documents_from_path, prepare
 from cortex.kernel.errors import CheckpointError, CortexError, DataError
 from cortex.kernel.interfaces import BuildContext
 from cortex.kernel.manifest import DataSpec, TrainSection
+from cortex.runtime.data import TokenDataset, documents_from_path, prepare
 from cortex.runtime.rundir import atomic_write, write_into, write_json
 from cortex.runtime.step import cosine_schedule, make_optimizer, train_step
 
@@ -170,14 +170,13 @@ def resolve_data(
     unless it already holds the same source prepared with the same tokenizer. A prepared
     dataset folder is used as it is; its tokenizer must be the model's.
     """
-    from cortex_plugins.data.hf import is_hf_dataset
-
     tokenizer = model.tokenizer
     target = override if override is not None else (spec.type if spec is not None else "demo")
     raw_settings = spec.settings if spec is not None and spec.type == target else {}
     info = model.pm.registry.get("data", target)
-    if info is None and not (Path(target).expanduser() / "meta.json").is_file() and is_hf_dataset(target):
-        info, raw_settings = model.pm.registry.get("data", "hf"), {"path": target}  # read by the hf source
+    found = model.pm.registry.reader_of(target) if info is None else None
+    if found is not None:  # e.g. a Hugging Face dataset folder, read by the hf source
+        info, raw_settings = found[0], found[1].model_dump()
     out = Path(run_dir) / "data"
     if info is not None:
         try:
@@ -187,7 +186,7 @@ def resolve_data(
         key: dict[str, Any] = {"source": target, "settings": settings.model_dump(mode="json")}
 
         def documents() -> Any:
-            context = BuildContext(model=model.config, tokenizer=tokenizer, seed=seed, run_dir=Path(run_dir))
+            context = BuildContext(config=model.config, tokenizer=tokenizer, seed=seed, run_dir=Path(run_dir))
             return info.cls(settings, context).documents()
     else:
         path = Path(target).expanduser()

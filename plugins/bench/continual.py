@@ -39,14 +39,13 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 import yaml
 from pydantic import Field
 
 from cortex import hookimpl
 from cortex.bench.harness import BenchSuite, Check, SuiteResult
 from cortex.kernel.interfaces import Settings
-from cortex.runtime.step import make_optimizer, train_step
+from cortex.kernel.lazy import torch, no_grad
 
 #: sleep-wake + CLS must reduce forgetting by at least this share of plain fine-tuning's
 TARGET_REDUCTION = 0.30
@@ -98,7 +97,7 @@ def training_batch(tokenizer: Any, task: list[tuple[str, str]], rows: int, lengt
     return torch.tensor(out, dtype=torch.long)
 
 
-@torch.no_grad()
+@no_grad
 def accuracy(model: Any, tokenizer: Any, task: list[tuple[str, str]]) -> float:
     """Share of the task's facts whose value the model predicts from ``;key=`` alone."""
     prompts = [tokenizer.encode(f";{k}=") for k, _ in task]
@@ -229,6 +228,8 @@ class Continual(BenchSuite):
         return yaml.safe_dump(data, sort_keys=False)
 
     def _run(self, base_text: str, features: tuple[str, ...], seed: int, facts: int, steps: int) -> dict[str, Any]:
+        from cortex.runtime.step import make_optimizer, train_step
+
         from cortex.assemble import assemble
         from cortex.kernel.manifest import load_manifest_text
 

@@ -22,12 +22,12 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-import torch
 from pydantic import Field
 
 from cortex import hookimpl
 from cortex.bench.harness import BenchSuite, Check, SuiteResult, load_target, median_and_spread
 from cortex.kernel.interfaces import Settings
+from cortex.kernel.lazy import torch
 
 EFFICACY_TARGET = 0.8
 LOCALITY_TARGET = 0.95

@@ -54,12 +54,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import torch
 from pydantic import Field
 
 from cortex import hookimpl
 from cortex.bench.harness import BenchSuite, Check, SuiteResult, median_and_spread
 from cortex.kernel.interfaces import BuildContext, Entries, Settings
+from cortex.kernel.lazy import torch, no_grad
 
 #: LTM: the best approximate index must reach this many times the Flat queries/s ...
 SPEEDUP_TARGET = 10.0
@@ -221,7 +221,7 @@ class KeySource:
                 yield buf[: self.context]
                 buf = buf[self.context:]
 
-    @torch.no_grad()
+    @no_grad
     def collect(self, n: int, seed: int, *, batch_rows: int = 16) -> tuple[np.ndarray, np.ndarray]:
         """The first ``n`` unique keys (n, dim) float32 and their next tokens of ``seed``'s text."""
         seen: set[int] = set()
@@ -503,7 +503,7 @@ class MemoryBench(BenchSuite):
         from cortex_plugins.memory.ltm import LongTermMemory
 
         n = keys.shape[0]
-        context = BuildContext(model=src.model.config, tokenizer=src.model.tokenizer, seed=0)
+        context = BuildContext(config=src.model.config, tokenizer=src.model.tokenizer, seed=0)
         entries = Entries(keys=keys, values=keys, tokens=tokens, streams=torch.zeros(n, dtype=torch.long))
         if index.startswith("ltm"):
             base = self._manifest_settings(src, "ltm")

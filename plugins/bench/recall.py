@@ -20,12 +20,12 @@ import string
 from pathlib import Path
 from typing import Callable
 
-import torch
 from pydantic import Field
 
 from cortex import hookimpl
 from cortex.bench.harness import BenchSuite, Check, SuiteResult, load_target, median_and_spread
 from cortex.kernel.interfaces import Settings
+from cortex.kernel.lazy import torch
 
 TARGETS = {4: 0.9, 16: 0.8}  # distance in windows -> accuracy with memory
 

@@ -13,15 +13,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import torch
 from pydantic import Field
 
 from cortex import hookimpl
 from cortex.bench.harness import BenchSuite, Check, SuiteResult, load_target, median_and_spread
 from cortex.kernel.errors import CortexError
 from cortex.kernel.interfaces import Settings
-from cortex.bench.reference import ReferenceGPT, comparable_parameters
-from cortex.runtime.step import make_optimizer, train_step
+from cortex.kernel.lazy import torch
 
 #: core tokens/s must be at least this share of the reference's
 CORE_TARGET = 0.95
@@ -30,6 +28,8 @@ MEMORY_TARGET = 0.75
 
 
 def _time_steps(model, optimizer, batches: list[torch.Tensor], hook, precision: str) -> float:
+    from cortex.runtime.step import train_step
+
     start = time.perf_counter()
     for step, batch in enumerate(batches):
         train_step(model, optimizer, [batch], step=step, hook=hook, precision=precision)
@@ -121,6 +121,9 @@ class Throughput(BenchSuite):
 
     def _contenders(self, targets: list[Path], seed: int, log: Callable[[str], None]) -> dict:
         """name -> (model, optimizer, hook relay, (vocab, context)) for every target and its reference."""
+        from cortex.bench.reference import ReferenceGPT, comparable_parameters
+        from cortex.runtime.step import make_optimizer
+
         runs: dict = {}
         self._plain = {}
         for target in targets:

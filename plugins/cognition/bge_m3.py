@@ -30,6 +30,7 @@ position, so each position saw the words that follow it).
 formats the hits above ``min_score`` as lines a caller can put in front of a prompt:
 
 ```python
+from cortex.kernel.lazy import F, torch
 from cortex_plugins.cognition.bge_m3 import BgeM3
 
 bge = BgeM3.of(model)
@@ -62,17 +63,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-import torch
 from pydantic import Field, model_validator
-from torch.nn import functional as F
 
 from cortex import hookimpl
 from cortex.kernel.errors import CortexError
 from cortex.kernel.interfaces import CognitiveFeature, Settings
+from cortex.kernel.lazy import F, torch
 from cortex_plugins.data.hf import hf_offline
 
 if TYPE_CHECKING:
-    from cortex.assemble import CortexModel
+    from cortex import ModelHandle
 
 INSTALL = "pip install 'cortex[bge]'"
 DOWNLOAD = ("download the weights once on a machine with network access, e.g. "
@@ -184,9 +184,9 @@ class BgeM3(CognitiveFeature):
         self.counters = {"stored": 0, "refreshed": 0, "evicted": 0, "searches": 0, "hits": 0}
 
     @classmethod
-    def of(cls, model: CortexModel) -> BgeM3:
+    def of(cls, model: ModelHandle) -> BgeM3:
         """The ``bge_m3`` feature of ``model`` (a `CortexError` if it has none)."""
-        for component in getattr(model, "features", ()):
+        for component in model.features:
             if isinstance(component, cls):
                 return component
         raise CortexError("this model has no bge_m3 feature; add `- {type: bge_m3, settings: {path: ...}}` "
@@ -381,7 +381,7 @@ class BgeM3(CognitiveFeature):
     # ------------------------------------------------------------------ lifecycle
 
     @hookimpl
-    def cortex_interaction(self, model: CortexModel, session: str, prompt: str, response: str) -> None:
+    def cortex_interaction(self, model: ModelHandle, session: str, prompt: str, response: str) -> None:
         record = self.settings.record
         if record == "none":
             return

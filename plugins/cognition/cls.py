@@ -54,34 +54,15 @@ from __future__ import annotations
 from collections import deque
 from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import Field
-from torch import nn
-from torch.nn import functional as F
 
 from cortex import hookimpl
 from cortex.kernel.interfaces import CognitiveFeature, Settings
+from cortex.kernel.lazy import F, nn, torch, no_grad
 from cortex_plugins.cognition.sleep_wake import apply_gradients, lm_batch, load_optimizer_state, optimizer_state, quiet
 
 if TYPE_CHECKING:
-    from cortex.assemble import CortexModel
-
-
-class FastAdapter(nn.Module):
-    """``scale * B(act(A(x)))``: a small path in parallel with an MLP (``B`` starts at zero)."""
-
-    def __init__(self, dim: int, width: int, scale: float, activation: str, generator: torch.Generator) -> None:
-        super().__init__()
-        self.scale = scale
-        self.activation = activation
-        self.A = nn.Parameter(torch.randn(width, dim, generator=generator) / dim**0.5)
-        self.B = nn.Parameter(torch.zeros(dim, width))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.linear(x, self.A.to(x.dtype))
-        if self.activation == "gelu":
-            h = F.gelu(h)
-        return self.scale * F.linear(h, self.B.to(x.dtype))
+    from cortex import ModelHandle
 
 
 class ComplementaryLearning(CognitiveFeature):
@@ -112,7 +93,7 @@ class ComplementaryLearning(CognitiveFeature):
 
     def __init__(self, settings: Settings, context) -> None:
         super().__init__(settings, context)
-        cfg = context.model
+        cfg = context.config
         if cfg is None:
             raise ValueError("cls needs the model's shape")
         layers = list(range(cfg.layers)) if settings.layers is None else list(settings.layers)
@@ -122,6 +103,8 @@ class ComplementaryLearning(CognitiveFeature):
         self.layers = layers
         self.tokenizer = context.tokenizer
         self.seq_len = int(cfg.context) + 1
+        from cortex_plugins.cognition._fast_adapter import FastAdapter
+
         g = torch.Generator().manual_seed(int(context.seed) * 7919 + 1)
         self.adapters = nn.ModuleDict({
             str(i): FastAdapter(cfg.dim, settings.width, settings.scale, settings.activation, g) for i in layers
@@ -131,7 +114,6 @@ class ComplementaryLearning(CognitiveFeature):
         self.optimizer: torch.optim.Optimizer | None = None
         self._pending_optimizer: dict[str, Any] | None = None
         self._handles: list[Any] = []
-        self._model: list[Any] = []
         self._before: list[torch.Tensor] | None = None
         #: multiplies every fast path's output (consolidation's student runs with ``keep``)
         self.factor = 1.0
@@ -142,8 +124,7 @@ class ComplementaryLearning(CognitiveFeature):
     # ------------------------------------------------------------------ wiring
 
     @hookimpl
-    def cortex_model_built(self, model: CortexModel) -> None:
-        self._model = [model]
+    def cortex_model_built(self, model: ModelHandle) -> None:
         for i in self.layers:
             mlp = model.core.blocks[i].mlp
             self._handles.append(mlp.register_forward_hook(self._hook(str(i))))
@@ -183,7 +164,7 @@ class ComplementaryLearning(CognitiveFeature):
         apply_gradients(self.optimizer, self.fast_params, grads, self.settings.clip)
         self.counters["fast_updates"] += 1
 
-    @torch.no_grad()
+    @no_grad
     def _decay(self) -> None:
         if self.settings.decay:
             for adapter in self.adapters.values():
@@ -210,7 +191,7 @@ class ComplementaryLearning(CognitiveFeature):
         return first
 
     @hookimpl
-    def cortex_interaction(self, model: CortexModel, session: str, prompt: str, response: str) -> None:
+    def cortex_interaction(self, model: ModelHandle, session: str, prompt: str, response: str) -> None:
         text = prompt if self.settings.learn_from == "prompt" else prompt + response
         self.counters["turns"] += 1
         self.recent.append(text)
@@ -218,12 +199,12 @@ class ComplementaryLearning(CognitiveFeature):
         self._decay()
 
     @hookimpl
-    def cortex_before_step(self, model: CortexModel, step: int, batch: torch.Tensor) -> None:
+    def cortex_before_step(self, model: ModelHandle, step: int, batch: torch.Tensor) -> None:
         if self.settings.slow_share < 1.0:
             self._before = [p.detach().clone() for p in self.slow_params]
 
     @hookimpl(tryfirst=True)  # before any other step-end work (sleep replay) changes the core
-    def cortex_after_step(self, model: CortexModel, step: int, metrics: dict[str, float]) -> None:
+    def cortex_after_step(self, model: ModelHandle, step: int, metrics: dict[str, float]) -> None:
         if self._before is not None:
             with torch.no_grad():
                 for p, old in zip(self.slow_params, self._before):
@@ -244,10 +225,9 @@ class ComplementaryLearning(CognitiveFeature):
     # ------------------------------------------------------------------ consolidation
 
     def _replay_sequences(self, model: Any, n: int, generator: torch.Generator) -> list[torch.Tensor]:
-        for feature in getattr(model, "features", ()):
-            fetch = getattr(feature, "replay_sequences", None)
-            if feature is not self and callable(fetch):
-                seqs = fetch(n, generator)
+        for feature in model.features:
+            if feature is not self and isinstance(feature, CognitiveFeature):
+                seqs = feature.replay_sequences(n, generator)
                 if seqs:
                     return seqs
         texts = list(self.recent)
@@ -260,7 +240,7 @@ class ComplementaryLearning(CognitiveFeature):
     def consolidate(self, model: Any | None = None, step: int = 0) -> float | None:
         """Move the fast path into the core through replay (see the module docs); returns
         the mean distillation loss, or None when there was nothing to replay."""
-        model = model or self._model[0]
+        model = model or self.model
         s = self.settings
         assert self.optimizer is not None
         core = model.core
@@ -298,7 +278,7 @@ class ComplementaryLearning(CognitiveFeature):
         return self.last_consolidation_loss
 
     @hookimpl
-    def cortex_sleep(self, model: CortexModel, phase: str, step: int) -> None:
+    def cortex_sleep(self, model: ModelHandle, phase: str, step: int) -> None:
         if phase == "nrem":
             self.consolidate(model, step)
 

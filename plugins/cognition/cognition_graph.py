@@ -51,21 +51,22 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import networkx as nx
 import numpy as np
-import torch
 from pydantic import Field
 
 from cortex import hookimpl
 from cortex.kernel.errors import CortexError
 from cortex.kernel.interfaces import CognitiveFeature, Settings
+from cortex.kernel.lazy import torch
 
 if TYPE_CHECKING:
-    from cortex.assemble import CortexModel
+    from cortex import ModelHandle
 
 
 class GraphSettings(Settings):
@@ -256,7 +257,7 @@ class CognitionGraph:
         return {n: vecs[i] for i, n in enumerate(names)}
 
     @classmethod
-    def from_model(cls, model: CortexModel, settings: GraphSettings | None = None) -> CognitionGraph:
+    def from_model(cls, model: ModelHandle, settings: GraphSettings | None = None) -> CognitionGraph:
         """A graph of what ``model`` stored: its tiers' keys clustered into concepts, its
         stored texts and episodes as concept sequences (see the module docs)."""
         s = settings or GraphSettings()
@@ -476,7 +477,7 @@ class CognitionGraph:
 # --------------------------------------------------------------------------- from a model
 
 
-def _memory_items(model: CortexModel) -> dict[str, Any]:
+def _memory_items(model: ModelHandle) -> dict[str, Any]:
     """Every entry of every tier: keys (N, d) float32, tokens, streams, ids, order, tier, meta."""
     keys, tokens, streams, order, tiers, metas = [], [], [], [], [], []
     for tier in model.memory:
@@ -608,7 +609,7 @@ def _collapse(seq: list[str], min_run: int = 1) -> list[str]:
     return [n for i, n in enumerate(kept) if i == 0 or n != kept[i - 1]]
 
 
-def _episode_sequences(model: CortexModel, centroids: np.ndarray, names: list[str],
+def _episode_sequences(model: ModelHandle, centroids: np.ndarray, names: list[str],
                        min_run: int = 1) -> list[list[str]]:
     """Each stored episode (of an ``episodic`` feature) as a sequence of concepts."""
     episodic = [f for f in model.features if getattr(f, "name", "") == "episodic"]
@@ -644,26 +645,21 @@ class CognitionGraphFeature(CognitiveFeature):
 
     def __init__(self, settings: Settings, context) -> None:
         super().__init__(settings, context)
-        self._model: list[Any] = []
         self.graph: CognitionGraph | None = None
-
-    @hookimpl
-    def cortex_model_built(self, model: CortexModel) -> None:
-        self._model = [model]
 
     def graph_settings(self) -> GraphSettings:
         return GraphSettings(**self.settings.model_dump(exclude={"rebuild_in_sleep"}))
 
-    def build(self, model: CortexModel | None = None) -> CognitionGraph:
+    def build(self, model: ModelHandle | None = None) -> CognitionGraph:
         """Build (and keep) the graph of ``model``'s memory (the model it was built into)."""
-        model = model or (self._model[0] if self._model else None)
+        model = model or (self.model if self.is_bound else None)
         if model is None:
             raise CortexError("cognition_graph: no model to build from")
         self.graph = CognitionGraph.from_model(model, self.graph_settings())
         return self.graph
 
     @hookimpl
-    def cortex_sleep(self, model: CortexModel, phase: str, step: int) -> None:
+    def cortex_sleep(self, model: ModelHandle, phase: str, step: int) -> None:
         if phase == "rem" and self.settings.rebuild_in_sleep:
             try:
                 self.build(model)
@@ -674,7 +670,7 @@ class CognitionGraphFeature(CognitiveFeature):
         return self.graph.summary() if self.graph is not None else {}
 
 
-def graph_of_run(model: CortexModel) -> CognitionGraph:
+def graph_of_run(model: ModelHandle) -> CognitionGraph:
     """The graph of a loaded run: with the run's ``cognition_graph`` settings when it has the feature."""
     for feature in model.features:
         if isinstance(feature, CognitionGraphFeature):
@@ -685,3 +681,41 @@ def graph_of_run(model: CortexModel) -> CognitionGraph:
 @hookimpl
 def cortex_register_components(register):
     register(CognitionGraphFeature)
+
+
+@hookimpl
+def cortex_register_commands(app):
+    import typer
+    from rich.console import Console
+    from rich.table import Table
+
+    @app.command()
+    def graph(
+        run: Path = typer.Argument(..., help="A run directory."),
+        export: Optional[Path] = typer.Option(None, "--export", help="Write the graph to FILE.graphml or FILE.json."),
+        png: Optional[Path] = typer.Option(None, "--png", help="Draw the graph to a PNG file."),
+    ) -> None:
+        """Build the concept / association / causal graph of a run's memory and summarise it."""
+        from cortex import load
+
+        if export is not None and export.suffix not in (".graphml", ".json"):
+            raise CortexError(f"--export {export}: use a .graphml or .json file name")
+        g = graph_of_run(load(run))
+        s = g.summary()
+        console = Console(width=200) if not sys.stdout.isatty() else Console()
+        console.print(f"graph of {run}: {s['nodes']} nodes ({s['concepts']} concepts), "
+                      f"{s['associations']} associations, {s['causal']} causal candidates", highlight=False)
+        table = Table(title="concepts (largest first)")
+        for column in ("concept", "size", "label", "causes", "effects"):
+            table.add_column(column)
+        for c in g.concepts()[:12]:
+            table.add_row(c["id"], str(c.get("size", "")), str(c.get("label", "")),
+                          ", ".join(u for u, _, _ in g.causes(c["id"])[:3]),
+                          ", ".join(v for v, _, _ in g.effects(c["id"])[:3]))
+        console.print(table)
+        for u, v, d in g.causal_edges()[:10]:
+            console.print(f"  {u} -> {v}  delta_p {d['delta_p']:.3f}  count {d['count']}", highlight=False)
+        if export is not None:
+            console.print(f"graph: {g.export(export)}")
+        if png is not None:
+            console.print(f"png: {g.draw(png)}")

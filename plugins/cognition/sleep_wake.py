@@ -60,14 +60,14 @@ import contextlib
 import math
 from typing import TYPE_CHECKING, Any, Iterator, Literal
 
-import torch
 from pydantic import Field, model_validator
 
 from cortex import hookimpl
 from cortex.kernel.interfaces import CognitiveFeature, Settings
+from cortex.kernel.lazy import torch, no_grad
 
 if TYPE_CHECKING:
-    from cortex.assemble import CortexModel
+    from cortex import ModelHandle
 
 PHASES = ("wake", "nrem", "rem")
 PHASE_CODE = {name: i for i, name in enumerate(PHASES)}
@@ -152,15 +152,14 @@ def lm_batch(seqs: list[torch.Tensor], pad: int, device: torch.device) -> tuple[
 def quiet(model: Any) -> Iterator[None]:
     """Offline passes (replay, consolidation): rules do not observe, features with
     ``frozen()`` are frozen."""
-    rules = [r for r in getattr(model, "plasticity", ()) if hasattr(r, "observing")]
+    rules = list(model.plasticity)
     before = [r.observing for r in rules]
     with contextlib.ExitStack() as stack:
         for r in rules:
             r.observing = False
-        for f in getattr(model, "features", ()):
-            frozen = getattr(f, "frozen", None)
-            if callable(frozen):
-                stack.enter_context(frozen())
+        for f in model.features:
+            if isinstance(f, CognitiveFeature):
+                stack.enter_context(f.frozen())
         try:
             yield
         finally:
@@ -233,9 +232,8 @@ class SleepWake(CognitiveFeature):
         self.tokenizer = context.tokenizer
         self.device = torch.device(context.device)
         self.seed = int(context.seed)
-        ctx = int(context.model.context) if context.model is not None else 256
+        ctx = int(context.config.context) if context.config is not None else 256
         self.seq_len = min(ctx, settings.replay_tokens or ctx) + 1  # tokens per replayed sequence
-        self._model: list[Any] = []
         self.optimizer: torch.optim.Optimizer | None = None
         self._params: list[torch.Tensor] = []
         self._pending_optimizer: dict[str, Any] | None = None
@@ -279,7 +277,7 @@ class SleepWake(CognitiveFeature):
         """Finish one unit: enter its phase and do its sleep work."""
         phase = self.phase_at(self.clock)
         self._pool = self.pool(model) if phase != "wake" else []
-        ms = getattr(model, "memory_system", None)
+        ms = model.memory_system
         before = int(ms.stats["consolidated"]) if ms is not None else 0
         self._enter(model, phase, step)
         out: dict[str, float] = {"sleep/phase": float(PHASE_CODE[phase])}
@@ -302,13 +300,13 @@ class SleepWake(CognitiveFeature):
     def sleep(self, model: Any | None = None, step: int | None = None) -> dict[str, float]:
         """A whole night now: ``nrem`` NREM units, ``rem`` REM units, then wake. The clock
         restarts at the beginning of a wake phase. Returns the mean replay losses."""
-        model = model or self._model[0]
+        model = model or self.model
         step = self.step if step is None else step
         losses: dict[str, list[float]] = {"nrem": [], "rem": []}
         for phase, units in (("nrem", self.nrem_len), ("rem", self.rem_len)):
             for _ in range(units):
                 self._pool = self.pool(model)
-                ms = getattr(model, "memory_system", None)
+                ms = model.memory_system
                 before = int(ms.stats["consolidated"]) if ms is not None else 0
                 self._enter(model, phase, step)
                 if phase == "nrem" and ms is not None:
@@ -325,11 +323,7 @@ class SleepWake(CognitiveFeature):
     # ------------------------------------------------------------------ lifecycle
 
     @hookimpl
-    def cortex_model_built(self, model: CortexModel) -> None:
-        self._model = [model]
-
-    @hookimpl
-    def cortex_before_step(self, model: CortexModel, step: int, batch: torch.Tensor) -> None:
+    def cortex_before_step(self, model: ModelHandle, step: int, batch: torch.Tensor) -> None:
         self.step = step
         if self.settings.buffer and self.settings.record_rows and batch.numel():
             g = _generator(self.seed, 17, step)
@@ -339,17 +333,17 @@ class SleepWake(CognitiveFeature):
                 self.record(row.cpu())
 
     @hookimpl
-    def cortex_after_step(self, model: CortexModel, step: int, metrics: dict[str, float]) -> None:
+    def cortex_after_step(self, model: ModelHandle, step: int, metrics: dict[str, float]) -> None:
         self.step = step
         metrics.update(self._unit(model, step))
 
     @hookimpl
-    def cortex_interaction(self, model: CortexModel, session: str, prompt: str, response: str) -> None:
+    def cortex_interaction(self, model: ModelHandle, session: str, prompt: str, response: str) -> None:
         if self.settings.buffer and self.tokenizer is not None:
             ids = self.tokenizer.encode(prompt)
             if len(ids) >= 2:
                 self.record(torch.tensor(ids[: self.seq_len], dtype=torch.long))
-        ms = getattr(model, "memory_system", None)
+        ms = model.memory_system
         self._unit(model, int(ms.step) if ms is not None else self.clock)  # memory's own clock ages in chat
 
     # ------------------------------------------------------------------ memories
@@ -379,11 +373,11 @@ class SleepWake(CognitiveFeature):
 
     def pool(self, model: Any | None = None) -> list[torch.Tensor]:
         """Every stored memory the ``sources`` setting allows, as token sequences."""
-        model = model or (self._model[0] if self._model else None)
+        model = model or (self.model if self.is_bound else None)
         out: list[torch.Tensor] = []
         sources = self.settings.sources
         if model is not None and "episodic" in sources:
-            for feature in getattr(model, "features", ()):
+            for feature in model.features:
                 replay = getattr(feature, "replay", None)
                 if feature is self or not callable(replay):
                     continue
@@ -398,7 +392,7 @@ class SleepWake(CognitiveFeature):
                         out.append(tokens)
         if model is not None and "memory" in sources and self.tokenizer is not None:
             texts: dict[str, None] = {}
-            for tier in getattr(model, "memory", ()):
+            for tier in model.memory:
                 for meta in list(getattr(tier, "meta", {}).values()):
                     text = meta.get("text") if isinstance(meta, dict) else None
                     if isinstance(text, str) and text:
@@ -474,7 +468,7 @@ class SleepWake(CognitiveFeature):
             out.append(torch.cat(parts)[: self.seq_len])
         return out
 
-    @torch.no_grad()
+    @no_grad
     def dream(self, model: Any, n: int, generator: torch.Generator) -> list[torch.Tensor]:
         """``n`` continuations the model samples from the openings of stored memories."""
         seeds = [s for s in self.replay_sequences(4 * n, generator) if s.numel() >= self.settings.rem_prompt][:n]
@@ -567,8 +561,8 @@ class SleepWake(CognitiveFeature):
         if "optimizer" in state:
             self.optimizer = None
             self._pending_optimizer = state["optimizer"]
-            if self._model:
-                self._optimizer(self._model[0])
+            if self.is_bound:
+                self._optimizer(self.model)
 
 
 def _gather_rows(rows: torch.Tensor) -> list[torch.Tensor]:

@@ -41,8 +41,8 @@ from pydantic import Field
 
 from cortex import hookimpl
 from cortex.kernel.errors import CortexError, DataError
-from cortex.runtime.data import RereadableDocuments
 from cortex.kernel.interfaces import DataSource, Document, Settings
+from cortex.runtime.data import RereadableDocuments
 
 INSTALL = "pip install 'cortex[hf]'"
 #: the files ``save_to_disk`` writes at the top of its folder
@@ -164,6 +164,13 @@ class HFSource(DataSource):
         text_field: str = Field("text", min_length=1, description="Column holding each document's text.")
         limit: int | None = Field(None, gt=0, description="Read only the first this many rows.")
         skip_bad: bool = Field(False, description="Skip (and count) rows whose text is null instead of failing.")
+
+    @classmethod
+    def reads(cls, path: Path) -> Settings | None:
+        """A saved dataset or a folder of Parquet/Arrow files (not a prepared Cortex dataset)."""
+        if (path.expanduser() / "meta.json").is_file() or not is_hf_dataset(path):
+            return None
+        return cls.Settings(path=str(path))
 
     def documents(self) -> HFDocuments:
         s = self.settings

@@ -23,10 +23,9 @@ import math
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-import torch
-from torch.nn import functional as F
 
 from cortex.kernel.interfaces import Retrieval
+from cortex.kernel.lazy import F, torch
 
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 

@@ -48,11 +48,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
 from pydantic import Field, model_validator
 
 from cortex import hookimpl
 from cortex.kernel.interfaces import Entries, MemoryTier, Retrieval, Settings
+from cortex.kernel.lazy import torch, no_grad
 from cortex_plugins.memory._vector_index import (
     Counters,
     TierCommon,
@@ -79,8 +79,7 @@ def level_codecs(level: str) -> tuple[str, str]:
     keys, _, values = level.partition("/")
     return keys, values or ("sq8" if keys == "pq" else keys)
 #: per-entry columns and their storage types (int32 where the range allows: bytes count)
-_DTYPES = {"ids": torch.int64, "streams": torch.int64, "tokens": torch.int32,
-           "uses": torch.int32, "last": torch.int32, "born": torch.int32}
+_DTYPES = {"ids": "int64", "streams": "int64", "tokens": "int32", "uses": "int32", "last": "int32", "born": "int32"}
 _COLUMNS = tuple(_DTYPES)
 #: rows decoded at once when scoring part of a level
 _DECODE_CHUNK = 32768
@@ -94,7 +93,7 @@ class _Level:
         self.index = None  # key index (an IndexFlatCodes), None until trained
         self.vcodec = None  # value codec (an empty IndexScalarQuantizer), None until trained
         self.vcodes = torch.zeros(0, 0, dtype=torch.uint8)
-        self.cols = {name: torch.zeros(0, dtype=dtype) for name, dtype in _DTYPES.items()}
+        self.cols = {name: torch.zeros(0, dtype=getattr(torch, dtype)) for name, dtype in _DTYPES.items()}
         self.n = 0
         self.value_dim = value_dim
 
@@ -142,7 +141,7 @@ class _Level:
                 self.cols[name] = bigger
         self.vcodes[self.n: need] = vcodes
         for name in _COLUMNS:
-            self.cols[name][self.n: need] = columns[name].to(_DTYPES[name])
+            self.cols[name][self.n: need] = columns[name].to(getattr(torch, _DTYPES[name]))
         self.n = need
 
     def remove(self, rows: torch.Tensor) -> None:
@@ -197,9 +196,9 @@ class Archive(TierCommon, MemoryTier):
 
     def __init__(self, settings: Settings, context) -> None:
         super().__init__(settings, context)
-        if context.model is None:
-            raise ValueError("archive needs the model's shape (context.model.dim)")
-        self.dim = int(context.model.dim)
+        if context.config is None:
+            raise ValueError("archive needs the model's shape (context.config.dim)")
+        self.dim = int(context.config.dim)
         if any(level_codecs(x)[0] == "pq" for x in settings.levels) and self.dim % settings.pq_m:
             raise ValueError(
                 f"archive pq_m ({settings.pq_m}) must divide the model width ({self.dim}); "
@@ -260,7 +259,7 @@ class Archive(TierCommon, MemoryTier):
 
     # ------------------------------------------------------------------ write
 
-    @torch.no_grad()
+    @no_grad
     def write(self, entries: Entries, *, step: int = 0) -> None:
         n = len(entries)
         if n == 0:
@@ -306,7 +305,7 @@ class Archive(TierCommon, MemoryTier):
     def ids_at(self, levels: torch.Tensor, rows: torch.Tensor) -> list[int]:
         return [int(self.levels[li].cols["ids"][r]) for li, r in zip(levels.tolist(), rows.tolist())]
 
-    @torch.no_grad()
+    @no_grad
     def compact(self, step: int) -> int:
         """Move entries whose age reached a deeper level's ``age_steps`` down; returns how many.
 
@@ -407,13 +406,13 @@ class Archive(TierCommon, MemoryTier):
         return Retrieval(r.values.to(device), r.tokens.to(device), r.scores.to(device), r.ids.to(device),
                          r.keys.to(device), r.uses.to(device))
 
-    @torch.no_grad()
+    @no_grad
     def read(self, queries: torch.Tensor, k: int, *, stream: int = 0, step: int = 0, touch: bool = True) -> Retrieval:
         q = normalize(queries).cpu()
         self.counters.queries += q.shape[0]
         return self._read(int(stream), q, max(k, 0), step, touch, queries.device)
 
-    @torch.no_grad()
+    @no_grad
     def read_batch(self, queries: torch.Tensor, streams: torch.Tensor, k: int, *, step: int = 0,
                    touch: bool = True) -> Retrieval:
         """Top-``k`` of each row's own stream for ``queries`` (B, T, d): shapes (B, T, k, ...)."""
@@ -498,7 +497,7 @@ class Archive(TierCommon, MemoryTier):
                 raise ValueError(f"archive state has width {level.index.d}, this tier {self.dim}")
             level.n = int(item["n"])
             level.vcodes = item["vcodes"].to(torch.uint8).clone()
-            level.cols = {name: item[name].to(dtype).clone() for name, dtype in _DTYPES.items()}
+            level.cols = {name: item[name].to(getattr(torch, dtype)).clone() for name, dtype in _DTYPES.items()}
         self._load_common_state(state)
 
 

@@ -58,16 +58,15 @@ import random
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import Field
-from torch.nn import functional as F
 
 from cortex import hookimpl
 from cortex.kernel.errors import CortexError
 from cortex.kernel.interfaces import CognitiveFeature, Settings
+from cortex.kernel.lazy import F, torch, no_grad
 
 if TYPE_CHECKING:
-    from cortex.assemble import CortexModel
+    from cortex import ModelHandle
 
 _P = 2_147_483_647  # 2**31 - 1: hashing modulus (products of two residues fit in int64)
 _M1, _M2, _M3, _M4 = 1_000_003, 999_983, 2_654_435, 40_503
@@ -162,12 +161,11 @@ class EpisodicMemory(CognitiveFeature):
     def __init__(self, settings: Settings, context) -> None:
         super().__init__(settings, context)
         self.tokenizer = context.tokenizer
-        self.model_dim = int(context.model.dim) if context.model is not None else None
+        self.model_dim = int(context.config.dim) if context.config is not None else None
         if settings.key != "ngram" and self.model_dim is None:
             raise ValueError(f"key: {settings.key} needs the model's shape")
         self.key_width = {"ngram": settings.key_dim, "model": self.model_dim or 0,
                           "both": settings.key_dim + (self.model_dim or 0)}[settings.key]
-        self._model: list[Any] = []  # the model (for `model` keys), not owned
         self.step = 0
         self._reset()
 
@@ -186,18 +184,14 @@ class EpisodicMemory(CognitiveFeature):
     # ------------------------------------------------------------------ lifecycle
 
     @hookimpl
-    def cortex_model_built(self, model: CortexModel) -> None:
-        self._model = [model]
-
-    @hookimpl
-    def cortex_before_step(self, model: CortexModel, step: int, batch: torch.Tensor) -> None:
+    def cortex_before_step(self, model: ModelHandle, step: int, batch: torch.Tensor) -> None:
         self.step = step
         every = self.settings.record_every_steps
         if every and step % every == 0 and batch.numel():
             self.record(batch[0].reshape(-1), meta={"source": "train", "step": step})
 
     @hookimpl
-    def cortex_interaction(self, model: CortexModel, session: str, prompt: str, response: str) -> None:
+    def cortex_interaction(self, model: ModelHandle, session: str, prompt: str, response: str) -> None:
         if not self.settings.record_interactions:
             return
         tokens = self._encode(prompt) + self._encode(response)
@@ -227,9 +221,9 @@ class EpisodicMemory(CognitiveFeature):
         return torch.as_tensor(tokens_or_text, dtype=torch.long).reshape(-1).cpu()
 
     def _model_keys(self, tokens: torch.Tensor) -> torch.Tensor:
-        if not self._model:
+        if not self.is_bound:
             raise CortexError("episodic: `key: model` needs the model (build it from a manifest)")
-        model = self._model[0]
+        model = self.model
         ms = model.memory_system
         ctx = model.config.context
         out = []
@@ -339,7 +333,7 @@ class EpisodicMemory(CognitiveFeature):
         self.episodes[e] = {"created_step": self.step, "length": 0, **meta}
         return e
 
-    @torch.no_grad()
+    @no_grad
     def record(self, tokens_or_text: Any, episode: int | str | None = None, *,
                meta: dict[str, Any] | None = None, step: int | None = None) -> int:
         """Append items to ``episode`` and return its id.
@@ -402,7 +396,7 @@ class EpisodicMemory(CognitiveFeature):
             self._sorted = (self.cols["tokens"][:n][perm], rank, start_of, end_of, perm)
         return self._sorted
 
-    @torch.no_grad()
+    @no_grad
     def recall(self, cue: Any, *, k: int = 1, continuation: int | None = None) -> list[Recall]:
         """The ``k`` best-matching episodes (at most one recall per episode) for ``cue``.
 

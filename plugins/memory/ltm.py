@@ -43,11 +43,11 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-import torch
 from pydantic import Field
 
 from cortex import hookimpl
 from cortex.kernel.interfaces import Entries, MemoryTier, Retrieval, Settings
+from cortex.kernel.lazy import torch, no_grad
 from cortex_plugins.memory._vector_index import (
     Counters,
     SearchMirror,
@@ -95,9 +95,9 @@ class LongTermMemory(TierCommon, MemoryTier):
 
     def __init__(self, settings: Settings, context) -> None:
         super().__init__(settings, context)
-        if context.model is None:
-            raise ValueError("ltm needs the model's shape (context.model.dim)")
-        self.dim = int(context.model.dim)
+        if context.config is None:
+            raise ValueError("ltm needs the model's shape (context.config.dim)")
+        self.dim = int(context.config.dim)
         key_dim = settings.key_dim
         if key_dim is not None and key_dim > self.dim:
             raise ValueError(f"ltm key_dim ({key_dim}) cannot exceed the model width ({self.dim})")
@@ -200,7 +200,7 @@ class LongTermMemory(TierCommon, MemoryTier):
 
     # ------------------------------------------------------------------ write
 
-    @torch.no_grad()
+    @no_grad
     def write(self, entries: Entries, *, step: int = 0) -> None:
         n = len(entries)
         if n == 0:
@@ -326,7 +326,7 @@ class LongTermMemory(TierCommon, MemoryTier):
             uses=self.uses[s].masked_fill(~ok, 0).to(device),
         )
 
-    @torch.no_grad()
+    @no_grad
     def read(self, queries: torch.Tensor, k: int, *, stream: int = 0, step: int = 0, touch: bool = True) -> Retrieval:
         q = normalize(queries).cpu()
         self.counters.queries += q.shape[0]
@@ -335,7 +335,7 @@ class LongTermMemory(TierCommon, MemoryTier):
         scores, slots = self._search(int(stream), q, k, step, touch)
         return self._gather(scores, slots, queries.device)
 
-    @torch.no_grad()
+    @no_grad
     def read_batch(self, queries: torch.Tensor, streams: torch.Tensor, k: int, *, step: int = 0,
                    touch: bool = True) -> Retrieval:
         """Top-``k`` of each row's own stream for ``queries`` (B, T, d): shapes (B, T, k, ...).
@@ -358,7 +358,7 @@ class LongTermMemory(TierCommon, MemoryTier):
 
     # ------------------------------------------------------------------ consolidation
 
-    @torch.no_grad()
+    @no_grad
     def handover(self, *, step: int = 0) -> Entries | None:
         """Remove and return entries not accessed for ``idle_steps`` steps, least recent first."""
         idle = self.live & (step - self.last >= self.settings.idle_steps)

@@ -34,11 +34,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
 from pydantic import Field
 
 from cortex import hookimpl
 from cortex.kernel.interfaces import Entries, MemoryTier, Retrieval, Settings
+from cortex.kernel.lazy import torch, no_grad
 
 from cortex_plugins.memory._vector_index import Counters, TierCommon, empty_retrieval, normalize, state_nbytes
 
@@ -56,9 +56,9 @@ class ShortTermMemory(TierCommon, MemoryTier):
 
     def __init__(self, settings: Settings, context) -> None:
         super().__init__(settings, context)
-        if context.model is None:
-            raise ValueError("stm needs the model's shape (context.model.dim)")
-        self.dim = int(context.model.dim)
+        if context.config is None:
+            raise ValueError("stm needs the model's shape (context.config.dim)")
+        self.dim = int(context.config.dim)
         self.device = torch.device(context.device)
         self.counters = Counters()
         self.strengthened = 0
@@ -116,7 +116,7 @@ class ShortTermMemory(TierCommon, MemoryTier):
 
     # ------------------------------------------------------------------ write
 
-    @torch.no_grad()
+    @no_grad
     def write(self, entries: Entries, *, step: int = 0) -> None:
         n = len(entries)
         if n == 0:
@@ -234,7 +234,7 @@ class ShortTermMemory(TierCommon, MemoryTier):
         rows, known = self._rows(streams.reshape(-1))
         return self.keys[rows], self.values[rows], self.valid[rows] & known[:, None]
 
-    @torch.no_grad()
+    @no_grad
     def touch(self, streams: torch.Tensor, used: torch.Tensor, *, step: int = 0, queries: int = 0,
               hits: int = 0) -> None:
         """Count one use of each slot marked in ``used`` (B, capacity), as a read would."""
@@ -247,13 +247,13 @@ class ShortTermMemory(TierCommon, MemoryTier):
         self.uses.index_put_((rows[bi], si), torch.ones_like(si), accumulate=True)
         self.steps[rows[bi], si] = step
 
-    @torch.no_grad()
+    @no_grad
     def read(self, queries: torch.Tensor, k: int, *, stream: int = 0, step: int = 0, touch: bool = True) -> Retrieval:
         streams = torch.tensor([stream], dtype=torch.long, device=queries.device)
         got = self.read_batch(queries[None], streams, k, step=step, touch=touch)
         return Retrieval(got.values[0], got.tokens[0], got.scores[0], got.ids[0], got.keys[0], got.uses[0])
 
-    @torch.no_grad()
+    @no_grad
     def read_batch(self, queries: torch.Tensor, streams: torch.Tensor, k: int, *, step: int = 0,
                    touch: bool = True) -> Retrieval:
         """Top-``k`` of each row's own stream for ``queries`` (B, T, d): shapes (B, T, k, ...).
@@ -308,7 +308,7 @@ class ShortTermMemory(TierCommon, MemoryTier):
 
     # ------------------------------------------------------------------ consolidation
 
-    @torch.no_grad()
+    @no_grad
     def _displace_slots(self, row: int, slots: torch.Tensor) -> None:
         if slots.numel():
             ids = self.ids[row, slots]

@@ -6,7 +6,7 @@ features:
   - {type: working, settings: {slots: 8, tasks: 2, gated: true}}
 ```
 
-A [`WorkingMemoryLayer`][cortex_plugins.memory.working.WorkingMemoryLayer] is installed after block
+A [`WorkingMemoryLayer`][cortex_plugins.memory._working_layer.WorkingMemoryLayer] is installed after block
 ``layer`` (default: the first of ``model.memory_layers``, else the middle block) with
 ``model.core.set_memory_layer``. If a memory module is already installed there (the
 memory system's kNN-attention), it is *chained*: the layer calls it first
@@ -45,65 +45,15 @@ import math
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterator
 
-import torch
 from pydantic import Field
-from torch import nn
-from torch.nn import functional as F
 
 from cortex import hookimpl
 from cortex.kernel.errors import CortexError
 from cortex.kernel.interfaces import CognitiveFeature, Settings
+from cortex.kernel.lazy import F, nn, torch, no_grad
 
 if TYPE_CHECKING:
-    from cortex.assemble import CortexModel
-
-
-class WorkingMemoryLayer(nn.Module):
-    """The module installed after a block: reads the current task's slots, then writes."""
-
-    def __init__(self, owner: WorkingMemory, dim: int, inner: nn.Module | None = None) -> None:
-        super().__init__()
-        s = owner.settings
-        self._owner = [owner]  # not a registered child: the feature is not a Module
-        self.inner = inner
-        self.norm = nn.RMSNorm(dim)
-        self.query = nn.Linear(dim, dim, bias=False)
-        self.out = nn.Linear(dim, dim, bias=False)
-        self.mix = nn.Parameter(torch.full((dim,), float(s.gate_init)))
-        self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / s.read_temperature)))
-        logits = torch.full((s.tasks, s.slots), -4.0)
-        for t in range(s.tasks):  # tasks split the slots evenly (contiguous blocks)
-            logits[t, t * s.slots // s.tasks:(t + 1) * s.slots // s.tasks] = 4.0
-        self.task_gates = nn.Parameter(logits)
-        with torch.no_grad():
-            self.query.weight.copy_(torch.eye(dim))
-            nn.init.normal_(self.out.weight, std=0.02)
-        #: attention (B, T, slots) of the last forward call, for inspection and tests
-        self.last_attention: torch.Tensor | None = None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.inner is not None:
-            x = self.inner(x)
-        owner = self._owner[0]
-        B, T, _ = x.shape
-        streams = owner.current_streams(B)
-        keys, values, filled = owner.gather(streams, x.device)
-        gate = owner.gate(self.task_gates)  # (S,) in [0, 1]
-        out = x
-        if bool(filled.any()):
-            q = F.normalize(self.query(self.norm(x)), dim=-1)
-            logits = torch.bmm(q, keys.to(q.dtype).transpose(1, 2)) * self.log_scale.exp()
-            logits = logits + torch.log(gate.clamp_min(1e-6)).to(q.dtype)
-            logits = logits.masked_fill(~filled[:, None, :], float("-inf"))
-            attn = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a row with nothing filled reads 0
-            self.last_attention = attn.detach()
-            read = torch.bmm(attn, values.to(q.dtype))
-            out = x + torch.sigmoid(self.mix) * self.out(read)
-        else:
-            self.last_attention = torch.zeros(B, T, keys.shape[1], device=x.device)
-        if owner.writing and T >= owner.settings.min_tokens:
-            owner.write(streams, x[:, -1].detach())
-        return out
+    from cortex import ModelHandle
 
 
 class WorkingMemory(CognitiveFeature):
@@ -125,19 +75,18 @@ class WorkingMemory(CognitiveFeature):
 
     def __init__(self, settings: Settings, context) -> None:
         super().__init__(settings, context)
-        if context.model is None:
-            raise ValueError("working memory needs the model's shape (context.model.dim)")
+        if context.config is None:
+            raise ValueError("working memory needs the model's shape (context.config.dim)")
         if settings.tasks > settings.slots:
             raise ValueError(f"tasks ({settings.tasks}) cannot exceed slots ({settings.slots}): every task needs a slot")
-        self.dim = int(context.model.dim)
-        layers = int(context.model.layers)
-        memory_layers = list(context.model.memory_layers)
+        self.dim = int(context.config.dim)
+        layers = int(context.config.layers)
+        memory_layers = list(context.config.memory_layers)
         self.layer_index = settings.layer if settings.layer is not None else (
             memory_layers[0] if memory_layers else layers // 2)
         if self.layer_index >= layers:
             raise ValueError(f"layer {self.layer_index} is not a block index (< {layers})")
-        self.layer: WorkingMemoryLayer | None = None
-        self._model: list[Any] = []
+        self.layer: Any = None  # the WorkingMemoryLayer, installed when the model is built
         self.tasks: list[str] = [settings.task]
         self.task = settings.task
         self.writing = True
@@ -151,8 +100,9 @@ class WorkingMemory(CognitiveFeature):
     # ------------------------------------------------------------------ installation
 
     @hookimpl
-    def cortex_model_built(self, model: CortexModel) -> None:
-        self._model = [model]
+    def cortex_model_built(self, model: ModelHandle) -> None:
+        from cortex_plugins.memory._working_layer import WorkingMemoryLayer
+
         core = model.core
         inner = core.memory_layer(self.layer_index)
         if inner is not None:
@@ -200,8 +150,7 @@ class WorkingMemory(CognitiveFeature):
         """Stream of each row: an explicit override, the memory system's segment, else the row."""
         if self._streams is not None:
             return self._streams
-        model = self._model[0] if self._model else None
-        ms = getattr(model, "memory_system", None)
+        ms = self.model.memory_system if self.is_bound else None
         if ms is not None and ms.active is not None and ms.active.streams.numel() == batch:
             return ms.active.streams.cpu().long()
         return torch.arange(batch)
@@ -250,7 +199,7 @@ class WorkingMemory(CognitiveFeature):
                 filled.append(slot["tags"] >= 0)
         return (torch.stack(keys).to(device), torch.stack(values).to(device), torch.stack(filled).to(device))
 
-    @torch.no_grad()
+    @no_grad
     def write(self, streams: torch.Tensor, items: torch.Tensor) -> list[int]:
         """Write one item (d,) per row into its stream's slots; returns the slots' tags.
 
@@ -320,7 +269,7 @@ class WorkingMemory(CognitiveFeature):
     # ------------------------------------------------------------------ lifecycle and state
 
     @hookimpl
-    def cortex_interaction(self, model: CortexModel, session: str, prompt: str, response: str) -> None:
+    def cortex_interaction(self, model: ModelHandle, session: str, prompt: str, response: str) -> None:
         """Nothing to do per turn: the session's slots were written in its forward passes."""
 
     def stats(self) -> dict[str, Any]:

@@ -30,12 +30,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from pydantic import Field
-from torch import nn
 
 from cortex import hookimpl
 from cortex.kernel.interfaces import PlasticityRule, RuleSettings
+from cortex.kernel.lazy import nn, torch
 
 from cortex_plugins.plasticity.hebbian import linear_targets
 

@@ -9,7 +9,7 @@ plasticity:
 
 At attach time every module the ``target`` glob selects (an MLP with ``fc`` and ``proj``
 linear layers, e.g. ``blocks.*.mlp``) is replaced by a
-[`ColumnMLP`][cortex_plugins.plasticity.cortical_columns.ColumnMLP]. Its hidden layer is cut into
+[`ColumnMLP`][cortex_plugins.plasticity._column_mlp.ColumnMLP]. Its hidden layer is cut into
 ``columns`` equal columns (column ``c`` owns hidden units ``c*H/N ... (c+1)*H/N - 1`` of
 ``fc`` and the matching inputs of ``proj``), so it keeps the MLP's own ``fc`` and ``proj``
 (same parameters, same names: rules targeting ``blocks.*.mlp.fc`` still find them) and
@@ -47,69 +47,15 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import torch
 from pydantic import Field, model_validator
-from torch import nn
-from torch.nn import functional as F
 
 from cortex import hookimpl
 from cortex.kernel.interfaces import PlasticityRule, Settings, firing_rate
-
-
-class ColumnMLP(nn.Module):
-    """An MLP whose hidden layer is ``columns`` columns, ``active`` of them on per token."""
-
-    def __init__(self, mlp: nn.Module, columns: int, active: int, *, selection: str = "topk",
-                 temperature: float = 1.0) -> None:
-        super().__init__()
-        fc, proj = getattr(mlp, "fc", None), getattr(mlp, "proj", None)
-        if not isinstance(fc, nn.Linear) or not isinstance(proj, nn.Linear):
-            raise ValueError(f"an MLP with `fc` and `proj` nn.Linear layers is needed, got {type(mlp).__name__}")
-        hidden = fc.out_features
-        if hidden % columns:
-            raise ValueError(f"the MLP's hidden width {hidden} is not divisible by columns={columns}")
-        if not 1 <= active <= columns:
-            raise ValueError(f"active columns must be in [1, {columns}], got {active}")
-        self.fc, self.proj = fc, proj
-        self.columns, self.active = columns, active
-        self.selection, self.temperature = selection, temperature
-        self.router = nn.Linear(fc.in_features, columns, bias=False).to(fc.weight.device, fc.weight.dtype)
-        nn.init.normal_(self.router.weight, mean=0.0, std=0.02)
-        device = fc.weight.device
-        #: balancing boost added to the selection scores only (set by the rule at step end)
-        self.register_buffer("boost", torch.zeros(columns, device=device), persistent=False)
-        # tokens routed to each column, and tokens seen, since the rule last read them
-        self.register_buffer("usage", torch.zeros(columns, device=device), persistent=False)
-        self.register_buffer("tokens", torch.zeros((), device=device), persistent=False)
-        #: the (..., columns) 0/1 mask of the last forward pass
-        self.last_mask: torch.Tensor | None = None
-
-    def select(self, scores: torch.Tensor) -> torch.Tensor:
-        """The (..., columns) 0/1 mask of the ``active`` winning columns of each token."""
-        sel = scores.detach().float() + self.boost
-        if self.training and self.selection == "gumbel":
-            uniform = torch.rand_like(sel).clamp_(1e-9, 1.0 - 1e-9)
-            sel = sel - self.temperature * torch.log(-torch.log(uniform))
-        winners = sel.topk(self.active, dim=-1).indices
-        return torch.zeros_like(sel).scatter_(-1, winners, 1.0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scores = self.router(x)
-        mask = self.select(scores)
-        gates = scores.float().masked_fill(mask == 0, float("-inf")).softmax(-1) * self.active
-        h = F.gelu(self.fc(x))
-        h = h.unflatten(-1, (self.columns, -1)) * gates.to(h.dtype).unsqueeze(-1)
-        if self.training:
-            with torch.no_grad():
-                n = mask.numel() // self.columns
-                self.usage += firing_rate(mask, 0.5) * n
-                self.tokens += n
-        self.last_mask = mask.detach()
-        return self.proj(h.flatten(-2))
+from cortex.kernel.lazy import F, nn, torch
 
 
 class CorticalColumns(PlasticityRule):
-    """Replaces target MLPs by [`ColumnMLP`][cortex_plugins.plasticity.cortical_columns.ColumnMLP]s
+    """Replaces target MLPs by [`ColumnMLP`][cortex_plugins.plasticity._column_mlp.ColumnMLP]s
     with k-winners-take-all columns and usage boosting (see the module docs)."""
 
     name = "cortical_columns"
@@ -149,6 +95,8 @@ class CorticalColumns(PlasticityRule):
         self.updates = 0
 
     def attach(self, root: nn.Module) -> None:
+        from cortex_plugins.plasticity._column_mlp import ColumnMLP
+
         super().attach(root)
         s = self.settings
         # a glob like 'blocks.*.mlp*' also matches the MLPs' own children: keep the outermost
@@ -173,6 +121,8 @@ class CorticalColumns(PlasticityRule):
             self.tokens[name] = 0.0
 
     def apply(self, name: str, module: nn.Module) -> None:
+        from cortex_plugins.plasticity._column_mlp import ColumnMLP
+
         if not isinstance(module, ColumnMLP):
             return
         n = float(module.tokens)

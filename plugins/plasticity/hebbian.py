@@ -33,12 +33,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import torch
 from pydantic import Field
-from torch import nn
 
 from cortex import hookimpl
 from cortex.kernel.interfaces import PlasticityRule, RuleSettings
+from cortex.kernel.lazy import nn, torch
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:

@@ -37,12 +37,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import torch
 from pydantic import Field, model_validator
-from torch import nn
 
 from cortex import hookimpl
 from cortex.kernel.interfaces import PlasticityRule, RuleSettings
+from cortex.kernel.lazy import nn, torch
 
 
 class Homeostasis(PlasticityRule):

@@ -36,7 +36,7 @@ def installed(fake_distribution):
 
 
 def make_tier(dim=64, **settings) -> HopfieldMemory:
-    context = BuildContext(model=ModelConfig(vocab_size=16, dim=dim, layers=1, heads=2, context=8))
+    context = BuildContext(config=ModelConfig(vocab_size=16, dim=dim, layers=1, heads=2, context=8))
     return HopfieldMemory(HopfieldMemory.Settings(**settings), context)
 
 

@@ -49,9 +49,9 @@ class HopfieldMemory(MemoryTier):
 
     def __init__(self, settings: Settings, context: Any) -> None:
         super().__init__(settings, context)
-        if context.model is None:
-            raise ValueError("hopfield.memory needs the model's width (context.model.dim)")
-        self.dim = int(context.model.dim)
+        if context.config is None:
+            raise ValueError("hopfield.memory needs the model's width (context.config.dim)")
+        self.dim = int(context.config.dim)
         self.next_id = 0
         self.evicted = 0
         self.reads = 0

@@ -1,0 +1,235 @@
+"""CortexModel: the transformer core with its components, and the real-time API.
+
+``model(idx, targets)`` trains; ``remember``, ``chat``, ``interact``, ``generate_text`` and
+``confidence`` are real-time use, with no train/inference switch. It implements
+[`ModelHandle`][cortex.kernel.interfaces.ModelHandle], the surface hooks and components use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from cortex.core.memory import MemorySystem, session_stream
+from cortex.core.tokenizer import Tokenizer
+from cortex.core.transformer import ModelConfig, Transformer
+from cortex.kernel.errors import CortexError
+from cortex.kernel.hookspecs import hookimpl
+from cortex.kernel.interfaces import Component, MemoryTier, PlasticityRule
+from cortex.kernel.manifest import ResolvedComponent, ValidatedManifest
+from cortex.kernel.plugins import CortexPluginManager
+
+
+class _RuleRunner:
+    """Runs a model's plasticity rules at step end, in manifest order, after every other
+    ``cortex_after_step`` implementation (so activity seen by replay in those is applied
+    in the same step)."""
+
+    def __init__(self, rules: list[PlasticityRule]) -> None:
+        self.rules = rules
+
+    @hookimpl(trylast=True)
+    def cortex_after_step(self, model: Any, step: int, metrics: dict[str, float]) -> None:
+        for rule in self.rules:
+            rule.step_end(model, step, metrics)
+
+
+class CortexModel(nn.Module):
+    """The transformer core with its components and its own plugin manager.
+
+    Calling the model runs the core: ``logits, loss = model(idx, targets)``. Lifecycle
+    hooks are called through ``model.pm.hook``; every built component is registered there.
+    """
+
+    def __init__(
+        self,
+        built: ValidatedManifest,
+        core: Transformer,
+        tokenizer: Tokenizer,
+        components: dict[str, list[Component]],
+        pm: CortexPluginManager,
+    ) -> None:
+        super().__init__()
+        self.core = core
+        #: the validated manifest this model was assembled from
+        self.validated = built
+        self.manifest = built.manifest
+        self.tokenizer = tokenizer
+        self.pm = pm
+        self.memory: list[MemoryTier] = components.get("memory", [])
+        self.plasticity: list[PlasticityRule] = components.get("plasticity", [])
+        self.features: list[Component] = components.get("features", [])
+        self.memory_system: MemorySystem | None = None
+        if self.memory:
+            self.memory_system = MemorySystem(self.manifest.memory_system, self.memory, core)
+            pm.register(self.memory_system, name="memory_system")
+        if self.plasticity:
+            pm.register(_RuleRunner(self.plasticity), name="plasticity_rules")
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.core.config
+
+    @property
+    def components(self) -> list[Component]:
+        return [*self.memory, *self.plasticity, *self.features]
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                streams: torch.Tensor | None = None):
+        """``(logits, loss)``. With memory, row ``b`` reads and writes stream ``streams[b]``.
+
+        In training ``streams`` defaults to the row index. In eval mode memory is consulted
+        only when ``streams`` is given (so validation measures the weights alone); then
+        kNN-LM, when enabled, turns the logits into interpolated log-probabilities.
+        """
+        if self.memory_system is None or (streams is None and not self.training):
+            return self.core(idx, targets)
+        if streams is None:
+            streams = torch.arange(idx.shape[0])
+        return self.memory_system.forward(idx, targets, streams, training=self.training)
+
+    # -- real-time use ---------------------------------------------------------------
+
+    def remember(self, text: str, session: str = "self") -> int:
+        """Store ``text`` in the memory of ``session`` (no training switch); returns entries."""
+        if self.memory_system is None:
+            raise CortexError("this model has no memory tiers; add `memory:` to its manifest")
+        ids = torch.tensor(self.tokenizer.encode(text), dtype=torch.long)
+        return self.memory_system.remember(ids, session_stream(session), {"text": text, "session": session})
+
+    def chat(self, text: str, *, session: str = "self", learn: bool = True, **generation: Any) -> Reply:
+        """A chat turn: the answer, its confidence and the detected language."""
+        answer = self.interact(text, session=session, learn=learn, **generation)
+        confidence = self.confidence(text, answer, session=session) if answer else 0.0
+        return Reply(answer, confidence, detect_language(answer or text))
+
+    def stats(self) -> dict[str, Any]:
+        """Memory use per tier, consolidation counts and every component's figures."""
+        out: dict[str, Any] = {c.key: c.stats() for c in self.components}
+        if self.memory_system is not None:
+            out["memory_system"] = self.memory_system.summary()
+        return out
+
+    def interact(self, prompt: str, *, session: str = "self", learn: bool = True, **generation: Any) -> str:
+        """One turn of real-time use: answer ``prompt``, then learn from it.
+
+        The answer reads ``session``'s memory; the prompt is then stored there (with
+        ``learn``) and ``cortex_interaction`` fires, so features such as a fast-weight
+        path can learn from the turn. There is no train/inference switch.
+        """
+        response = self.generate_text(prompt, session=session, **generation)
+        if learn and self.memory_system is not None:
+            self.remember(prompt, session)
+        self.pm.hook.cortex_interaction(model=self, session=session, prompt=prompt, response=response)
+        return response
+
+    @torch.no_grad()
+    def confidence(self, prompt: str, answer: str, *, session: str = "self") -> float:
+        """Mean probability the model (with ``session``'s memory) gives ``answer``'s tokens
+        after ``prompt``, teacher-forced. Looking does not strengthen any memory."""
+        p_ids, a_ids = self.tokenizer.encode(prompt), self.tokenizer.encode(answer)
+        ids = torch.tensor([(p_ids + a_ids)[-(self.config.context + 1):]], dtype=torch.long)
+        n = min(len(a_ids), ids.shape[1] - 1)
+        inputs, targets = ids[:, :-1], ids[:, 1:]
+        logits, _ = self.core(inputs)
+        if self.memory_system is not None and "knn_lm" in self.memory_system.settings.read:
+            streams = torch.tensor([session_stream(session)])
+            logits = self.memory_system.knn_lm_logits(inputs, logits, streams, touch=False)
+        logp = torch.log_softmax(logits.float(), dim=-1)[0, -n:].gather(1, targets[0, -n:, None])
+        return float(logp.exp().mean())
+
+    @torch.no_grad()
+    def generate_text(self, prompt: str, *, session: str = "self", max_new_tokens: int = 64,
+                      temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                      seed: int | None = None, stream: Any = None, stop_at_eos: bool = True) -> str:
+        """Continue ``prompt``, reading the memory of ``session``; returns the new text."""
+        ids = torch.tensor([self.tokenizer.encode(prompt)], dtype=torch.long)
+        if ids.numel() == 0:
+            ids = torch.tensor([[self.tokenizer.eos_id]])
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        out = self.generate(ids, max_new_tokens, session=session, temperature=temperature, top_k=top_k,
+                            top_p=top_p, generator=generator, stream=stream)
+        new = out[0, ids.shape[1]:].tolist()
+        if stop_at_eos and self.tokenizer.eos_id in new:
+            new = new[: new.index(self.tokenizer.eos_id)]
+        return self.tokenizer.decode(new)
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, *, session: str = "self", **sampling: Any):
+        """Token generation with the KV cache, reading ``session``'s memory (see ``Transformer.generate``)."""
+        ms = self.memory_system
+        if ms is None:
+            return self.core.generate(idx, max_new_tokens, **sampling)
+        stream = session_stream(session)
+        adjust = (lambda ids, logits: ms.knn_lm_next(ids, logits, stream)) if "knn_lm" in ms.settings.read else None
+        with ms.segment(torch.full((idx.shape[0],), stream)):
+            return self.core.generate(idx, max_new_tokens, adjust=adjust, **sampling)
+
+    def _stateful(self) -> dict[str, Any]:
+        parts: dict[str, Any] = {c.key: c for c in self.components}
+        if self.memory_system is not None:
+            parts["memory_system"] = self.memory_system
+        return parts
+
+    def plugin_state(self) -> dict[str, Any]:
+        """Every component's ``state_dict`` (and the memory system's), keyed by component key."""
+        return {key: state for key, part in self._stateful().items() if (state := part.state_dict())}
+
+    def load_plugin_state(self, state: dict[str, Any]) -> None:
+        """Give each component back the state [`plugin_state`][cortex.model.CortexModel.plugin_state] saved."""
+        for key, part in self._stateful().items():
+            if key in state:
+                part.load_state_dict(state[key])
+
+    def summary(self) -> dict[str, Any]:
+        """Parameters, shape, tokenizer and every component with its plugin source."""
+        cfg = self.config
+
+        def describe(c: Component, resolved: ResolvedComponent) -> dict[str, Any]:
+            row = {
+                "key": c.key,
+                "name": resolved.info.name,
+                "source": resolved.info.source.describe(),
+                **({"target": c.target, "modules": len(c.targets)} if isinstance(c, PlasticityRule) else {}),
+                **({"capacity": c.capacity} if isinstance(c, MemoryTier) else {}),
+            }
+            return row
+
+        resolved = {r.key: r for r in self.validated.components}
+        return {
+            "name": self.manifest.name,
+            "parameters": sum(p.numel() for p in self.parameters()),
+            "model": {
+                "dim": cfg.dim, "layers": cfg.layers, "heads": cfg.heads,
+                "context": cfg.context, "vocab_size": cfg.vocab_size,
+                "memory_layers": list(cfg.memory_layers),
+            },
+            "tokenizer": {**self.tokenizer.config(), "fingerprint": self.tokenizer.fingerprint},
+            "components": {
+                section: [describe(c, resolved[c.key]) for c in group]
+                for section, group in (("memory", self.memory), ("plasticity", self.plasticity),
+                                       ("features", self.features))
+            },
+        }
+
+
+@dataclass
+class Reply:
+    """A chat answer with the mean probability of its tokens and its language (``ko``/``en``)."""
+
+    text: str
+    confidence: float
+    language: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def detect_language(text: str) -> str:
+    """``ko`` when Hangul makes up at least a third of the letters, else ``en``."""
+    letters = [ch for ch in text if ch.isalpha()]
+    hangul = sum(1 for ch in letters if "\uac00" <= ch <= "\ud7a3" or "\u3131" <= ch <= "\u318e")
+    return "ko" if letters and hangul * 3 >= len(letters) else "en"

@@ -33,7 +33,7 @@ from cortex.kernel.manifest import load_manifest, load_manifest_text
 from cortex.kernel.plugins import create_plugin_manager
 
 if TYPE_CHECKING:
-    from cortex.assemble import assemble
+    from cortex.assembly import assemble
     from cortex.core.memory import MemorySystem, session_stream
     from cortex.core.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
     from cortex.core.transformer import ModelConfig, Transformer
@@ -45,7 +45,7 @@ __version__ = VERSION
 
 #: public names that need torch, and the module each is loaded from on first use
 _LAZY = {
-    "assemble": "cortex.assemble",
+    "assemble": "cortex.assembly",
     "CortexModel": "cortex.model",
     "Reply": "cortex.model",
     "MemorySystem": "cortex.core.memory",

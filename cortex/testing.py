@@ -68,7 +68,7 @@ def register_plugin(fake_distribution: Callable[..., None]) -> Callable[..., Non
 @pytest.fixture
 def build_model(tmp_path: Path) -> Callable[..., Any]:
     """Build a [`CortexModel`][cortex.model.CortexModel] from a YAML string."""
-    from cortex.assemble import assemble
+    from cortex.assembly import assemble
     from cortex.kernel.manifest import load_manifest
 
     def build(text: str, name: str = "manifest.yaml") -> Any:

@@ -1,12 +1,16 @@
-"""Shared test plugins: small but real components, registered through fake distributions."""
+"""Shared test helpers: the tiny manifest most tests build, and small but real components
+registered through fake distributions."""
 
 from __future__ import annotations
 
 import types
+from typing import Any
 
 import pytest
 import torch
 from pydantic import Field
+
+import yaml
 
 from cortex import hookimpl
 from cortex.kernel.interfaces import CognitiveFeature, Entries, MemoryTier, PlasticityRule, Retrieval, Settings
@@ -33,6 +37,57 @@ def one_faiss_thread():
     faiss.omp_set_num_threads(1)
     yield
     faiss.omp_set_num_threads(before)
+
+
+def _flow(value: Any) -> str:
+    """``value`` as one line of flow-style YAML (keys in the order given)."""
+    return yaml.safe_dump([value], default_flow_style=True, sort_keys=False, width=float("inf")).strip()[1:-1]
+
+
+def tiny_manifest(
+    name: str = "tiny",
+    *,
+    dim: int = 32,
+    layers: int = 2,
+    heads: int = 2,
+    context: int = 32,
+    seed: int | None = None,
+    tokenizer: dict[str, Any] | None = None,
+    memory: list[Any] | None = None,
+    memory_system: dict[str, Any] | None = None,
+    plasticity: list[Any] | None = None,
+    features: list[Any] | None = None,
+    train: dict[str, Any] | None = None,
+    **model: Any,
+) -> str:
+    """The YAML text of a tiny model: build it with the ``build_model`` fixture, write it to a
+    file for the CLI, or validate it with ``load_manifest_text``.
+
+    Further keyword arguments are more ``model:`` keys (``memory_layers=[1]``, ``dropout=0.1``).
+    Component lists take dicts (``{"type": "stm", "settings": {"capacity": 8}}``) or bare type
+    names. Each section is one flow-style line, components one line each, in the manifest's
+    usual order::
+
+        cortex: 1
+        name: tiny
+        model: {dim: 32, layers: 2, heads: 2, context: 32}
+    """
+    lines = ["cortex: 1", f"name: {_flow(name)}"]
+    if seed is not None:
+        lines.append(f"seed: {seed}")
+    lines.append(f"model: {_flow({'dim': dim, 'layers': layers, 'heads': heads, 'context': context, **model})}")
+    if tokenizer is not None:
+        lines.append(f"tokenizer: {_flow(tokenizer)}")
+    for key, value in (("memory", memory), ("memory_system", memory_system), ("plasticity", plasticity),
+                       ("features", features), ("train", train)):
+        if value is None:
+            continue
+        if isinstance(value, dict) or not value:
+            lines.append(f"{key}: {_flow(value)}")
+        else:
+            lines.append(f"{key}:")
+            lines += [f"  - {_flow({'type': c} if isinstance(c, str) else c)}" for c in value]
+    return "\n".join(lines) + "\n"
 
 
 class ExactTier(MemoryTier):

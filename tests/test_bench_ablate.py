@@ -8,18 +8,20 @@ import pytest
 
 from cortex.kernel.manifest import load_manifest_text
 from cortex_plugins.bench.ablate import variants
+from tests.conftest import tiny_manifest
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
-TINY = """\
-cortex: 1
-name: abl
-model: {dim: 32, layers: 2, heads: 2, context: 64, memory_layers: [1]}
-memory:
-  - {type: stm, settings: {capacity: 32}}
-  - {type: ltm, settings: {capacity: 4096}}
-memory_system: {read: [knn_lm]}
-"""
+STM = {"type": "stm", "settings": {"capacity": 32}}
+LTM = {"type": "ltm", "settings": {"capacity": 4096}}
+
+
+def manifest(*memory: dict) -> str:
+    return tiny_manifest("abl", context=64, memory_layers=[1], memory=list(memory),
+                         memory_system={"read": ["knn_lm"]})
+
+
+TINY = manifest(STM, LTM)
 
 
 def test_variants_remove_one_component_each_and_stay_valid():
@@ -30,7 +32,7 @@ def test_variants_remove_one_component_each_and_stay_valid():
     assert [m["type"] for m in found["without memory[0] stm"]["memory"]] == ["ltm"]
     for variant in found.values():
         load_manifest_text(yaml.safe_dump(variant))
-    lone = variants(yaml.safe_load(TINY.replace("  - {type: ltm, settings: {capacity: 4096}}\n", "")))
+    lone = variants(yaml.safe_load(manifest(STM)))
     assert "memory_system" not in lone["without memory[0] stm"]
     load_manifest_text(yaml.safe_dump(lone["without memory[0] stm"]))
 

@@ -7,18 +7,12 @@ import json
 import pytest
 
 from cortex_plugins.bench.facts import make_facts
+from tests.conftest import tiny_manifest
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
-TINY = """\
-cortex: 1
-name: facts
-model: {dim: 32, layers: 2, heads: 2, context: 96}
-memory:
-  - {type: stm, settings: {capacity: 64}}
-  - {type: ltm, settings: {capacity: 2048}}
-memory_system: {read: [knn_lm]}
-"""
+TINY = tiny_manifest("facts", context=96, memory_system={"read": ["knn_lm"]}, memory=[
+    {"type": "stm", "settings": {"capacity": 64}}, {"type": "ltm", "settings": {"capacity": 2048}}])
 
 
 def test_facts_are_distinct_and_their_cues_are_prefixes():

@@ -10,16 +10,11 @@ import pytest
 import torch
 
 from cortex_plugins.bench.memory import INDEXES, TORCH_EXACT, MemoryBench, ivf_nlist, recall_at_k
+from tests.conftest import tiny_manifest
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
-TINY = """cortex: 1
-name: tiny
-model: {dim: 32, layers: 2, heads: 2, context: 32}
-memory:
-  - {type: stm, settings: {capacity: 8}}
-  - {type: archive, settings: {pq_m: 8}}
-"""
+TINY = tiny_manifest(memory=[{"type": "stm", "settings": {"capacity": 8}}, {"type": "archive", "settings": {"pq_m": 8}}])
 
 
 class TinySettings(MemoryBench.Settings):
@@ -107,7 +102,7 @@ def test_bench_memory_reads_a_run_directory_without_memory(cortex_cli, tmp_path,
 
     monkeypatch.setattr(MemoryBench, "Settings", Smaller)
     manifest = tmp_path / "plain.yaml"
-    manifest.write_text("cortex: 1\nname: plain\nmodel: {dim: 32, layers: 2, heads: 2, context: 32}\n")
+    manifest.write_text(tiny_manifest("plain"))
     built = cortex_cli("build", manifest, "-o", tmp_path / "runs")
     assert built.exit_code == 0, built.output
     run = tmp_path / "runs" / "plain"

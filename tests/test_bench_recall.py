@@ -8,18 +8,12 @@ import random
 import pytest
 
 from cortex_plugins.bench.recall import mqar_trial, passkey_trial
+from tests.conftest import tiny_manifest
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
-TINY = """\
-cortex: 1
-name: recall
-model: {dim: 32, layers: 2, heads: 2, context: 64}
-memory:
-  - {type: stm, settings: {capacity: 32}}
-  - {type: ltm, settings: {capacity: 4096}}
-memory_system: {read: [knn_lm]}
-"""
+TINY = tiny_manifest("recall", context=64, memory_system={"read": ["knn_lm"]}, memory=[
+    {"type": "stm", "settings": {"capacity": 32}}, {"type": "ltm", "settings": {"capacity": 4096}}])
 
 
 def test_trials_state_the_answers_they_ask_for():

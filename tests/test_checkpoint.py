@@ -134,7 +134,7 @@ def test_kill_9_during_checkpoint_writes_leaves_a_loadable_latest(tmp_path):
     manifest.write_text(manifest_text(), encoding="utf-8")
     script = textwrap.dedent(f"""
         import torch; torch.set_num_threads(1)
-        from cortex.assemble import assemble
+        from cortex.assembly import assemble
         from cortex.kernel.manifest import load_manifest, TrainSection
         from cortex.runtime.rundir import save_run
         from cortex.runtime.train import train

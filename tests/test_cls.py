@@ -10,16 +10,17 @@ import torch
 from cortex.runtime.rundir import load_run, save_run
 from cortex.runtime.step import make_optimizer, train_step
 from cortex_plugins.cognition.cls import ComplementaryLearning
+from tests.conftest import tiny_manifest
 
-BASE = """\
-cortex: 1
-name: cls
-model: {dim: 32, layers: 2, heads: 2, context: 64}
-"""
-CLS = BASE + """\
-features:
-  - {type: cls, settings: {width: 16, fast_lr: 1.0e-2, slow_lr: 1.0e-4, interaction_steps: 3}}
-"""
+
+def manifest(**cls) -> str:
+    """The tiny model; with settings, the cls feature with them."""
+    return tiny_manifest("cls", context=64, features=[{"type": "cls", "settings": cls}] if cls else None)
+
+
+RATES = {"width": 16, "fast_lr": 1.0e-2, "slow_lr": 1.0e-4}
+BASE = manifest()
+CLS = manifest(**RATES, interaction_steps=3)
 FACT = "Mina's locker number is 3817."
 
 
@@ -39,7 +40,7 @@ def logp(model, text: str) -> float:
 
 
 def test_parameter_groups_get_the_configured_learning_rates(build_model):
-    model = build_model(CLS.replace("interaction_steps: 3", "consolidation_steps: 1")).eval()
+    model = build_model(manifest(**RATES, consolidation_steps=1)).eval()
     cls = cls_of(model)
     fast, slow = cls.group("fast"), cls.group("slow")
     assert fast["lr"] == 1e-2 and slow["lr"] == 1e-4
@@ -79,7 +80,7 @@ def test_a_fact_told_in_chat_is_more_probable_with_cls_than_without(build_model)
 def test_training_steps_update_the_fast_path_and_the_core_keeps_its_share(build_model):
     def one_step(share: float):
         torch.manual_seed(0)
-        model = build_model(CLS.replace("interaction_steps: 3", f"slow_share: {share}"), name=f"s{share}.yaml")
+        model = build_model(manifest(**RATES, slow_share=share), name=f"s{share}.yaml")
         before = [p.detach().clone() for p in model.core.parameters()]
         opt = make_optimizer(model, 1e-3)
         batch = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(1))
@@ -96,13 +97,8 @@ def test_training_steps_update_the_fast_path_and_the_core_keeps_its_share(build_
 
 def test_consolidation_moves_the_fast_path_into_the_core(build_model):
     torch.manual_seed(0)
-    manifest = BASE + """\
-features:
-  - type: cls
-    settings: {width: 16, fast_lr: 1.0e-2, interaction_steps: 10, consolidation_steps: 60, keep: 0.0,
-               slow_lr: 3.0e-3, replay_batch: 2}
-"""
-    model = build_model(manifest).eval()
+    model = build_model(manifest(width=16, fast_lr=1.0e-2, interaction_steps=10, consolidation_steps=60, keep=0.0,
+                                 slow_lr=3.0e-3, replay_batch=2)).eval()
     cls = cls_of(model)
     before = logp(model, FACT)
     model.interact(FACT, max_new_tokens=2)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from cortex_plugins.cognition.cognition_graph import CognitionGraph, GraphSettings
+from tests.conftest import tiny_manifest
 
 CHAINS = [["spark", "fire", "smoke", "alarm"], ["rain", "wet", "slip"], ["alarm_clock", "wake", "coffee"]]
 TRUE = {(c[i], c[i + 1]) for c in CHAINS for i in range(len(c) - 1)}
@@ -136,17 +137,11 @@ def test_export_reloads_with_the_same_nodes_and_edges(tmp_path, suffix):
     assert again.analogy("spark", "fire", "rain") == graph.analogy("spark", "fire", "rain")
 
 
-TINY = """\
-cortex: 1
-name: tiny-graph
-model: {dim: 32, layers: 2, heads: 2, context: 64}
-memory:
-  - {type: stm, settings: {capacity: 256}}
-  - {type: ltm, settings: {capacity: 2000}}
-features:
-  - {type: episodic}
-  - {type: cognition_graph, settings: {concepts: 8}}
-"""
+TINY = tiny_manifest(
+    "tiny-graph", context=64,
+    memory=[{"type": "stm", "settings": {"capacity": 256}}, {"type": "ltm", "settings": {"capacity": 2000}}],
+    features=["episodic", {"type": "cognition_graph", "settings": {"concepts": 8}}],
+)
 
 
 def test_graph_of_a_tiny_models_memory_through_the_cli(build_model, cortex_cli, tmp_path):

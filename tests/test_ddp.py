@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from cortex.assemble import assemble
+from cortex.assembly import assemble
 from cortex.core.tokenizer import ByteTokenizer
 from cortex.kernel.manifest import TrainSection, load_manifest
 from cortex.runtime import distributed

@@ -67,7 +67,7 @@ def shrunk_full_yaml() -> str:
 
 def _leg(leg: str, manifest: Path, run: Path, out: Path) -> None:
     from cortex.runtime import distributed
-    from cortex.assemble import assemble
+    from cortex.assembly import assemble
     from cortex.runtime.checkpoint import rng_state
     from cortex.kernel.manifest import load_manifest
     from cortex.runtime.rundir import load_run, save_run

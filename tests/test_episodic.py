@@ -10,18 +10,15 @@ import torch
 from cortex.core.tokenizer import ByteTokenizer
 from cortex.kernel.interfaces import BuildContext
 from cortex_plugins.memory.episodic import EpisodicMemory, ngram_keys
+from tests.conftest import tiny_manifest
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
-MANIFEST = """\
-cortex: 1
-name: epi
-model: {{dim: 32, layers: 2, heads: 2, context: 64}}
-{memory}
-features:
-  - {{type: episodic, settings: {settings}}}
-"""
+
+
+def manifest(memory: list | None = None, **settings) -> str:
+    return tiny_manifest("epi", context=64, memory=memory, features=[{"type": "episodic", "settings": settings}])
 
 
 def standalone(**settings) -> EpisodicMemory:
@@ -79,7 +76,7 @@ def test_recall_reports_the_position_in_the_episode_and_completes_text():
 
 
 def test_chat_turns_are_recorded_per_session_with_temporal_context(build_model):
-    model = build_model(MANIFEST.format(memory="", settings="{}"))
+    model = build_model(manifest())
     memory = model.features[0]
     hook = model.pm.hook.cortex_interaction
     hook(model=model, session="alice", prompt="My cat is called Nabi.", response=" Nice name!")
@@ -90,14 +87,14 @@ def test_chat_turns_are_recorded_per_session_with_temporal_context(build_model):
     assert alice.text == "My cat is called Nabi. Nice name!She is three years old. Lovely."
     assert alice.meta["turns"] == 2 and alice.orders.tolist() == list(range(len(alice.tokens)))
     assert memory.complete("Nabi. Nice name!", 8) == "She is t"  # continues across the turn boundary
-    per_turn = build_model(MANIFEST.format(memory="", settings="{episode_per: turn}"), name="turn.yaml")
+    per_turn = build_model(manifest(episode_per="turn"), name="turn.yaml")
     for _ in range(3):
         per_turn.pm.hook.cortex_interaction(model=per_turn, session="s", prompt="hi", response="!")
     assert len(per_turn.features[0].episodes) == 3
 
 
 def test_record_every_steps_stores_training_rows(build_model):
-    model = build_model(MANIFEST.format(memory="", settings="{record_every_steps: 2}"))
+    model = build_model(manifest(record_every_steps=2))
     memory = model.features[0]
     batch = torch.randint(0, 256, (4, 17))
     for step in range(5):
@@ -141,8 +138,8 @@ def test_replay_returns_episodes_for_sleep():
 def test_state_survives_save_and_load(build_model, tmp_path, key):
     from cortex.runtime.rundir import load_run, save_run
 
-    memory_section = "memory:\n  - {type: stm, settings: {capacity: 64}}" if key == "model" else ""
-    model = build_model(MANIFEST.format(memory=memory_section, settings=f"{{key: {key}, capacity: 500}}"))
+    memory = [{"type": "stm", "settings": {"capacity": 64}}] if key == "model" else None
+    model = build_model(manifest(memory, key=key, capacity=500))
     memory = model.features[0]
     rng = random.Random(0)
     texts = ["".join(rng.choice("abcdefghij ") for _ in range(60)) for _ in range(10)]

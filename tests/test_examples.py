@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cortex.assemble import assemble
+from cortex.assembly import assemble
 from cortex.kernel.manifest import load_manifest
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {"cortex": ROOT / "cortex", "cortex_plugins": ROOT / "plugins"}
 
 #: cortex's own layers, lowest first: a module may import its own layer and those below
-LAYERS = ["cortex.kernel", "cortex.core", "cortex.model", "cortex.assemble", "cortex.runtime",
+LAYERS = ["cortex.kernel", "cortex.core", "cortex.model", "cortex.assembly", "cortex.runtime",
           "cortex.bench", "cortex.cli", "cortex.testing", "cortex"]
 
 
@@ -135,3 +135,11 @@ def test_validate_never_imports_torch(manifest):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().endswith(": ok")
+
+
+def test_the_public_api_resolves_every_name():
+    code = ("import cortex.assembly, cortex.runtime.rundir, cortex\n"  # submodules first: no name is shadowed
+            "missing = [n for n in cortex.__all__ if getattr(cortex, n, None) is None]\n"
+            "assert not missing, missing\n"
+            "assert callable(cortex.assemble) and cortex.load.__module__ == 'cortex.runtime.rundir'\n")
+    subprocess.run([sys.executable, "-c", code], check=True)

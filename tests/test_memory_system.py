@@ -6,25 +6,22 @@ import pytest
 import torch
 
 from cortex.core.memory import session_stream, tier_weights
+from tests.conftest import tiny_manifest
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
-BASE = """\
-cortex: 1
-name: mem
-model: {{dim: 64, layers: 2, heads: 2, context: 64, memory_layers: {layers}}}
-memory:
-  - {{type: stm, settings: {{capacity: 256, consolidate_after: {after}, threshold: 0.999}}}}
-  - {{type: ltm, settings: {{capacity: 4096, idle_steps: 2}}}}
-  - {{type: archive, settings: {{capacity: 8192, pq_m: 8, train_after: 64}}}}
-memory_system:
-  read: {read}
-  key_window: 16
-"""
+CORE = {"dim": 64, "context": 64}
 
 
-def manifest(read="[knn_lm]", layers="[]", after=3):
-    return BASE.format(read=read, layers=layers, after=after)
+def manifest(read=("knn_lm",), layers=(), after=3, **system) -> str:
+    """Three tiers read by ``read`` (``system``: more memory_system settings)."""
+    return tiny_manifest(
+        "mem", **CORE, memory_layers=list(layers),
+        memory=[{"type": "stm", "settings": {"capacity": 256, "consolidate_after": after, "threshold": 0.999}},
+                {"type": "ltm", "settings": {"capacity": 4096, "idle_steps": 2}},
+                {"type": "archive", "settings": {"capacity": 8192, "pq_m": 8, "train_after": 64}}],
+        memory_system={"read": list(read), "key_window": 16, **system},
+    )
 
 
 def test_tier_weights_follow_the_temperature():
@@ -40,7 +37,7 @@ def test_tier_weights_follow_the_temperature():
 def test_knn_lm_recalls_a_fact_told_once_whatever_precedes_the_cue(build_model):
     torch.manual_seed(0)
     model = build_model(manifest()).eval()
-    plain = build_model(manifest().split("memory:")[0]).eval()  # the same core, no memory
+    plain = build_model(tiny_manifest("mem", **CORE, memory_layers=[])).eval()  # the same core, no memory
     plain.core.load_state_dict(model.core.state_dict())
     fact = "Mina's locker number is 3817."
     assert model.remember(fact) > 0
@@ -53,7 +50,7 @@ def test_knn_lm_recalls_a_fact_told_once_whatever_precedes_the_cue(build_model):
 
 def test_knn_attention_reads_only_the_rows_own_stream_and_no_gradient_reaches_memory(build_model):
     torch.manual_seed(0)
-    model = build_model(manifest(read="[knn_attention]", layers="[0]"))
+    model = build_model(manifest(read=["knn_attention"], layers=[0]))
     model.train()
     x = torch.randint(0, 200, (2, 17))
     model(x[:, :-1], x[:, 1:])  # writes both rows' segments to their own streams
@@ -82,7 +79,7 @@ def test_training_steps_fill_every_tier_with_consolidation(build_model):
     from cortex.runtime.step import make_optimizer, train_step
 
     torch.manual_seed(0)
-    model = build_model(manifest(read="[knn_attention, knn_lm]", layers="[1]", after=1))
+    model = build_model(manifest(read=["knn_attention", "knn_lm"], layers=[1], after=1))
     model.train()
     opt = make_optimizer(model, lr=1e-3)
     data = torch.randint(0, 50, (4, 33))
@@ -100,7 +97,7 @@ def test_training_steps_fill_every_tier_with_consolidation(build_model):
 def test_consolidation_waits_for_sleep_when_configured(build_model):
     from cortex.runtime.step import make_optimizer, train_step
 
-    model = build_model(manifest(read="[knn_attention]", layers="[1]", after=1) + "  consolidate: sleep\n")
+    model = build_model(manifest(read=["knn_attention"], layers=[1], after=1, consolidate="sleep"))
     model.train()
     opt = make_optimizer(model, lr=1e-3)
     data = torch.randint(0, 50, (2, 33))
@@ -136,16 +133,16 @@ def test_manifest_cross_checks(tmp_path):
     from cortex.kernel.manifest import ManifestError, load_manifest_text
 
     with pytest.raises(ManifestError, match="knn_attention reads at the memory layers"):
-        load_manifest_text(manifest(read="[knn_attention]"))
+        load_manifest_text(manifest(read=["knn_attention"]))
     with pytest.raises(ManifestError, match="needs at least one tier"):
-        load_manifest_text("cortex: 1\nname: x\nmemory_system: {k: 4}\n")
+        load_manifest_text(tiny_manifest("x", memory_system={"k": 4}))
 
 
 def test_generation_keys_equal_the_stored_keys(build_model):
     """The key of the last position, computed from only key_span() tokens, is the key the
     same position got when its whole segment was stored."""
     torch.manual_seed(0)
-    model = build_model(manifest(read="[knn_lm]").replace("key_window: 16", "key_window: 8")).eval()
+    model = build_model(manifest(read=["knn_lm"], key_window=8)).eval()
     ms = model.memory_system
     ms.key_layer = 1
     ids = torch.randint(0, 200, (1, 64))
@@ -163,7 +160,7 @@ def test_rotated_keys_compare_offset_by_offset(build_model):
     from torch.nn import functional as F
 
     torch.manual_seed(0)
-    model = build_model(manifest().replace("key_window: 16", "key_window: 1")).eval()
+    model = build_model(manifest(key_window=1)).eval()
     ms = model.memory_system
     a, b = model.tokenizer.encode("q")[0], model.tokenizer.encode("z")[0]
     x = model.tokenizer.encode("x")[0]
@@ -176,7 +173,7 @@ def test_rotated_keys_compare_offset_by_offset(build_model):
     cos_rotated, cos_plain = float(rotated[0] @ rotated[1]), float(plain[0] @ plain[1])
     assert cos_plain > 0.95 and cos_rotated < cos_plain - 0.1, (cos_rotated, cos_plain)
     # the rotations are fixed: a second model of the same shape makes the same keys
-    again = build_model(manifest().replace("key_window: 16", "key_window: 1"), name="again.yaml").eval()
+    again = build_model(manifest(key_window=1), name="again.yaml").eval()
     again.core.load_state_dict(model.core.state_dict())
     assert torch.allclose(again.memory_system.keys(ids), ms.keys(ids))
 
@@ -206,7 +203,7 @@ def test_read_min_score_leaves_unrelated_text_alone_outside_training(build_model
     torch.manual_seed(0)
 
     def reader_model(floor):
-        text = manifest(read="[knn_attention]", layers="[0]") + (f"  read_min_score: {floor}\n" if floor else "")
+        text = manifest(read=["knn_attention"], layers=[0], **({"read_min_score": floor} if floor else {}))
         model = build_model(text)
         model.core.load_state_dict(base.core.state_dict())
         reader = model.core.blocks[0].memory
@@ -214,7 +211,7 @@ def test_read_min_score_leaves_unrelated_text_alone_outside_training(build_model
         model.remember("Mina's locker number is 3817. She keeps her violin in it.")
         return model
 
-    base = build_model(manifest(read="[knn_attention]", layers="[0]"))
+    base = build_model(manifest(read=["knn_attention"], layers=[0]))
     reader = base.core.blocks[0].memory
     torch.nn.init.normal_(reader.out.weight, std=1.0)  # make the memory path visible in the output
     with torch.no_grad():

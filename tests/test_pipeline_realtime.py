@@ -10,17 +10,11 @@ from pathlib import Path
 import torch
 
 from cortex.runtime.rundir import save_run
+from tests.conftest import tiny_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
-MANIFEST = """\
-cortex: 1
-name: demo
-model: {dim: 32, layers: 2, heads: 2, context: 96}
-memory:
-  - {type: stm, settings: {capacity: 64}}
-  - {type: ltm, settings: {capacity: 4096}}
-memory_system: {read: [knn_lm]}
-"""
+MANIFEST = tiny_manifest("demo", context=96, memory_system={"read": ["knn_lm"]}, memory=[
+    {"type": "stm", "settings": {"capacity": 64}}, {"type": "ltm", "settings": {"capacity": 4096}}])
 
 
 def test_demo_recalls_with_memory_and_not_without(build_model, tmp_path):

@@ -24,38 +24,18 @@ from cortex_plugins.plasticity._column_mlp import ColumnMLP
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-def manifest(rules: str, context: int = 16) -> str:
-    return f"""\
-cortex: 1
-name: plastic
-seed: 0
-model: {{dim: 32, layers: 2, heads: 2, context: {context}}}
-plasticity:
-{rules}"""
+def manifest(rules: list[dict], context: int = 16) -> str:
+    return tiny_manifest("plastic", seed=0, context=context, plasticity=rules)
 
 
 RULES = {
-    "hebbian": """\
-  - type: hebbian
-    target: "blocks.0.mlp.fc"
-    settings: {lr: 0.05, norm: initial}
-""",
-    "bcm": """\
-  - type: bcm
-    target: "blocks.1.attn.proj"
-    settings: {lr: 0.5, tau: 5, max_norm: 0.5}
-""",
-    "homeostasis": """\
-  - type: homeostasis
-    target: "blocks.*.mlp.fc"
-""",
-    "cortical_columns": """\
-  - type: cortical_columns
-    target: "blocks.1.mlp"
-    settings: {columns: 4, active: 2, balance: 0.05}
-""",
+    "hebbian": {"type": "hebbian", "target": "blocks.0.mlp.fc", "settings": {"lr": 0.05, "norm": "initial"}},
+    "bcm": {"type": "bcm", "target": "blocks.1.attn.proj", "settings": {"lr": 0.5, "tau": 5, "max_norm": 0.5}},
+    "homeostasis": {"type": "homeostasis", "target": "blocks.*.mlp.fc"},
+    "cortical_columns": {"type": "cortical_columns", "target": "blocks.1.mlp",
+                         "settings": {"columns": 4, "active": 2, "balance": 0.05}},
 }
-ALL = RULES["cortical_columns"] + RULES["homeostasis"] + RULES["hebbian"] + RULES["bcm"]
+ALL = [RULES["cortical_columns"], RULES["homeostasis"], RULES["hebbian"], RULES["bcm"]]
 
 
 def batches(n: int, seed: int = 0, rows: int = 4, length: int = 17) -> list[torch.Tensor]:
@@ -91,7 +71,7 @@ def tensors_equal(a, b) -> bool:
 
 @pytest.mark.parametrize("rule", ["hebbian", "bcm"])
 def test_weight_rules_change_their_targets_and_nothing_else(build_model, rule):
-    model = build_model(manifest(RULES[rule]))
+    model = build_model(manifest([RULES[rule]]))
     [built] = model.plasticity
     before = weights(model)
     steps(model, batches(3))
@@ -104,7 +84,7 @@ def test_weight_rules_change_their_targets_and_nothing_else(build_model, rule):
 
 
 def test_homeostasis_changes_the_targets_activity_not_the_weights(build_model):
-    model = build_model(manifest(RULES["homeostasis"]))
+    model = build_model(manifest([RULES["homeostasis"]]))
     [rule] = model.plasticity
     probe = batches(1, seed=9)[0][:, :-1]
     model.eval()
@@ -123,7 +103,7 @@ def test_homeostasis_changes_the_targets_activity_not_the_weights(build_model):
 
 
 def test_cortical_columns_replace_only_the_targeted_mlps(build_model):
-    model = build_model(manifest(RULES["cortical_columns"]))
+    model = build_model(manifest([RULES["cortical_columns"]]))
     [rule] = model.plasticity
     assert isinstance(model.core.blocks[1].mlp, ColumnMLP)
     assert not isinstance(model.core.blocks[0].mlp, ColumnMLP)
@@ -140,7 +120,7 @@ def test_cortical_columns_replace_only_the_targeted_mlps(build_model):
 
 
 def test_rules_compose_in_manifest_order_and_only_observers_hook(build_model, monkeypatch):
-    plain = build_model(manifest("  []\n"))
+    plain = build_model(manifest([]))
     assert not any(m._forward_hooks for m in plain.core.modules())  # no rule: nothing hooked
 
     model = build_model(manifest(ALL))
@@ -181,8 +161,7 @@ def test_every_manifest_fragment_in_the_docs_builds(build_model):
     for i, block in enumerate(blocks):
         data = yaml.safe_load(block)
         if "cortex" not in data:  # a fragment: give it a tiny model
-            data = {"cortex": 1, "name": "doc", "model": {"dim": 32, "layers": 2, "heads": 2, "context": 16},
-                    **data}
+            data = {**yaml.safe_load(tiny_manifest("doc", context=16)), **data}
         data["model"] = {**data["model"], "dim": 32, "heads": 2}  # keep it fast
         model = build_model(yaml.safe_dump(data), name=f"doc{i}.yaml")
         assert model.plasticity and all(r.targets for r in model.plasticity)
@@ -215,7 +194,7 @@ def fc_rates(model, data: torch.Tensor) -> tuple[torch.Tensor, float]:
 def test_training_with_homeostasis_holds_the_units_at_the_target_rate(build_model):
     results = {}
     for on in (True, False):
-        model = build_model(manifest(RULES["homeostasis"] if on else "  []\n", context=32), name=f"m{on}.yaml")
+        model = build_model(manifest([RULES["homeostasis"]] if on else [], context=32), name=f"m{on}.yaml")
         data = corpus(model.tokenizer, 400)
         val, train = data[-64 * 33:].view(64, 33), data[: -64 * 33]
         g = torch.Generator().manual_seed(0)
@@ -249,7 +228,7 @@ def _free_port() -> int:
 
 def _rank(rank: int, world: int, port: int, text: str, out: str) -> None:
     from cortex.runtime import distributed
-    from cortex.assemble import assemble
+    from cortex.assembly import assemble
     from cortex.kernel.manifest import load_manifest_text
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),

@@ -11,18 +11,18 @@ import torch
 
 from cortex import hookimpl
 from cortex.runtime.rundir import load_run, save_run
+from tests.conftest import tiny_manifest
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
-MANIFEST = """\
-cortex: 1
-name: rt
-model: {dim: 64, layers: 2, heads: 2, context: 64}
-memory:
-  - {type: stm, settings: {capacity: 128}}
-  - {type: ltm, settings: {capacity: 1024}}
-memory_system: {read: [knn_lm], key_window: 16}
-"""
+
+
+def manifest(stm_capacity: int = 128) -> str:
+    return tiny_manifest("rt", dim=64, context=64, memory_system={"read": ["knn_lm"], "key_window": 16}, memory=[
+        {"type": "stm", "settings": {"capacity": stm_capacity}}, {"type": "ltm", "settings": {"capacity": 1024}}])
+
+
+MANIFEST = manifest()
 FACT = "Mina's locker number is 3817."
 CUE = "Before that we talked about lunch. Mina's locker number is"
 
@@ -114,7 +114,7 @@ def test_language_detection():
 
 def test_a_fact_survives_a_long_conversation_through_spill(build_model):
     torch.manual_seed(0)
-    small = MANIFEST.replace("capacity: 128}", "capacity: 16}")
+    small = manifest(stm_capacity=16)
     model = build_model(small).eval()
     model.remember(FACT)
     for i in range(12):  # far more text than the STM holds

@@ -12,23 +12,28 @@ from pydantic import ValidationError
 from cortex import hookimpl
 from cortex.runtime.step import make_optimizer, train_step
 from cortex_plugins.cognition.sleep_wake import SleepWake
+from tests.conftest import tiny_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
-MEMORY = """\
-cortex: 1
-name: sw
-model: {dim: 32, layers: 2, heads: 2, context: 64}
-memory:
-  - {type: stm, settings: {capacity: 16, consolidate_after: 2}}
-  - {type: ltm, settings: {capacity: 1024}}
-memory_system: {consolidate: sleep, write: all}
-features:
-  - {type: sleep_wake, settings: {wake: 3, nrem: 2, rem: 1, lr: 1.0e-3}}
-"""
+CYCLE = {"wake": 3, "nrem": 2, "rem": 1, "lr": 1.0e-3}
+
+
+def manifest(*before: dict, **sleep) -> str:
+    """STM and LTM consolidated in sleep; ``sleep``: the sleep_wake settings (``CYCLE`` when
+    none), ``before``: features listed before sleep_wake."""
+    return tiny_manifest(
+        "sw", context=64, memory_system={"consolidate": "sleep", "write": "all"},
+        memory=[{"type": "stm", "settings": {"capacity": 16, "consolidate_after": 2}},
+                {"type": "ltm", "settings": {"capacity": 1024}}],
+        features=[*before, {"type": "sleep_wake", "settings": sleep or CYCLE}],
+    )
+
+
+MEMORY = manifest()
 
 TEXTS = ["Mina's locker number is 3817.", "The blue kettle is on the second shelf.",
          "Jisoo rides bus 42 to school."]
@@ -95,9 +100,7 @@ def test_stm_hands_over_to_ltm_only_in_nrem(build_model):
 
 def test_nrem_replay_lowers_the_loss_on_the_replayed_memories(build_model):
     torch.manual_seed(0)
-    model = build_model(MEMORY.replace(
-        "{wake: 3, nrem: 2, rem: 1, lr: 1.0e-3}",
-        "{wake: 3, nrem: 12, rem: 0, lr: 3.0e-3, sources: [memory], replay_batch: 4}"))
+    model = build_model(manifest(wake=3, nrem=12, rem=0, lr=3.0e-3, sources=["memory"], replay_batch=4))
     for text in TEXTS:
         model.remember(text)
     other = ["A completely different sentence about rain."]
@@ -125,7 +128,7 @@ def test_episodes_of_an_episodic_feature_are_replayed(build_model):
 
 
 def test_buffer_is_a_uniform_reservoir(build_model):
-    model = build_model(MEMORY.replace("lr: 1.0e-3}", "lr: 1.0e-3, buffer: 50}"))
+    model = build_model(manifest(**CYCLE, buffer=50))
     sw = sleep_feature(model)
     for i in range(1000):
         sw.record(torch.tensor([i, i]))
@@ -158,7 +161,7 @@ def test_interactions_advance_the_clock(build_model):
 
 
 def test_resume_continues_exactly(build_model):
-    manifest = MEMORY.replace("features:\n", "features:\n  - {type: cls, settings: {width: 4, slow_share: 0.5}}\n")
+    with_cls = manifest({"type": "cls", "settings": {"width": 4, "slow_share": 0.5}})
 
     def run(model, opt, steps):
         g = torch.Generator().manual_seed(1)
@@ -167,16 +170,16 @@ def test_resume_continues_exactly(build_model):
             train_step(model, opt, [batches[s]], step=s, hook=model.pm.hook)
 
     torch.manual_seed(0)
-    a = build_model(manifest)
+    a = build_model(with_cls)
     opt_a = make_optimizer(a, 1e-3)
     run(a, opt_a, range(9))
     torch.manual_seed(0)
-    b = build_model(manifest, name="b.yaml")
+    b = build_model(with_cls, name="b.yaml")
     opt_b = make_optimizer(b, 1e-3)
     run(b, opt_b, range(4))
     saved = (b.core.state_dict(), opt_b.state_dict(), b.plugin_state())
     torch.manual_seed(0)
-    c = build_model(manifest, name="c.yaml")
+    c = build_model(with_cls, name="c.yaml")
     c.core.load_state_dict(saved[0])
     opt_c = make_optimizer(c, 1e-3)
     opt_c.load_state_dict(saved[1])
@@ -190,7 +193,7 @@ def test_resume_continues_exactly(build_model):
 def _full_example(tmp_path, name: str, **train):
     """examples/full.yaml (every built-in plugin), its sleep cycle shortened to a few steps,
     assembled into a fresh run directory, with small training settings."""
-    from cortex.assemble import assemble
+    from cortex.assembly import assemble
     from cortex.kernel.manifest import load_manifest
     from cortex.runtime.rundir import save_run
 

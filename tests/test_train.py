@@ -13,7 +13,7 @@ import torch
 from pydantic import Field
 
 from cortex import hookimpl
-from cortex.assemble import assemble
+from cortex.assembly import assemble
 from cortex.core.tokenizer import ByteTokenizer
 from cortex.kernel.errors import CortexError, DataError
 from cortex.kernel.interfaces import CognitiveFeature, Document, Settings

@@ -7,23 +7,16 @@ import torch
 
 from cortex.kernel.errors import CortexError
 from cortex_plugins.memory._working_layer import WorkingMemoryLayer
+from tests.conftest import tiny_manifest
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
-MANIFEST = """\
-cortex: 1
-name: wm
-model: {{dim: 32, layers: 2, heads: 2, context: 32{memory_layers}}}
-{memory}
-features:
-  - {{type: working, settings: {settings}}}
-"""
 
 
-def build(build_model, settings: str = "{}", memory: str = "", memory_layers: str = "", name="m.yaml"):
+def build(build_model, name="m.yaml", **settings):
     torch.manual_seed(0)
-    model = build_model(MANIFEST.format(settings=settings, memory=memory, memory_layers=memory_layers), name=name)
+    model = build_model(tiny_manifest("wm", features=[{"type": "working", "settings": settings}]), name=name)
     return model.eval(), model.features[0]
 
 
@@ -82,9 +75,9 @@ def alternate(model, wm, rounds: int = 3) -> list[tuple[float, float]]:
 
 def test_gates_keep_task_a_intact_while_b_writes_and_without_gates_b_interferes(build_model):
     """Acceptance: with gates A's accuracy is unchanged by B's writes; without, it drops."""
-    model, wm = build(build_model, "{slots: 8, tasks: 2, gated: true}")
+    model, wm = build(build_model, slots=8, tasks=2, gated=True)
     gated = alternate(model, wm)
-    ungated = alternate(*build(build_model, "{slots: 8, tasks: 2, gated: false}", name="u.yaml"))
+    ungated = alternate(*build(build_model, name="u.yaml", slots=8, tasks=2, gated=False))
     print(f"task A accuracy (before, after B writes) per round: gated {gated}, ungated {ungated}")
     for before, after in gated:
         assert before == after == 1.0
@@ -95,7 +88,7 @@ def test_gates_keep_task_a_intact_while_b_writes_and_without_gates_b_interferes(
 
 
 def test_reads_and_writes_happen_in_the_forward_pass_per_stream(build_model):
-    model, wm = build(build_model, "{slots: 4, tasks: 1}")
+    model, wm = build(build_model, slots=4, tasks=1)
     layer = model.core.memory_layer(wm.layer_index)
     assert isinstance(layer, WorkingMemoryLayer) and wm.layer_index == 1  # the middle block
     x = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(1))
@@ -118,7 +111,7 @@ def test_reads_and_writes_happen_in_the_forward_pass_per_stream(build_model):
 
 
 def test_tasks_switch_clear_and_run_out(build_model):
-    model, wm = build(build_model, "{slots: 6, tasks: 3}")
+    model, wm = build(build_model, slots=6, tasks=3)
     assert wm.task == "default"
     write(model, wm, "A", Items()(2))
     write(model, wm, "B", Items(1)(2))
@@ -137,10 +130,9 @@ def test_tasks_switch_clear_and_run_out(build_model):
 
 
 def test_working_memory_chains_the_memory_systems_reader_and_trains(build_model):
-    memory = ("memory:\n  - {type: stm, settings: {capacity: 32}}\n"
-              "memory_system: {read: [knn_attention]}")
     torch.manual_seed(0)
-    model = build_model(MANIFEST.format(settings="{}", memory=memory, memory_layers=", memory_layers: [0]"))
+    model = build_model(tiny_manifest("wm", memory_layers=[0], memory=[{"type": "stm", "settings": {"capacity": 32}}],
+                                      memory_system={"read": ["knn_attention"]}, features=["working"]))
     wm = model.features[0]
     layer = model.core.memory_layer(0)
     assert wm.layer_index == 0 and isinstance(layer, WorkingMemoryLayer)
@@ -158,7 +150,7 @@ def test_working_memory_chains_the_memory_systems_reader_and_trains(build_model)
 def test_slots_and_tasks_survive_save_and_load(build_model, tmp_path):
     from cortex.runtime.rundir import load_run, save_run
 
-    model, wm = build(build_model, "{slots: 4, tasks: 2, task: A}")
+    model, wm = build(build_model, slots=4, tasks=2, task="A")
     items = Items()(2)
     tags = write(model, wm, "A", items)
     write(model, wm, "B", Items(3)(1))
@@ -174,6 +166,6 @@ def test_slots_and_tasks_survive_save_and_load(build_model, tmp_path):
 
 def test_settings_are_checked(build_model):
     with pytest.raises(CortexError, match="tasks"):
-        build(build_model, "{slots: 2, tasks: 3}")
+        build(build_model, slots=2, tasks=3)
     with pytest.raises(CortexError, match="layer"):
-        build(build_model, "{layer: 5}", name="l.yaml")
+        build(build_model, name="l.yaml", layer=5)

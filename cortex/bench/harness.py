@@ -58,7 +58,7 @@ class BenchSuite(Component):
 
 def load_target(target: Path) -> Any:
     """The model of a bench target: a run directory (trained) or a manifest (built untrained)."""
-    from cortex.assemble import assemble
+    from cortex.assembly import assemble
     from cortex.kernel.manifest import load_manifest
     from cortex.runtime.rundir import load_run
 

@@ -91,7 +91,7 @@ def build(
     With a `train:` section the model is then trained into the run directory, which ends
     up holding the best model (by validation loss) with its checkpoints and metrics.
     """
-    from cortex.assemble import assemble
+    from cortex.assembly import assemble
     from cortex.kernel.manifest import load_manifest
     from cortex.runtime.rundir import run_path, save_run
 
@@ -145,7 +145,7 @@ def train_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run built from the same manifest."),
 ) -> None:
     """Train a run directory, or build MANIFEST into a new one and train it."""
-    from cortex.assemble import assemble
+    from cortex.assembly import assemble
     from cortex.kernel.manifest import TrainSection, load_manifest
     from cortex.runtime.rundir import load_run, run_path, save_run
     from cortex.runtime.train import resolve_device

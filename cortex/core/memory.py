@@ -93,7 +93,7 @@ class MemoryAttention(nn.Module):
         tiers = system.readable_tiers(self.training)
         mixed, best = [], []
         for tier in tiers:
-            slots = tier.slots(segment.streams)
+            slots = tier.dense_entries(segment.streams)
             if slots is not None:
                 read = self._dense(tier, slots, q, segment.streams, system.step)
             else:
@@ -131,7 +131,7 @@ class MemoryAttention(nn.Module):
         top = scores.topk(k, dim=-1)
         keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top.indices, True) & torch.isfinite(scores)
         found = torch.isfinite(top.values[..., 0])
-        tier.touch(streams, keep.any(dim=1), step=step, queries=found.numel(), hits=int(found.sum()))
+        tier.mark_used(streams, keep.any(dim=1), step=step, queries=found.numel(), hits=int(found.sum()))
         logits = torch.bmm(q, keys.to(q.dtype).transpose(1, 2)) * self.log_scale.exp()
         attn = self._attend(logits, ~keep)
         return torch.bmm(attn, values.to(q.dtype)), top.values[..., 0]

@@ -228,15 +228,15 @@ class MemoryTier(Component):
 
         return Retrieval(**{f.name: stack(f.name) for f in fields(Retrieval)})
 
-    def slots(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    def dense_entries(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """For small exact tiers: every slot of each row's stream as ``(keys (B, S, d),
         values (B, S, d), valid (B, S))``, so a reader can attend to them densely; ``None``
         (the default) when the tier must be searched."""
         return None
 
-    def touch(self, streams: torch.Tensor, used: torch.Tensor, *, step: int = 0, queries: int = 0,
+    def mark_used(self, streams: torch.Tensor, used: torch.Tensor, *, step: int = 0, queries: int = 0,
               hits: int = 0) -> None:
-        """After a dense read of [`slots`][cortex.kernel.interfaces.MemoryTier.slots]: count a use of
+        """After a dense read of [`dense_entries`][cortex.kernel.interfaces.MemoryTier.dense_entries]: count a use of
         the slots marked in ``used`` (B, S), and ``queries`` reads of which ``hits`` found some."""
 
     def handover(self, *, step: int = 0) -> Entries | None:

@@ -24,7 +24,7 @@ RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _PLAIN_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "map", "seq")}
 _MAX_NODES = 100_000  # guards against alias ("billion laughs") expansion
 
-Path_ = tuple[str | int, ...]
+FieldPath = tuple[str | int, ...]
 
 
 # --------------------------------------------------------------------------- models
@@ -266,7 +266,7 @@ class ManifestError(CortexError):
         super().__init__("\n".join(str(p) for p in problems))
 
 
-def dotted(path: Path_) -> str:
+def dotted(path: FieldPath) -> str:
     """``("memory", 0, "settings")`` -> ``memory[0].settings``."""
     out = ""
     for part in path:
@@ -284,11 +284,11 @@ class Source:
     file: str
     text: str
     data: Any = None
-    marks: dict[Path_, tuple[int, int]] = field(default_factory=dict)
-    key_marks: dict[Path_, tuple[int, int]] = field(default_factory=dict)
+    marks: dict[FieldPath, tuple[int, int]] = field(default_factory=dict)
+    key_marks: dict[FieldPath, tuple[int, int]] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
 
-    def position(self, path: Path_, *, key: bool = False) -> tuple[int, int]:
+    def position(self, path: FieldPath, *, key: bool = False) -> tuple[int, int]:
         """Line and column (1-based) of ``path``, or of its nearest ancestor present."""
         path = tuple(path)
         while True:
@@ -300,7 +300,7 @@ class Source:
                 return (1, 1)
             path = path[:-1]
 
-    def problem(self, path: Path_, message: str, *, key: bool = False) -> None:
+    def problem(self, path: FieldPath, message: str, *, key: bool = False) -> None:
         line, col = self.position(path, key=key)
         self.problems.append(Problem(self.file, line, col, dotted(path), message))
 
@@ -328,7 +328,7 @@ def parse_yaml(text: str, file: str = "<manifest>") -> Source:
         return src
     budget = [_MAX_NODES]
 
-    def build(node: yaml.Node, path: Path_) -> Any:
+    def build(node: yaml.Node, path: FieldPath) -> Any:
         budget[0] -= 1
         if budget[0] < 0:
             raise _TooLarge
@@ -403,7 +403,7 @@ class ValidatedManifest:
         return [c for c in self.components if c.section == name]
 
 
-def _pydantic_problems(src: Source, exc: ValidationError, prefix: Path_ = ()) -> None:
+def _pydantic_problems(src: Source, exc: ValidationError, prefix: FieldPath = ()) -> None:
     for err in exc.errors():
         loc = prefix + tuple(err["loc"])
         message = err["msg"].removeprefix("Value error, ")
@@ -480,7 +480,7 @@ def validate(src: Source, path: Path | None = None, *, plugins: Any = None) -> V
         entries.append(("train", "data", -1, train["data"]))
     for section, kind, i, item in entries:
         spec_cls = RuleSpec if section == "plasticity" else DataSpec if kind == "data" else ComponentSpec
-        where: Path_ = ("train", "data") if kind == "data" else (section, i)
+        where: FieldPath = ("train", "data") if kind == "data" else (section, i)
         try:
             spec = spec_cls.model_validate(item)
         except ValidationError:

@@ -198,7 +198,7 @@ def load(run: str | Path, *, device: str = "cpu") -> Any:
 
 def load_run(path: Path, *, device: str = "cpu") -> Any:
     """Rebuild the model of a run directory: manifest, weights, tokenizer and plugin state."""
-    from cortex.assemble import assemble
+    from cortex.assembly import assemble
     from cortex.kernel.manifest import load_manifest
     from cortex.core.tokenizer import load_tokenizer
 

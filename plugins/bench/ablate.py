@@ -94,7 +94,7 @@ class Ablate(BenchSuite):
         return result
 
     def _trained(self, manifest: Path, tmp: Path, log: Callable[[str], None]) -> Path:
-        from cortex.assemble import assemble
+        from cortex.assembly import assemble
         from cortex.kernel.manifest import load_manifest
         from cortex.runtime.rundir import save_run
         from cortex.runtime.train import train

@@ -230,7 +230,7 @@ class Continual(BenchSuite):
     def _run(self, base_text: str, features: tuple[str, ...], seed: int, facts: int, steps: int) -> dict[str, Any]:
         from cortex.runtime.step import make_optimizer, train_step
 
-        from cortex.assemble import assemble
+        from cortex.assembly import assemble
         from cortex.kernel.manifest import load_manifest_text
 
         s = self.settings

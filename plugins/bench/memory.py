@@ -166,7 +166,7 @@ class KeySource:
     """Memory keys of one target over held-out demo text, de-duplicated by receptive field."""
 
     def __init__(self, target: Path, key_window: int, text_seed: int, log: Callable[[str], None]) -> None:
-        from cortex.assemble import assemble
+        from cortex.assembly import assemble
         from cortex.kernel.manifest import load_manifest
         from cortex.runtime.rundir import load_run
 

@@ -58,7 +58,7 @@ def mqar_trial(rng: random.Random, pairs: int = 4) -> tuple[str, list[tuple[str,
 TASKS = {"passkey": passkey_trial, "mqar": mqar_trial}
 
 
-class Recall(BenchSuite):
+class RecallSuite(BenchSuite):
     """Recall accuracy by distance, per read mode, memory on and off."""
 
     name = "recall"
@@ -138,4 +138,4 @@ class Recall(BenchSuite):
 
 @hookimpl
 def cortex_register_components(register):
-    register(Recall)
+    register(RecallSuite)

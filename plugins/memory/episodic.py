@@ -122,7 +122,7 @@ class Episode:
 
 
 @dataclass
-class Recall:
+class EpisodeRecall:
     """The episode a cue recalled, where the cue ended in it, and what came next."""
 
     episode: int
@@ -397,7 +397,7 @@ class EpisodicMemory(CognitiveFeature):
         return self._sorted
 
     @no_grad
-    def recall(self, cue: Any, *, k: int = 1, continuation: int | None = None) -> list[Recall]:
+    def recall(self, cue: Any, *, k: int = 1, continuation: int | None = None) -> list[EpisodeRecall]:
         """The ``k`` best-matching episodes (at most one recall per episode) for ``cue``.
 
         ``cue``: token ids or text, partial and possibly noisy. Each recall says where in
@@ -435,7 +435,7 @@ class EpisodicMemory(CognitiveFeature):
         ranking = score + 1e-3 * sim  # agreement first, key similarity breaks ties
         order = torch.argsort(ranking, descending=True)
         n_next = s.continuation if continuation is None else continuation
-        out: list[Recall] = []
+        out: list[EpisodeRecall] = []
         seen: set[int] = set()
         _, _, _, _, perm = self._sorted_view()
         for i in order.tolist():
@@ -449,7 +449,7 @@ class EpisodicMemory(CognitiveFeature):
             nxt = tokens_sorted[at + 1: min(at + 1 + n_next, int(end_of[e]))].tolist()
             text = self.tokenizer.decode(nxt) if self.tokenizer is not None else None
             row = int(perm[at])
-            out.append(Recall(e, int(self.cols["order"][row]), float(score[i]), float(sim[i]), nxt, text,
+            out.append(EpisodeRecall(e, int(self.cols["order"][row]), float(score[i]), float(sim[i]), nxt, text,
                               dict(self.episodes.get(e, {}))))
         if out:
             self.counters["hits"] += 1

@@ -225,7 +225,7 @@ class ShortTermMemory(TierCommon, MemoryTier):
 
     # ------------------------------------------------------------------ read
 
-    def slots(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def dense_entries(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every slot of each row's stream: keys, values (B, capacity, d) and valid (B, capacity)."""
         if self.stream_ids.numel() == 0:
             b, c = streams.numel(), self.settings.capacity
@@ -235,7 +235,7 @@ class ShortTermMemory(TierCommon, MemoryTier):
         return self.keys[rows], self.values[rows], self.valid[rows] & known[:, None]
 
     @no_grad
-    def touch(self, streams: torch.Tensor, used: torch.Tensor, *, step: int = 0, queries: int = 0,
+    def mark_used(self, streams: torch.Tensor, used: torch.Tensor, *, step: int = 0, queries: int = 0,
               hits: int = 0) -> None:
         """Count one use of each slot marked in ``used`` (B, capacity), as a read would."""
         self.counters.queries += queries

@@ -80,8 +80,8 @@ def test_train_2n_equals_train_n_then_resume_n(tmp_path, precision):
     from cortex.runtime.train import train
     from tests.test_train import manifest_text, new_run, settings, write_corpus
 
-    text = manifest_text(more='plasticity:\n  - {type: bcm, target: "blocks.0.attn.proj", '
-                              'settings: {lr: 1.0e-3, tau: 5, max_norm: 2.0}}\n')
+    text = manifest_text(plasticity=[{"type": "bcm", "target": "blocks.0.attn.proj",
+                                      "settings": {"lr": 1.0e-3, "tau": 5, "max_norm": 2.0}}])
     corpus = write_corpus(tmp_path / "corpus.jsonl")
     s = settings(checkpoint_every=3, eval_every=3, micro_batch=4, precision=precision)
     n = 3

@@ -27,9 +27,11 @@ from cortex.kernel.interfaces import BuildContext
 from cortex.kernel.manifest import ManifestError, load_manifest_text
 from cortex_plugins.cognition import bge_m3
 from cortex_plugins.cognition.bge_m3 import BgeM3, extra_installed
+from tests.conftest import tiny_manifest
 
 HAVE_BGE = extra_installed()
 
+# its own text: a test checks the file:line of the settings
 MANIFEST = """\
 cortex: 1
 name: bge
@@ -141,7 +143,7 @@ def test_weights_that_disappeared_after_validation_are_a_clear_error(tmp_path, e
 
 
 def test_of_finds_the_feature_or_says_how_to_add_it(build_model):
-    model = build_model(MANIFEST.split("features:")[0].format())
+    model = build_model(tiny_manifest("bge", seed=0, layers=1, context=64, tokenizer={"type": "byte"}))
     with pytest.raises(CortexError, match="no bge_m3 feature"):
         BgeM3.of(model)
 

@@ -62,7 +62,7 @@ class StepCounter(CognitiveFeature):
         self.total = state["total"].clone()
 
 
-COUNTED = manifest_text(extra=", dropout: 0.1", more="features: [{type: ckpt.counter}]\n")
+COUNTED = manifest_text(dropout=0.1, features=["ckpt.counter"])
 
 
 def counter(model) -> StepCounter:
@@ -205,9 +205,8 @@ def _flat(state, prefix=""):
 
 def test_exact_resume_includes_memory_tiers(tmp_path):
     """STM + LTM (FAISS) with kNN-attention: weights and every tier's state resume exactly."""
-    text = manifest_text(extra=", layers: 2, memory_layers: [1]").replace("layers: 1, ", "") + (
-        "memory:\n  - {type: stm, settings: {capacity: 16}}\n  - {type: ltm, settings: {capacity: 256}}\n"
-        "memory_system: {read: [knn_attention]}\n")
+    text = manifest_text(layers=2, memory_layers=[1], memory_system={"read": ["knn_attention"]}, memory=[
+        {"type": "stm", "settings": {"capacity": 16}}, {"type": "ltm", "settings": {"capacity": 256}}])
     corpus = write_corpus(tmp_path / "corpus.jsonl")
     s = settings(checkpoint_every=3, eval_every=3, micro_batch=4)
     straight, run_a = new_run(tmp_path, text, name="a")

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 import cortex
+from tests.conftest import tiny_manifest
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
-TINY = "cortex: 1\nname: tiny\nmodel: {dim: 32, layers: 2, heads: 2, context: 32}\n"
+TINY = tiny_manifest()
 
 
 def write(tmp_path: Path, text: str, name: str = "m.yaml") -> Path:
@@ -34,7 +35,9 @@ def test_version(cortex_cli):
 
 
 def test_validate_reports_both_errors_with_suggestion(cortex_cli, tmp_path):
-    path = write(tmp_path, TINY.replace("dim: 32", "dim: -1") + "memory:\n  - type: stmm\n")
+    # its own text: the errors name these lines and columns
+    path = write(tmp_path, "cortex: 1\nname: tiny\nmodel: {dim: -1, layers: 2, heads: 2, context: 32}\n"
+                           "memory:\n  - type: stmm\n")
     result = cortex_cli("validate", path)
     assert result.exit_code == 1
     assert f"{path}:3:14 model.dim: Input should be greater than 0" in result.stderr
@@ -43,7 +46,7 @@ def test_validate_reports_both_errors_with_suggestion(cortex_cli, tmp_path):
 
 
 def test_real_script_prints_no_traceback(tmp_path):
-    path = write(tmp_path, TINY.replace("dim: 32", "dim: -1") + "train: {data: dmo}\n")
+    path = write(tmp_path, tiny_manifest(dim=-1, train={"data": "dmo"}))
     result = run_script("validate", path)
     assert result.returncode == 1
     assert "model.dim" in result.stderr and "did you mean 'demo'?" in result.stderr
@@ -117,9 +120,8 @@ def test_bench_throughput_quick_writes_a_report(cortex_cli, tmp_path):
 
 def test_bench_throughput_compares_a_memory_manifest_with_the_plain_one(cortex_cli, tmp_path):
     plain = write(tmp_path, TINY)
-    memory = write(tmp_path, TINY.replace("name: tiny", "name: mem").replace("context: 32}", "context: 32, memory_layers: [1]}")
-                   + "memory:\n  - {type: stm, settings: {capacity: 16}}\n"
-                   + "memory_system: {read: [knn_attention]}\n", "mem.yaml")
+    memory = write(tmp_path, tiny_manifest("mem", memory_layers=[1], memory=[{"type": "stm", "settings": {"capacity": 16}}],
+                                           memory_system={"read": ["knn_attention"]}), "mem.yaml")
     result = cortex_cli("bench", "throughput", plain, memory, "--quick", "-o", tmp_path / "out")
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "out" / "throughput" / "results.json").read_text())

@@ -100,7 +100,7 @@ def test_helpers_are_no_ops_in_one_process():
 def test_torchrun_trains_a_manifest_from_the_command_line(tmp_path):
     """The real launcher: `torchrun -m cortex.cli.app train MANIFEST` with two gloo ranks."""
     manifest = tmp_path / "m.yaml"
-    manifest.write_text(manifest_text(more="train: {tokens: 40000, batch: 8, precision: fp32, checkpoint_every: 2}\n"),
+    manifest.write_text(manifest_text(train={"tokens": 40000, "batch": 8, "precision": "fp32", "checkpoint_every": 2}),
                         encoding="utf-8")
     corpus = write_corpus(tmp_path / "corpus.jsonl")
     torchrun = Path(sys.executable).parent / "torchrun"

@@ -8,6 +8,7 @@ import re
 import pytest
 
 from cortex.kernel.interfaces import BuildContext, DataSource, Document
+from cortex.kernel.plugins import CortexPluginManager
 from cortex_plugins.data import demo
 from cortex_plugins.data.demo import DemoSource, demo_documents, has_final_consonant, make_world
 
@@ -108,6 +109,8 @@ def test_demo_source_component():
     for bad in ({"documents": 0}, {"korean": 1.5}, {"korean": -0.1}, {"colour": "red"}):
         with pytest.raises(ValueError):
             DemoSource.Settings(**bad)
+    pm = CortexPluginManager()  # the hookspecs alone; the demo plugin registers through them
+    pm.register(demo)
     registered = []
-    demo.cortex_register_components(registered.append)
+    pm.hook.cortex_register_components(register=registered.append)
     assert registered == [DemoSource]

@@ -15,7 +15,7 @@ Each page of ``docs/**/*.md`` is executed top to bottom in its own temporary fol
 - ```` ```toml ```` blocks: parsed.
 
 Tiny sizes: before ``cortex build``/``train``/``bench`` a manifest in the page's folder
-is shrunk in place ([`tiny_manifest`][tests.test_docs_examples.tiny_manifest]: a 32-wide,
+is shrunk in place ([`shrink_manifest`][tests.test_docs_examples.shrink_manifest]: a 32-wide,
 2-block core, a few training steps, a 200-document demo corpus), ``--steps`` and
 ``--max-tokens`` are capped, and ``cortex bench`` always gets ``--quick``. Every page
 folder starts with ``examples/`` (the shipped manifests) and the files a reader is
@@ -137,7 +137,7 @@ TINY_STEPS = 3
 TINY_DOCUMENTS = 200
 
 
-def tiny_manifest(data: dict[str, Any]) -> dict[str, Any]:
+def shrink_manifest(data: dict[str, Any]) -> dict[str, Any]:
     """The same manifest at a size that builds and trains in seconds (a new dict).
 
     The core becomes at most 32 wide with 2 blocks and a 32-token context; training runs
@@ -191,7 +191,7 @@ def shrink_manifest_file(path: Path) -> None:
         return
     if not (isinstance(data, dict) and "cortex" in data and "name" in data):
         return
-    tiny = tiny_manifest(data)
+    tiny = shrink_manifest(data)
     if tiny != data:
         path.write_text(yaml.safe_dump(tiny, sort_keys=False, allow_unicode=True), encoding="utf-8")
 
@@ -595,14 +595,14 @@ def test_parser_reads_markers_fences_and_commands(tmp_path):
     assert tiny_args(["cortex", "bench", "throughput"])[-1] == "--quick"
 
 
-def test_tiny_manifest_validates_and_is_small():
+def test_shrink_manifest_validates_and_is_small():
     from cortex.kernel.manifest import load_manifest_text
 
     big = {"cortex": 1, "name": "big", "model": {"dim": 512, "layers": 8, "heads": 8, "context": 1024,
                                                  "memory_layers": [5]},
            "memory": [{"type": "stm"}], "memory_system": {"read": ["knn_attention"], "key_layer": 6},
            "train": {"data": "demo", "tokens": 10**9, "batch": 64, "micro_batch": 16}}
-    tiny = tiny_manifest(big)
+    tiny = shrink_manifest(big)
     built = load_manifest_text(yaml.safe_dump(tiny)).manifest
     assert built.model.dim == 32 and built.model.memory_layers == [1] and built.memory_system.key_layer == 1
     assert built.train.tokens == TINY_STEPS * 4 * 32 and built.train.data.settings["documents"] == TINY_DOCUMENTS

@@ -26,10 +26,10 @@ def trained(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("built")
     corpus = write_corpus(tmp / "corpus.jsonl")
-    train = (f"train: {{data: {corpus}, tokens: 20480, batch: 8, lr: 3.0e-3, warmup: 5, "
-             "precision: fp32, eval_every: 40, checkpoint_every: 50, sample_every: 40}\n")
+    train = {"data": str(corpus), "tokens": 20480, "batch": 8, "lr": 3.0e-3, "warmup": 5, "precision": "fp32",
+             "eval_every": 40, "checkpoint_every": 50, "sample_every": 40}
     path = tmp / "tiny.yaml"
-    path.write_text(manifest_text(more=train), encoding="utf-8")
+    path.write_text(manifest_text(train=train), encoding="utf-8")
     out = io.StringIO()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -104,7 +104,7 @@ def test_plot_writes_a_png(trained, cortex_cli, tmp_path):
 def test_train_command_builds_from_a_manifest_and_resumes(tmp_path, cortex_cli):
     corpus = write_corpus(tmp_path / "corpus.jsonl")
     path = tmp_path / "m.yaml"
-    path.write_text(manifest_text(more="train: {tokens: 5120, batch: 4, precision: fp32, checkpoint_every: 10}\n"),
+    path.write_text(manifest_text(train={"tokens": 5120, "batch": 4, "precision": "fp32", "checkpoint_every": 10}),
                     encoding="utf-8")
     result = cortex_cli("train", path, "-o", tmp_path / "runs", "--data", corpus, "--steps", "20")
     assert result.exit_code == 0, result.output
@@ -121,7 +121,7 @@ def test_train_command_builds_from_a_manifest_and_resumes(tmp_path, cortex_cli):
 
 def test_bad_data_and_missing_run_are_clean_errors(tmp_path, cortex_cli):
     path = tmp_path / "m.yaml"
-    path.write_text(manifest_text(more="train: {tokens: 5120, batch: 4}\n"), encoding="utf-8")
+    path.write_text(manifest_text(train={"tokens": 5120, "batch": 4}), encoding="utf-8")
     result = cortex_cli("train", path, "-o", tmp_path / "runs", "--data", tmp_path / "nope.jsonl")
     assert result.exit_code == 1 and "nope.jsonl: no such file or folder" in result.stderr
     result = cortex_cli("train", tmp_path / "runs" / "tiny", "--data", tmp_path / "empty_dir", "--resume", "auto")
@@ -134,7 +134,7 @@ def test_bad_data_and_missing_run_are_clean_errors(tmp_path, cortex_cli):
     result = cortex_cli("generate", tmp_path / "nothing", "--prompt", "x")
     assert result.exit_code == 1 and "not a run directory" in result.stderr
     bad = tmp_path / "bad.yaml"
-    bad.write_text(manifest_text(more="train: {batch: 6, micro_batch: 4}\n"), encoding="utf-8")
+    bad.write_text(manifest_text(train={"batch": 6, "micro_batch": 4}), encoding="utf-8")
     result = cortex_cli("validate", bad)
     assert result.exit_code == 1 and "batch 6 is not a multiple of micro_batch 4" in result.stderr
     assert json.loads(cortex_cli("schema").stdout)["$defs"]["TrainSection"]["properties"]["spike_factor"]["description"]

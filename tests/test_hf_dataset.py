@@ -24,6 +24,7 @@ from cortex.kernel.interfaces import BuildContext  # noqa: E402
 from cortex.kernel.plugins import create_plugin_manager  # noqa: E402
 from cortex.runtime.data import TokenDataset, prepare  # noqa: E402
 from cortex_plugins.data.hf import HFSource, is_hf_dataset, is_saved_dataset  # noqa: E402
+from tests.conftest import tiny_manifest  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread", "offline")  # one_thread: cortex/testing.py
 
@@ -221,23 +222,11 @@ def test_cli_prepare_recognises_dataset_folders(tmp_path, cortex_cli, monkeypatc
     assert bad.exit_code == 1 and "nulls#1: 'text' is null" in bad.output and "Traceback" not in bad.output
 
 
-MANIFEST = """\
-cortex: 1
-name: {name}
-seed: 0
-model: {{dim: 32, layers: 1, heads: 2, context: 32}}
-train:
-  data: {data}
-  tokens: {tokens}
-  batch: 8
-  lr: 1.0e-2
-  warmup: 5
-  precision: fp32
-  device: cpu
-  eval_every: 0
-  eval_batches: 2
-  checkpoint_every: 0
-"""
+def trained(name: str, data, tokens: int) -> str:
+    """One block trained on ``data`` for ``tokens`` tokens, quickly, on the CPU."""
+    return tiny_manifest(name, seed=0, layers=1, train={
+        "data": data, "tokens": tokens, "batch": 8, "lr": 1.0e-2, "warmup": 5, "precision": "fp32", "device": "cpu",
+        "eval_every": 0, "eval_batches": 2, "checkpoint_every": 0})
 
 
 def losses(run: Path) -> list[float]:
@@ -262,9 +251,9 @@ def assert_trained_on_the_corpus(run: Path, source: str) -> None:
 
 def test_build_trains_on_a_dataset_dict(tmp_path, cortex_cli):
     path = save_dict(tmp_path / "dd", {"train": texts(300), "validation": texts(10)})
-    data = json.dumps({"type": "hf", "settings": {"path": str(path), "split": "train"}})
+    data = {"type": "hf", "settings": {"path": str(path), "split": "train"}}
     manifest = tmp_path / "hf.yaml"
-    manifest.write_text(MANIFEST.format(name="hf", data=data, tokens=60 * 8 * 32), encoding="utf-8")
+    manifest.write_text(trained("hf", data, 60 * 8 * 32), encoding="utf-8")
     result = cortex_cli("build", manifest, "-o", tmp_path / "runs")
     assert result.exit_code == 0, result.output
     assert_trained_on_the_corpus(tmp_path / "runs" / "hf", source="hf")
@@ -274,7 +263,7 @@ def test_train_on_a_prepared_dataset_folder(tmp_path, cortex_cli, monkeypatch):
     monkeypatch.chdir(tmp_path)
     save_dataset(tmp_path / "corpus", texts(300))
     assert cortex_cli("data", "prepare", "corpus", "-o", "prepared", "--workers", "1").exit_code == 0
-    (tmp_path / "m.yaml").write_text(MANIFEST.format(name="m", data="demo", tokens=10**6), encoding="utf-8")
+    (tmp_path / "m.yaml").write_text(trained("m", "demo", 10**6), encoding="utf-8")
     result = cortex_cli("train", "m.yaml", "--data", "prepared", "--steps", "60", "-o", "runs")
     assert result.exit_code == 0, result.output
     assert_learned(tmp_path / "runs" / "m", 60)
@@ -284,7 +273,7 @@ def test_train_data_option_reads_a_dataset_folder(tmp_path, cortex_cli, monkeypa
     """`cortex train --data FOLDER` prepares a Hugging Face dataset folder through the hf source."""
     monkeypatch.chdir(tmp_path)
     save_dataset(tmp_path / "corpus", texts(300))
-    (tmp_path / "m.yaml").write_text(MANIFEST.format(name="m", data="demo", tokens=10**6), encoding="utf-8")
+    (tmp_path / "m.yaml").write_text(trained("m", "demo", 10**6), encoding="utf-8")
     result = cortex_cli("train", "m.yaml", "--data", "corpus", "--steps", "60", "-o", "runs")
     assert result.exit_code == 0, result.output
     assert_trained_on_the_corpus(tmp_path / "runs" / "m", source="corpus")

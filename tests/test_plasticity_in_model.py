@@ -19,6 +19,7 @@ from cortex.runtime.rundir import load_run, save_run
 from cortex.runtime.step import cosine_schedule, make_optimizer, train_step
 from cortex_plugins.data.demo import demo_documents
 from cortex_plugins.plasticity._column_mlp import ColumnMLP
+from tests.conftest import tiny_manifest
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

@@ -10,22 +10,13 @@ import torch
 from cortex.kernel.errors import PluginError
 from cortex.kernel.interfaces import Entries
 from cortex.kernel.plugins import create_plugin_manager
-from tests.conftest import Counter, ExactTier, ScaleRule, make_plugin
+from tests.conftest import Counter, ExactTier, ScaleRule, make_plugin, tiny_manifest
 
-THIRD_PARTY = """\
-cortex: 1
-name: tp
-model: {dim: 32, layers: 2, heads: 2, context: 16}
-memory:
-  - type: hopfield.exact
-    settings: {capacity: 4}
-plasticity:
-  - type: hopfield.scale
-    target: "blocks.*.mlp.proj"
-    settings: {factor: 0.5}
-features:
-  - type: hopfield.counter
-"""
+THIRD_PARTY = tiny_manifest(
+    "tp", context=16, memory=[{"type": "hopfield.exact", "settings": {"capacity": 4}}],
+    plasticity=[{"type": "hopfield.scale", "target": "blocks.*.mlp.proj", "settings": {"factor": 0.5}}],
+    features=["hopfield.counter"],
+)
 
 
 def test_builtins_come_through_entry_points():
@@ -69,7 +60,7 @@ def test_broken_plugin_warns_in_listing_and_fails_build(fake_distribution, corte
     assert "demo" in result.stdout
 
     manifest = tmp_path / "m.yaml"
-    manifest.write_text("cortex: 1\nname: b\nfeatures:\n  - type: broken.thing\n")
+    manifest.write_text(tiny_manifest("b", features=["broken.thing"]))
     result = cortex_cli("build", manifest, "-o", tmp_path / "runs")
     assert result.exit_code == 1
     assert "broken-dist 0.3" in result.stderr and "Traceback" not in result.output
@@ -140,8 +131,8 @@ def test_autoload_switches(fake_distribution, monkeypatch):
 def test_plugin_state_round_trips_through_a_run_directory(test_components, build_model, tmp_path):
     from cortex.runtime.rundir import load_run, save_run
 
-    model = build_model("cortex: 1\nname: st\nmodel: {dim: 16, layers: 1, heads: 2, context: 8}\n"
-                        "memory:\n  - {type: test.exact, settings: {capacity: 3}}\n")
+    model = build_model(tiny_manifest("st", dim=16, layers=1, context=8,
+                                      memory=[{"type": "test.exact", "settings": {"capacity": 3}}]))
     tier = model.memory[0]
     tier.write(Entries(torch.randn(5, 16), torch.randn(5, 16), torch.zeros(5, dtype=torch.long),
                        torch.zeros(5, dtype=torch.long)))
@@ -159,7 +150,7 @@ def test_a_namespace_excluded_by_the_environment_is_named_as_such(fake_distribut
     from cortex.kernel.manifest import ManifestError, load_manifest_text
 
     fake_distribution("a-dist", {"alpha": make_plugin(ExactTier)})
-    text = "cortex: 1\nname: x\nmodel: {dim: 16, layers: 1, heads: 2, context: 8}\nmemory:\n  - type: alpha.exact\n"
+    text = tiny_manifest("x", dim=16, layers=1, context=8, memory=["alpha.exact"])
     assert load_manifest_text(text).section("memory")[0].info.name == "alpha.exact"
     monkeypatch.setenv("CORTEX_DISABLE_PLUGIN_AUTOLOAD", "1")
     with pytest.raises(ManifestError, match="'alpha' is installed but not loaded: CORTEX_DISABLE_PLUGIN_AUTOLOAD"):

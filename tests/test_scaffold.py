@@ -17,7 +17,8 @@ import yaml
 
 from cortex.cli.scaffold import SIZES, InitOptions, manifest_text, plugin_files
 from cortex.kernel.manifest import load_manifest
-from tests.test_docs_examples import make_venv, tiny_manifest
+from tests.conftest import tiny_manifest
+from tests.test_docs_examples import make_venv, shrink_manifest
 
 # --------------------------------------------------------------------------- cortex init
 
@@ -122,9 +123,8 @@ def test_generated_plugin_registers_builds_and_remembers(cortex_cli, build_model
     listed = json.loads(cortex_cli("plugins", "--json").stdout)["components"]
     assert {"name": "demo_tier.recent", "kind": "memory", "distribution": "cortex-demo-tier", "version": "0.1.0",
             "entry_point": "demo_tier"} in listed
-    model = build_model("cortex: 1\nname: d\nmodel: {dim: 32, layers: 2, heads: 2, context: 16}\n"
-                        "memory:\n  - {type: demo_tier.recent, settings: {capacity: 4}}\n"
-                        "memory_system: {write: all}\n")
+    model = build_model(tiny_manifest("d", context=16, memory=[{"type": "demo_tier.recent", "settings": {"capacity": 4}}],
+                                      memory_system={"write": "all"}))
     [tier] = model.memory
     model.train()
     idx = torch.randint(0, 256, (3, 16))
@@ -270,12 +270,10 @@ def test_plugin_new_then_the_tutorial_steps_in_a_fresh_virtual_environment(tmp_p
     row = next(r for r in listed["components"] if r["name"] == "demo_tier.recent")
     assert row["distribution"] == "cortex-demo-tier" and row["version"] == "0.1.0" and not listed["errors"]
 
-    manifest = tiny_manifest({
-        "cortex": 1, "name": "uses-demo", "model": {"dim": 32, "layers": 2, "heads": 2, "context": 32},
-        "memory": [{"type": "demo_tier.recent", "settings": {"capacity": 64}}],
-        "memory_system": {"write": "all"},
-        "train": {"data": "demo", "batch": 4},
-    })
+    manifest = shrink_manifest(yaml.safe_load(tiny_manifest(
+        "uses-demo", memory=[{"type": "demo_tier.recent", "settings": {"capacity": 64}}],
+        memory_system={"write": "all"}, train={"data": "demo", "batch": 4},
+    )))
     (work / "uses-demo.yaml").write_text(yaml.safe_dump(manifest), encoding="utf-8")
     out = run("cortex build uses-demo.yaml -o runs")
     assert "cortex-demo-tier" in out and "trained" in out

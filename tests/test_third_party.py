@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_docs_examples import make_venv, tiny_manifest
+from tests.test_docs_examples import make_venv, shrink_manifest
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -27,7 +27,7 @@ EXAMPLE = ROOT / "examples/third_party_plugin"
 
 def tiny_example() -> dict:
     """The example's manifest at a size that trains in seconds."""
-    return tiny_manifest(yaml.safe_load((EXAMPLE / "hopfield.yaml").read_text(encoding="utf-8")))
+    return shrink_manifest(yaml.safe_load((EXAMPLE / "hopfield.yaml").read_text(encoding="utf-8")))
 
 
 @pytest.fixture

@@ -21,14 +21,7 @@ from cortex.kernel.manifest import TrainSection, load_manifest
 from cortex.runtime.data import TokenDataset, prepare
 from cortex.runtime.rundir import load_run, save_run
 from cortex.runtime.train import hardware_preset, train
-from tests.conftest import make_plugin
-
-TINY = """\
-cortex: 1
-name: tiny
-seed: 0
-model: {{dim: 32, layers: 1, heads: 2, context: 32{extra}}}
-{more}"""
+from tests.conftest import make_plugin, tiny_manifest
 
 CORPUS = "the cat sat on the mat. the dog ran to the park. "
 
@@ -36,8 +29,9 @@ CORPUS = "the cat sat on the mat. the dog ran to the park. "
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-def manifest_text(extra: str = "", more: str = "") -> str:
-    return TINY.format(extra=extra, more=more)
+def manifest_text(**changes) -> str:
+    """The tiny model these tests train: one block, seed 0; ``changes`` as for ``tiny_manifest``."""
+    return tiny_manifest(**{"seed": 0, "layers": 1, **changes})
 
 
 def write_corpus(path: Path, docs: int = 300) -> Path:
@@ -212,7 +206,7 @@ class NanOnce(CognitiveFeature):
 
 def test_non_finite_gradient_rolls_back(tmp_path, register_plugin):
     register_plugin(plugin(NanOnce), namespace="spiky")
-    model, run = new_run(tmp_path, manifest_text(more="features: [{type: spiky.nan_once}]\n"))
+    model, run = new_run(tmp_path, manifest_text(features=["spiky.nan_once"]))
     corpus = write_corpus(tmp_path / "corpus.jsonl")
     summary = train(model, run, settings(checkpoint_every=5), data=str(corpus), steps=20)
     _, events = read_metrics(run)
@@ -226,7 +220,7 @@ def test_endless_spikes_stop_with_a_clear_error(tmp_path, register_plugin, monke
     register_plugin(plugin(NanOnce), namespace="spiky")
     monkeypatch.setattr(NanOnce, "cortex_extra_losses",
                         hookimpl(lambda self, model, batch, logits: {"nan_term": logits.sum() * float("nan")}))
-    model, run = new_run(tmp_path, manifest_text(more="features: [{type: spiky.nan_once}]\n"))
+    model, run = new_run(tmp_path, manifest_text(features=["spiky.nan_once"]))
     corpus = write_corpus(tmp_path / "corpus.jsonl")
     with pytest.raises(CortexError, match="keeps diverging"):
         train(model, run, settings(max_rollbacks=2), data=str(corpus), steps=5)
@@ -254,7 +248,7 @@ class OomOnce(CognitiveFeature):
 
 def test_out_of_memory_halves_the_micro_batch(tmp_path, register_plugin):
     register_plugin(plugin(OomOnce), namespace="oom")
-    model, run = new_run(tmp_path, manifest_text(more="features: [{type: oom.oom_once}]\n"))
+    model, run = new_run(tmp_path, manifest_text(features=["oom.oom_once"]))
     corpus = write_corpus(tmp_path / "corpus.jsonl")
     summary = train(model, run, settings(micro_batch=8, checkpoint_every=5), data=str(corpus), steps=6)
     assert summary["micro_batch"] == 4 and summary["grad_accum"] == 2 and summary["steps"] == 6
@@ -328,7 +322,7 @@ def test_gradient_checkpointing_gives_the_same_training(tmp_path, monkeypatch):
     corpus = write_corpus(tmp_path / "corpus.jsonl")
     weights = []
     for name, flag in (("plain", False), ("recomputed", True)):
-        model, run = new_run(tmp_path, manifest_text(extra=", layers: 2, dropout: 0.1").replace("layers: 1, ", ""),
+        model, run = new_run(tmp_path, manifest_text(layers=2, dropout=0.1),
                              name=name)
         torch.manual_seed(5)
         train(model, run, settings(gradient_checkpointing=flag), data=str(corpus), steps=3)

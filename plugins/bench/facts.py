@@ -11,16 +11,20 @@ back), and then, with unrelated text before every cue:
 - **specificity**: a taught wording about somebody never told of ("... Leo's badge id is")
   does not complete to any taught value (a memory that answers every cue alike fails it).
 
-Memory off (the same weights, a session that was told nothing) is the baseline. Facts,
-distractors and unrelated prompts come from seeds disjoint from any training data.
+Every figure sits beside memory off (the same weights, a session that was told nothing),
+the same manifest untrained and a verbatim store (see
+[`_baselines`][cortex_plugins.bench._baselines]). The values, distractors and unrelated
+prompts come from seeds disjoint from any training data; the wordings are the demo
+corpus's own templates.
 """
 
 from __future__ import annotations
 
 import random
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from pydantic import Field
 
@@ -28,6 +32,7 @@ from cortex import hookimpl
 from cortex.bench.harness import BenchSuite, Check, SuiteResult, load_target, median_and_spread
 from cortex.kernel.interfaces import Settings
 from cortex.kernel.lazy import torch
+from cortex_plugins.bench._baselines import VERBATIM_ORDERS, VerbatimStore, best_verbatim, contribution, untrained_twin
 
 EFFICACY_TARGET = 0.8
 LOCALITY_TARGET = 0.95
@@ -92,8 +97,6 @@ class Facts(BenchSuite):
 
     def run(self, targets: list[Path], *, quick: bool, seeds: list[int],
             log: Callable[[str], None]) -> SuiteResult:
-        from cortex_plugins.data.demo import demo_documents
-
         s = self.settings
         n_facts, n_unrelated, n_untold = (
             (min(s.facts, 8), min(s.unrelated, 8), min(s.untold, 8)) if quick else (s.facts, s.unrelated, s.untold))
@@ -102,70 +105,123 @@ class Facts(BenchSuite):
         for target in targets:
             scores: dict[str, list[float]] = {}
             for seed in seeds:
-                for name, value in self._one_seed(target, seed, n_facts, n_unrelated, n_untold,
-                                                  demo_documents).items():
+                for name, value in self._one_seed(target, seed, n_facts, n_unrelated, n_untold).items():
                     scores.setdefault(name, []).append(value)
-                log(f"{target} seed {seed}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in scores.items()))
+                log(f"{target} seed {seed}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in scores.items()
+                                                          if ":" not in k))
             figures = {name: median_and_spread(values) for name, values in scores.items()}
             result.figures[str(target)] = {**figures, "facts": n_facts, "unrelated": n_unrelated}
-            rows.append([str(target)] + [f"{figures[k]['mean']:.2f} ± {figures[k]['std']:.2f}" if k in figures
-                                         else "n/a" for k in _COLUMNS])
+            rows += _rows(str(target), figures)
             if "locality" in figures:
                 result.checks.append(Check(f"{target} efficacy", figures["efficacy"]["mean"], EFFICACY_TARGET))
                 result.checks.append(Check(f"{target} locality", figures["locality"]["mean"], LOCALITY_TARGET))
-        result.tables.append(("One-shot facts after a restart (mean ± std over seeds)", ["target", *_COLUMNS], rows))
+        result.tables.append(("One-shot facts after a restart (mean ± std over seeds)",
+                              ["target", "model", *_COLUMNS], rows))
         result.notes.append(
             "efficacy: the taught wording after a distractor sentence; paraphrase: a question template the "
             "model was never told; locality: unrelated prompts continue exactly as before teaching; "
             "specificity: the taught wording about an untold name completes to no taught value; "
             "*_off: the same weights asked in a session that was told nothing (memory off); n/a: a model "
             "without memory, or no untold pair left for specificity.")
+        result.notes.append(
+            "untrained: the run's manifest built with its seed and no training step (a manifest target is "
+            "itself untrained). verbatim store: a table from the last n tokens of told text to the next token, "
+            f"each figure at its best n from {VERBATIM_ORDERS[0]} to {VERBATIM_ORDERS[-1]} tokens. "
+            "contribution: trained minus the better of the two; zero or below means the figure is not the "
+            "model's merit.")
         return result
 
     @staticmethod
-    def _one_seed(target: Path, seed: int, n_facts: int, n_unrelated: int, n_untold: int,
-                  demo_documents) -> dict[str, float]:
+    def _one_seed(target: Path, seed: int, n_facts: int, n_unrelated: int, n_untold: int) -> dict[str, float]:
+        from cortex_plugins.data.demo import demo_documents
+
         torch.manual_seed(seed)
         model = load_target(target).eval()
         every = make_facts(len(NAMES) * len(ATTRIBUTES), seed)
         facts, untold = every[:n_facts], every[n_facts:][:n_untold]
-        taught = {f["value"] for f in facts}
         rng = random.Random(f"distractors:{seed}")
-        asked = [(f, rng.choice(DISTRACTORS)) for f in facts]
-        asked_untold = [(f, rng.choice(DISTRACTORS)) for f in untold]
-        unrelated = [d.text[:80] for d in demo_documents(n_unrelated, seed=1_000_000 + seed)]
-        session = f"facts-{seed}"
+        trial = Trial(facts, [(f, rng.choice(DISTRACTORS)) for f in facts],
+                      [(f, rng.choice(DISTRACTORS)) for f in untold],
+                      [d.text[:80] for d in demo_documents(n_unrelated, seed=1_000_000 + seed)], f"facts-{seed}")
+        out = trial.measure(model, restarted)
+        twin = untrained_twin(target)
+        if twin is not None:
+            out.update({f"untrained:{k}": v for k, v in trial.measure(twin, restarted).items()})
+        verbatim = best_verbatim(model.tokenizer, lambda store: trial.measure(store, lambda same: same))
+        out.update({f"verbatim:{k}": v for k, v in verbatim.items()})
+        return out
 
-        def rate(model, prompt_of, session) -> float:
-            return sum(completes(model, prompt_of(f, d), f["value"], session) for f, d in asked) / len(asked)
 
-        def efficacy(f, d):
-            return f"{d} {f['cue']}"
+@dataclass
+class Trial:
+    """One seed's facts, cues and unrelated prompts, measured the same way on any subject."""
 
-        def paraphrase(f, d):
-            return f"{d} {f['question']}"
+    facts: list[dict[str, str]]
+    asked: list[tuple[dict[str, str], str]]  # (fact, distractor sentence)
+    asked_untold: list[tuple[dict[str, str], str]]
+    unrelated: list[str]
+    session: str
 
-        out = {"efficacy_off": rate(model, efficacy, session), "paraphrase_off": rate(model, paraphrase, session)}
-        if model.memory_system is None:
+    def rate(self, subject: Any, prompt_of: Callable[[dict, str], str]) -> float:
+        hits = sum(completes(subject, prompt_of(f, d), f["value"], self.session) for f, d in self.asked)
+        return hits / len(self.asked)
+
+    def measure(self, subject: Any, restart: Callable[[Any], Any]) -> dict[str, float]:
+        """Every figure of the suite for ``subject`` (a model or a stand-in with its API)."""
+        out = {"efficacy_off": self.rate(subject, _efficacy), "paraphrase_off": self.rate(subject, _paraphrase)}
+        if subject.memory_system is None and not isinstance(subject, VerbatimStore):
             return out
-        before = {p: model.generate_text(p, session=session, max_new_tokens=8) for p in unrelated}
-        for fact in facts:
-            model.remember(fact["statement"], session=session)
-        out["efficacy_no_restart"] = rate(model, efficacy, session)
-        model = restarted(model)
-        out["efficacy"] = rate(model, efficacy, session)
-        out["paraphrase"] = rate(model, paraphrase, session)
-        out["locality"] = sum(model.generate_text(p, session=session, max_new_tokens=8) == before[p]
-                              for p in unrelated) / len(unrelated)
-        if asked_untold:
-            answers = [model.generate_text(efficacy(f, d), session=session, max_new_tokens=6, temperature=0.0)
-                       for f, d in asked_untold]
+        before = {p: subject.generate_text(p, session=self.session, max_new_tokens=8) for p in self.unrelated}
+        for fact in self.facts:
+            subject.remember(fact["statement"], session=self.session)
+        out["efficacy_no_restart"] = self.rate(subject, _efficacy)
+        subject = restart(subject)
+        out["efficacy"] = self.rate(subject, _efficacy)
+        out["paraphrase"] = self.rate(subject, _paraphrase)
+        out["locality"] = sum(subject.generate_text(p, session=self.session, max_new_tokens=8) == before[p]
+                              for p in self.unrelated) / len(self.unrelated)
+        if self.asked_untold:
+            taught = {f["value"] for f in self.facts}
+            answers = [subject.generate_text(_efficacy(f, d), session=self.session, max_new_tokens=6,
+                                             temperature=0.0) for f, d in self.asked_untold]
             out["specificity"] = sum(a.strip()[:4] not in taught for a in answers) / len(answers)
         return out
 
 
+def _efficacy(fact: dict[str, str], distractor: str) -> str:
+    return f"{distractor} {fact['cue']}"
+
+
+def _paraphrase(fact: dict[str, str], distractor: str) -> str:
+    return f"{distractor} {fact['question']}"
+
+
+def _rows(target: str, figures: dict[str, dict[str, float]]) -> list[list[str]]:
+    """The table rows of one target: trained, untrained, verbatim store and contribution."""
+
+    def cell(key: str) -> str:
+        f = figures.get(key)
+        return "n/a" if f is None else f"{f['mean']:.2f} ± {f['std']:.2f}"
+
+    rows = [[target, "trained" if ("untrained:efficacy" in figures) else "as given", *map(cell, _COLUMNS)]]
+    for prefix, label in (("untrained:", "same manifest untrained"), ("verbatim:", "verbatim store")):
+        if any(k.startswith(prefix) for k in figures):
+            rows.append([target, label, *(cell(prefix + c) for c in _COLUMNS)])
+    gains = []
+    for column in _COLUMNS:
+        if column in _EFFICACY and column in figures:
+            baselines = [figures[p + column]["mean"] for p in ("untrained:", "verbatim:") if p + column in figures]
+            gains.append(f"{contribution(figures[column]['mean'], *baselines):+.2f}")
+        else:
+            gains.append("")
+    rows.append([target, "contribution", *gains])
+    return rows
+
+
 _COLUMNS = ("efficacy", "efficacy_no_restart", "paraphrase", "locality", "specificity", "efficacy_off",
             "paraphrase_off")
+#: the columns that measure recall, where the model must beat its baselines
+_EFFICACY = ("efficacy", "efficacy_no_restart", "paraphrase")
 
 
 @hookimpl

@@ -9,12 +9,15 @@ Two tasks, generated offline from seeds:
 
 Everything before the cue is written to memory through the real-time API and is gone
 from the context when the cue is asked, so only memory can answer. Accuracy is reported by
-distance (in context windows) for each read mode the model has, and with memory off (a
-session that was told nothing; chance is 1e-5 for a passkey, 1e-2 for a value).
+distance (in context windows) for each read mode the model has, with memory off (a
+session that was told nothing; chance is 1e-5 for a passkey, 1e-2 for a value), for the
+same manifest untrained and for a verbatim store (see
+[`_baselines`][cortex_plugins.bench._baselines]).
 """
 
 from __future__ import annotations
 
+import functools
 import random
 import string
 from pathlib import Path
@@ -26,11 +29,14 @@ from cortex import hookimpl
 from cortex.bench.harness import BenchSuite, Check, SuiteResult, load_target, median_and_spread
 from cortex.kernel.interfaces import Settings
 from cortex.kernel.lazy import torch
+from cortex_plugins.bench._baselines import VerbatimStore, best_verbatim, untrained_twin
 
 TARGETS = {4: 0.9, 16: 0.8}  # distance in windows -> accuracy with memory
+READ_MODES = ("knn_lm", "knn_attention")
 
 
-def filler(tokens: int, tokenizer, seed: int) -> list[str]:
+@functools.lru_cache(maxsize=256)
+def filler(tokens: int, tokenizer, seed: int) -> tuple[str, ...]:
     """Demo-corpus paragraphs totalling at least ``tokens`` tokens."""
     from cortex_plugins.data.demo import demo_documents
 
@@ -40,7 +46,7 @@ def filler(tokens: int, tokenizer, seed: int) -> list[str]:
         total += len(tokenizer.encode(doc.text))
         if total >= tokens:
             break
-    return texts
+    return tuple(texts)
 
 
 def passkey_trial(rng: random.Random) -> tuple[str, list[tuple[str, str]]]:
@@ -79,7 +85,17 @@ class RecallSuite(BenchSuite):
             for seed in seeds:
                 torch.manual_seed(seed)
                 model = load_target(target).eval()
-                for key, value in self._one_seed(model, seed, distances, trials).items():
+                measured = self._one_seed(model, seed, distances, trials)
+                twin = untrained_twin(target)
+                if twin is not None:
+                    measured.update({(task, f"untrained {mode}", d): v for (task, mode, d), v
+                                     in self._one_seed(twin, seed, distances, trials).items() if mode != "off"})
+                verbatim = best_verbatim(model.tokenizer, lambda store: {
+                    f"{task}:{d}": v for (task, mode, d), v in self._one_seed(
+                        store, seed, distances, trials, window=model.config.context).items() if mode == "verbatim"})
+                measured.update({(key.split(":")[0], "verbatim store", int(key.split(":")[1])): v
+                                 for key, v in verbatim.items() if not key.endswith("_n")})
+                for key, value in measured.items():
                     acc.setdefault(key, []).append(value)
                 log(f"{target} seed {seed} done")
             for (task, mode, distance), values in sorted(acc.items()):
@@ -88,22 +104,29 @@ class RecallSuite(BenchSuite):
                 rows.append([str(target), task, mode, distance, f"{figure['mean']:.2f} ± {figure['std']:.2f}"])
             for distance, goal in TARGETS.items():
                 best = max((median_and_spread(v)["mean"] for (t, m, d), v in acc.items()
-                            if d == distance and m != "off"), default=None)
+                            if d == distance and m in READ_MODES), default=None)
                 if best is not None:
                     result.checks.append(Check(f"{target} best read mode at {distance} windows", best, goal))
         result.tables.append(("Recall accuracy by distance in context windows (mean ± std over seeds)",
                               ["target", "task", "read mode", "distance", "accuracy"], rows))
         result.notes.append("Everything before the cue is flushed from the context: only memory can answer. "
-                            "'off' asks a session that was told nothing.")
+                            "'off' asks a session that was told nothing; 'untrained <mode>' is the run's manifest "
+                            "built with its seed and no training step; 'verbatim store' a table from the last n "
+                            "tokens of told text to the next token, at its best n per task and distance. A figure "
+                            "the untrained model or the verbatim store also reaches is not the model's merit.")
         return result
 
     @staticmethod
-    def _one_seed(model, seed: int, distances: list[int], trials: int) -> dict[tuple[str, str, int], float]:
+    def _one_seed(model, seed: int, distances: list[int], trials: int,
+                  window: int | None = None) -> dict[tuple[str, str, int], float]:
+        """Accuracy per (task, read mode, distance) of ``model``, or of a stand-in with the
+        real-time API (then ``window`` gives the filler's unit and the mode is ``verbatim``)."""
+        stand_in = isinstance(model, VerbatimStore)
         ms = model.memory_system
-        modes = [] if ms is None else [m for m in ("knn_lm", "knn_attention")
-                                       if m in ms.settings.read and (m == "knn_lm" or ms.readers)]
+        modes = ["verbatim"] if stand_in else [] if ms is None else [
+            m for m in READ_MODES if m in ms.settings.read and (m == "knn_lm" or ms.readers)]
         original = list(ms.settings.read) if ms is not None else []
-        window = model.config.context
+        window = window or model.config.context
         out: dict[tuple[str, str, int], float] = {}
         try:
             for task, make in TASKS.items():
@@ -114,13 +137,13 @@ class RecallSuite(BenchSuite):
                     for trial in range(trials):
                         text, questions = make(rng)
                         session = f"recall-{task}-{seed}-{distance}-{trial}"
-                        if ms is not None:
+                        if ms is not None or stand_in:
                             model.remember(text, session=session)
                             for chunk in filler(distance * window, model.tokenizer, seed * 1000 + trial):
                                 model.remember(chunk, session=session)
                         asked += len(questions)
                         for mode in [*modes, "off"]:
-                            if mode != "off":
+                            if mode in READ_MODES:
                                 ms.settings.read = [mode]
                             who = session if mode != "off" else f"{session}-untold"
                             correct[mode] = correct.get(mode, 0) + sum(

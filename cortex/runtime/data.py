@@ -534,19 +534,35 @@ def _new_dir_beside(target: Path, tag: str, create: bool = True) -> Path:
         return candidate
 
 
+#: everything a dataset folder holds; a folder with anything else is never replaced
+DATASET_FILES = frozenset({"train.bin", "val.bin", "meta.json", "tokenizer.json"})
+
+
+def is_dataset_dir(path: Path) -> bool:
+    """Whether ``path`` is verifiably a dataset ``prepare`` wrote: its ``meta.json`` is a
+    Cortex dataset's, and it holds nothing but a dataset's files."""
+    try:
+        names = {p.name for p in path.iterdir()}
+        meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(meta, dict) and "cortex_dataset" in meta and names <= DATASET_FILES
+
+
 def _check_out_dir(out_dir: Path) -> None:
     if out_dir.exists():
         if not out_dir.is_dir():
             raise DataError(f"{out_dir}: exists and is not a folder — choose another output folder")
-        if any(out_dir.iterdir()) and not (out_dir / "meta.json").is_file():
+        if any(out_dir.iterdir()) and not is_dataset_dir(out_dir):
             raise DataError(
-                f"{out_dir}: folder exists and is not a Cortex dataset — choose another output "
-                "folder or remove it"
+                f"{out_dir}: folder exists and is not a Cortex dataset (only a folder holding nothing but "
+                f"{', '.join(sorted(DATASET_FILES))} is replaced) — choose another output folder or remove it"
             )
 
 
 def _move_into_place(tmp: Path, out_dir: Path) -> None:
     if out_dir.exists():
+        _check_out_dir(out_dir)  # again: the folder may have changed while we tokenized
         old = _new_dir_beside(out_dir, "old", create=False)
         os.rename(out_dir, old)
         try:

@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import tiny_manifest
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+TINY = tiny_manifest("reliable", context=32, memory=[{"type": "stm", "settings": {"capacity": 16}}])
 
 
 def test_data_prepare_never_replaces_a_folder_that_merely_holds_a_meta_json(cortex_cli, tmp_path):
@@ -23,3 +34,51 @@ def test_data_prepare_never_replaces_a_folder_that_merely_holds_a_meta_json(cort
     again = cortex_cli("data", "prepare", corpus, "-o", data)
     assert again.exit_code == 1 and (data / "notes.txt").read_text() == "mine"
     assert json.loads((data / "meta.json").read_text())["cortex_dataset"]
+
+
+@pytest.fixture
+def lock_holder(tmp_path):
+    """A real second process holding a run directory's lock, as `cortex train` would."""
+    procs = []
+
+    def hold(run):
+        code = ("import sys, time\nfrom cortex.runtime.rundir import run_lock\n"
+                f"with run_lock({str(run)!r}, 'cortex train'):\n    print('locked', flush=True)\n    time.sleep(60)\n")
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        procs.append(proc)
+        assert proc.stdout.readline().strip() == "locked"
+        return proc
+
+    yield hold
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_second_writer_is_refused_and_readers_go_on(lock_holder, cortex_cli, tmp_path, monkeypatch):
+    manifest = tmp_path / "tiny.yaml"
+    manifest.write_text(TINY)
+    assert cortex_cli("build", manifest, "-o", tmp_path / "runs").exit_code == 0
+    run = tmp_path / "runs" / "reliable"
+    state = (run / "state.json").read_text()
+    holder = lock_holder(run)
+    monkeypatch.setattr("sys.stdin", io.StringIO("My name is Aris.\n/quit\n"))
+    chat = cortex_cli("chat", run)
+    assert chat.exit_code == 1
+    assert f"is in use by pid {holder.pid} (cortex train)" in chat.stderr and "Traceback" not in chat.output
+    assert (run / "state.json").read_text() == state  # the refused chat wrote nothing
+    again = cortex_cli("build", manifest, "-o", tmp_path / "runs", "--overwrite")
+    assert again.exit_code == 1 and f"pid {holder.pid}" in again.stderr
+    assert cortex_cli("memory", run).exit_code == 0  # readers never block
+    assert cortex_cli("generate", run, "-p", "Hi", "--max-tokens", "3").exit_code == 0
+    holder.kill()
+    holder.wait()
+    monkeypatch.setattr("sys.stdin", io.StringIO("My name is Aris.\n/quit\n"))
+    assert cortex_cli("chat", run).exit_code == 0  # the lock goes with its process
+
+
+def test_a_run_name_with_a_trailing_newline_is_refused(cortex_cli, tmp_path):
+    manifest = tmp_path / "nl.yaml"
+    manifest.write_text(TINY.replace("name: reliable", 'name: "tiny\\n"'))
+    result = cortex_cli("validate", manifest)
+    assert result.exit_code == 1 and "name" in result.stderr and not (tmp_path / "runs").exists()

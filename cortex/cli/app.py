@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from enum import Enum
@@ -90,27 +91,30 @@ def build(
 
     With a `train:` section the model is then trained into the run directory, which ends
     up holding the best model (by validation loss) with its checkpoints and metrics.
+    The command holds the run directory's lock: another writer of the same run (build,
+    train, chat) is refused with the holder's pid; readers (generate, memory) go on.
     """
     from cortex.assembly import assemble
     from cortex.kernel.manifest import load_manifest
-    from cortex.runtime.rundir import run_path, save_run
+    from cortex.runtime.rundir import run_lock, run_path, save_run
 
     built = load_manifest(manifest)
     dest = run_path(output, name or built.manifest.name)
-    if dest.exists() and not overwrite:
-        raise CortexError(f"{dest} already exists; pass --overwrite or choose another --name")
-    settings = built.manifest.train
-    device = "cpu"
-    if settings is not None:
-        from cortex.runtime.train import resolve_device
+    with run_lock(dest, "cortex build"):
+        if dest.exists() and not overwrite:
+            raise CortexError(f"{dest} already exists; pass --overwrite or choose another --name")
+        settings = built.manifest.train
+        device = "cpu"
+        if settings is not None:
+            from cortex.runtime.train import resolve_device
 
-        device = resolve_device(settings.device)
-    model = assemble(built, device=device)
-    console.print(_summary_table(model.summary()))
-    path = save_run(model, output, name=dest.name, overwrite=overwrite)
-    console.print(f"run directory: {path}")
-    if settings is not None:
-        _train_into(model, path, settings)
+            device = resolve_device(settings.device)
+        model = assemble(built, device=device)
+        console.print(_summary_table(model.summary()))
+        path = save_run(model, output, name=dest.name, overwrite=overwrite)
+        console.print(f"run directory: {path}")
+        if settings is not None:
+            _train_into(model, path, settings)
 
 
 def _train_into(model: Any, path: Path, settings: Any, **options: Any) -> None:
@@ -144,7 +148,25 @@ def train_command(
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Optimiser steps (default: train.tokens / (batch x context))."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run built from the same manifest."),
 ) -> None:
-    """Train a run directory, or build MANIFEST into a new one and train it."""
+    """Train a run directory, or build MANIFEST into a new one and train it.
+
+    Holds the run directory's lock while it trains (see `cortex build`).
+    """
+    from cortex.kernel.manifest import load_manifest
+    from cortex.runtime.rundir import run_lock, run_path
+
+    if target.is_dir():
+        run = target
+    elif target.is_file():
+        run = run_path(output, load_manifest(target).manifest.name)
+    else:
+        raise CortexError(f"{target}: no such manifest file or run directory")
+    with run_lock(run, "cortex train"):
+        _train_command(target, data, resume, output, steps, overwrite)
+
+
+def _train_command(target: Path, data: str | None, resume: str | None, output: Path, steps: int | None,
+                   overwrite: bool) -> None:
     from cortex.assembly import assemble
     from cortex.kernel.manifest import TrainSection, load_manifest
     from cortex.runtime.rundir import load_run, run_path, save_run
@@ -261,11 +283,18 @@ def chat(
     """Talk to a model; it learns from every turn and keeps what it learnt in RUN.
 
     Reads lines from standard input (``/quit`` ends). After each turn the memory state is
-    written back to RUN atomically, so a restart remembers the conversation.
+    written back to RUN atomically, so a restart remembers the conversation. With
+    `--learn` it holds the run directory's lock (see `cortex build`), so a training run
+    or a second chat cannot overwrite what this one learns.
     """
-    from cortex.runtime.rundir import load_run, save_state
+    from cortex.runtime.rundir import load_run, run_lock, save_state
 
-    model = load_run(run).eval()
+    with run_lock(run, "cortex chat") if learn else contextlib.nullcontext():
+        _chat(run, load_run(run).eval(), session, max_tokens, temperature, seed, learn, save_state)
+
+
+def _chat(run: Path, model: Any, session: str, max_tokens: int, temperature: float, seed: int | None,
+          learn: bool, save_state: Any) -> None:
     console.print(f"chatting with {run} (session {session!r}); /quit to leave", highlight=False)
     for line in sys.stdin:
         prompt = line.rstrip("\n")

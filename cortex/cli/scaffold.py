@@ -107,7 +107,7 @@ def manifest_text(options: InitOptions, file: str = "manifest.yaml") -> str:
 def check_run_name(name: str) -> str:
     from cortex.kernel.manifest import RUN_NAME
 
-    if not RUN_NAME.match(name) or name in (".", ".."):
+    if not RUN_NAME.fullmatch(name) or name in (".", ".."):
         raise CortexError(f"{name!r} is not a valid model name: use letters, digits, '.', '_' and '-', "
                           "starting with a letter or digit")
     return name

@@ -20,7 +20,7 @@ from cortex.kernel.errors import CortexError
 from cortex.kernel.interfaces import Settings
 
 SCHEMA_VERSION = 1
-RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}\Z")  # \Z: a trailing newline is not a name
 _PLAIN_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "map", "seq")}
 _MAX_NODES = 100_000  # guards against alias ("billion laughs") expansion
 
@@ -228,7 +228,7 @@ class Manifest(_Section):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not RUN_NAME.match(value) or value in (".", ".."):
+        if not RUN_NAME.fullmatch(value) or value in (".", ".."):
             raise ValueError(
                 f"{value!r} is not a valid run name: use letters, digits, '.', '_' and '-', "
                 "starting with a letter or digit"

@@ -73,12 +73,60 @@ def staged_directory(dest: Path, *, overwrite: bool = False) -> Iterator[Path]:
 def run_path(out_dir: Path, name: str) -> Path:
     """The run directory ``out_dir/name``; a name can never point outside ``out_dir``."""
     out_dir = Path(out_dir).resolve()
-    if not RUN_NAME.match(name) or name in (".", ".."):
+    if not RUN_NAME.fullmatch(name) or name in (".", ".."):
         raise CortexError(f"run name {name!r} is not allowed: use letters, digits, '.', '_' and '-'")
     path = (out_dir / name).resolve()
     if path.parent != out_dir:
         raise CortexError(f"run name {name!r} would write outside {out_dir}")
     return path
+
+
+# ------------------------------------------------------------------ the writer's lock
+
+
+@contextmanager
+def run_lock(run: Path, command: str) -> Iterator[None]:
+    """Hold the advisory lock of run directory ``run`` while the block writes it.
+
+    The lock is a file beside the run (``.NAME.lock``, removed on release), so it also
+    guards a run being built or replaced. A second writer fails at once with a
+    [`CortexError`][cortex.kernel.errors.CortexError] naming the holder's pid and command;
+    readers (``generate``, ``memory``) never take it. Under ``torchrun`` only rank 0 locks.
+    """
+    if os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # no advisory locks on this platform
+        yield
+        return
+    run = Path(run).resolve()
+    run.parent.mkdir(parents=True, exist_ok=True)
+    lock_file = run.parent / f".{run.name}.lock"
+    while True:
+        fh = open(lock_file, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise CortexError(f"{run} is in use by {holder}; wait for it to finish, or use another run") from None
+        try:  # the holder before us may have removed the file between our open and our lock
+            if os.fstat(fh.fileno()).st_ino == os.stat(lock_file).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        fh.close()
+    try:
+        fh.truncate(0)
+        fh.write(f"pid {os.getpid()} ({command})\n")
+        fh.flush()
+        yield
+    finally:
+        lock_file.unlink(missing_ok=True)  # removed while still held, so nobody locks a stale file
+        fh.close()
 
 
 # ------------------------------------------------------------------ plugin state

@@ -82,3 +82,15 @@ def test_a_run_name_with_a_trailing_newline_is_refused(cortex_cli, tmp_path):
     manifest.write_text(TINY.replace("name: reliable", 'name: "tiny\\n"'))
     result = cortex_cli("validate", manifest)
     assert result.exit_code == 1 and "name" in result.stderr and not (tmp_path / "runs").exists()
+
+
+def test_chat_goes_on_after_input_that_is_not_utf8(tmp_path):
+    manifest = tmp_path / "tiny.yaml"
+    manifest.write_text(TINY)
+    cortex = [sys.executable, "-m", "cortex.cli.app"]
+    subprocess.run([*cortex, "build", str(manifest), "-o", str(tmp_path / "runs")], check=True, capture_output=True)
+    done = subprocess.run([*cortex, "chat", str(tmp_path / "runs" / "reliable"), "--max-tokens", "2"],
+                          input=b"hello\nhello \xff\xfe world\nafter\n/quit\n", capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()[-800:]
+    assert b"not UTF-8" in done.stderr and b"Traceback" not in done.stderr
+    assert done.stderr.count(b"confidence") == 3  # every turn answered, the one after the bad bytes too

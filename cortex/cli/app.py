@@ -296,8 +296,11 @@ def chat(
 def _chat(run: Path, model: Any, session: str, max_tokens: int, temperature: float, seed: int | None,
           learn: bool, save_state: Any) -> None:
     console.print(f"chatting with {run} (session {session!r}); /quit to leave", highlight=False)
+    reconfigure = getattr(sys.stdin, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(errors="surrogateescape")  # bytes that are not UTF-8 reach _valid_text, not a crash
     for line in sys.stdin:
-        prompt = line.rstrip("\n")
+        prompt = _valid_text(line.rstrip("\n"))
         if prompt.strip() in ("/quit", "/exit"):
             break
         if not prompt.strip():
@@ -308,6 +311,16 @@ def _chat(run: Path, model: Any, session: str, max_tokens: int, temperature: flo
         err_console.print(f"  confidence {reply.confidence:.2f} · {reply.language}", highlight=False)
         if learn:
             save_state(Path(run), model.plugin_state())
+
+
+def _valid_text(line: str) -> str:
+    """``line`` with bytes that were not UTF-8 (decoded as lone surrogates) replaced by U+FFFD."""
+    try:
+        line.encode("utf-8")
+        return line
+    except UnicodeEncodeError:
+        err_console.print("warning: input that is not UTF-8 was replaced by \ufffd", highlight=False)
+        return line.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 @app.command()

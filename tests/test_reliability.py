@@ -94,3 +94,20 @@ def test_chat_goes_on_after_input_that_is_not_utf8(tmp_path):
     assert done.returncode == 0, done.stderr.decode()[-800:]
     assert b"not UTF-8" in done.stderr and b"Traceback" not in done.stderr
     assert done.stderr.count(b"confidence") == 3  # every turn answered, the one after the bad bytes too
+
+
+def test_in_real_time_use_what_ltm_evicts_moves_down_to_the_archive(build_model):
+    model = build_model(tiny_manifest("chain", context=32, memory=[
+        {"type": "stm", "settings": {"capacity": 8, "consolidate_after": 1}},
+        {"type": "ltm", "settings": {"capacity": 40, "index": "flat"}},
+        {"type": "archive", "settings": {"capacity": 10000, "age_steps": [1000, 2000]}}]))
+    stm, ltm, archive = model.memory
+    for i in range(30):
+        model.remember(f"Turn {i}: Mina said something new about the weather {i * 7}.")
+    assert len(ltm) <= 40 and ltm.stats()["evicted"] > 0
+    assert len(archive) > 0  # nothing LTM pushed out was dropped: it moved down
+    assert len(archive) + len(ltm) + len(stm) >= ltm.stats()["evicted"]
+    for i in range(3):  # reading strengthens entries; the next remember() hands them down, as a step does
+        model.generate_text(f"Turn 29: Mina said something new about the weather", max_new_tokens=4)
+        model.remember(f"Another turn {i}.")
+    assert model.memory_system.stats["consolidated"] > 0

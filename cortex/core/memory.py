@@ -335,7 +335,8 @@ class MemorySystem:
         """Store every position of token ids (1-D) in ``stream``; returns entries written.
 
         Texts longer than the context are stored window by window. Entries pushed out of
-        a full tier move down the chain (``spill``), so what was told is not forgotten.
+        a full tier move down the chain (``spill``), so what was told is not forgotten, and
+        each text ends like a training step: consolidation hands due entries down.
         """
         ids = ids.reshape(-1)
         ctx = self.core.config.context
@@ -354,6 +355,8 @@ class MemorySystem:
             written += self.write_segment(inputs, targets, streams, values=segment.value, meta=entry_meta,
                                           importance=None)
         self.step += 1  # outside training, each remembered text ages memory by one step
+        if self.settings.consolidate == "step":
+            self.consolidate()  # as at a training step's end: due entries move down the tiers
         return written
 
     @torch.no_grad()

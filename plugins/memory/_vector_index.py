@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 
-from cortex.kernel.interfaces import Retrieval
+from cortex.kernel.interfaces import Entries, Retrieval
 from cortex.kernel.lazy import F, torch
 
 INDEX_KINDS = ("flat", "ivf", "hnsw")
@@ -246,6 +246,20 @@ class TierCommon:
 
     counters: Counters
     meta: dict[int, Any]
+    #: entries pushed out since the last ``displaced()`` call (filled while ``keep_displaced``)
+    _displaced: list[Entries]
+
+    def displaced(self) -> Entries | None:
+        """Entries pushed out of this tier since the last call (kept only with ``keep_displaced``)."""
+        parts, self._displaced = self._displaced, []
+        if not parts:
+            return None
+        metas = [m for p in parts for m in (p.meta or [None] * len(p))]
+        return Entries(
+            keys=torch.cat([p.keys for p in parts]), values=torch.cat([p.values for p in parts]),
+            tokens=torch.cat([p.tokens for p in parts]), streams=torch.cat([p.streams for p in parts]),
+            uses=torch.cat([p.uses for p in parts]), steps=torch.cat([p.steps for p in parts]),
+            meta=metas if any(m is not None for m in metas) else None)
 
     def meta_of(self, ids: torch.Tensor) -> list[Any]:
         """The metadata written with each entry id (``None`` where there is none)."""

@@ -108,6 +108,7 @@ class LongTermMemory(TierCommon, MemoryTier):
     def _reset(self) -> None:
         self.next_id = 0
         self.meta: dict[int, Any] = {}
+        self._displaced: list[Entries] = []
         self.indexes: dict[int, _StreamIndex] = {}
         self.proj_A: torch.Tensor | None = None  # (key_dim, dim)
         self.proj_b: torch.Tensor | None = None  # (key_dim,)
@@ -252,6 +253,12 @@ class LongTermMemory(TierCommon, MemoryTier):
         order = lru_order(self.last[live], self.ids[live])
         victims = live[order[:count]]
         self.counters.evicted += int(victims.numel())
+        if self.keep_displaced:  # real-time use: what LTM pushes out moves down to the Archive
+            self._displaced.append(Entries(
+                keys=self.keys[victims].clone(), values=self.values[victims].clone(),
+                tokens=self.tokens[victims].clone(), streams=self.streams[victims].clone(),
+                uses=self.uses[victims].clone(), steps=self.last[victims].clone(),
+                meta=self.meta_of(self.ids[victims])))
         self._remove(victims)
 
     def _remove(self, slots: torch.Tensor) -> None:

@@ -318,18 +318,6 @@ class ShortTermMemory(TierCommon, MemoryTier):
                 uses=self.uses[row, slots].clone(), steps=self.steps[row, slots].clone(),
                 meta=[self.meta.get(i) for i in ids.tolist()]))
 
-    def displaced(self) -> Entries | None:
-        """Entries pushed out of full slots since the last call (kept only with ``keep_displaced``)."""
-        parts, self._displaced = self._displaced, []
-        if not parts:
-            return None
-        metas = [m for p in parts for m in (p.meta or [None] * len(p))]
-        return Entries(
-            keys=torch.cat([p.keys for p in parts]), values=torch.cat([p.values for p in parts]),
-            tokens=torch.cat([p.tokens for p in parts]), streams=torch.cat([p.streams for p in parts]),
-            uses=torch.cat([p.uses for p in parts]), steps=torch.cat([p.steps for p in parts]),
-            meta=metas if any(m is not None for m in metas) else None)
-
     def handover(self, *, step: int = 0) -> Entries | None:
         """Remove and return every entry with ``uses >= consolidate_after``, oldest step first."""
         due = self.valid & (self.uses >= self.settings.consolidate_after)

@@ -147,7 +147,7 @@ def test_bf16_autocast_forward_backward():
 def test_bf16_cpu_attention_path_matches_sdpa(monkeypatch):
     """bf16 training on CPU takes a fused path (flash forward in bf16, backward in float32);
     it must give the loss and, within bf16 precision, the gradients of the plain path."""
-    import cortex.core.transformer as core
+    import cortex.core.cpu_kernels as core
 
     torch.manual_seed(0)
     model = Transformer(tiny(dim=64, context=32))
@@ -251,7 +251,8 @@ def test_model_is_translation_invariant(model):
 
 
 def test_fused_rotary_matches_plain_autograd():
-    from cortex.core.transformer import RopeTables, _RotaryQKV
+    from cortex.core.cpu_kernels import _RotaryQKV
+    from cortex.core.transformer import RopeTables
 
     torch.manual_seed(0)
     B, T, H, hd = 2, 7, 3, 8

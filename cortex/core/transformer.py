@@ -1,9 +1,7 @@
-"""The transformer core: a decoder-only language model, readable in one file.
-
-Pre-norm blocks (RMSNorm), rotary position embeddings (RoPE) on queries and keys, PyTorch
-scaled-dot-product attention, a GELU MLP, no biases and tied input/output embeddings.
-
-Two things make it Cortex's core rather than a plain GPT:
+"""The transformer core: a decoder-only language model, readable in one file. Pre-norm blocks
+(RMSNorm), rotary position embeddings (RoPE) on queries and keys, PyTorch scaled-dot-product
+attention, a GELU MLP, no biases and tied input/output embeddings. Two things make it Cortex's
+core rather than a plain GPT:
 
 * **Memory insertion points.** Every block has a ``memory`` attribute, ``None`` by default.
   [`Transformer.set_memory_layer`][cortex.core.transformer.Transformer.set_memory_layer] installs a
@@ -13,14 +11,10 @@ Two things make it Cortex's core rather than a plain GPT:
   on a preallocated [`KVCache`][cortex.core.transformer.KVCache] through
   [`Transformer.forward_cached`][cortex.core.transformer.Transformer.forward_cached].
 
-It must train as fast as the plain GPT in [`cortex.bench.reference`][cortex.bench.reference] of the same
-shape. Three things in this file exist only for speed, each checked against plain autograd
-by the tests: RoPE is one complex multiplication over queries and keys together, done in
-place in the fused qkv projection's output and split out of it by hand (`_RotaryQKV`);
-RMSNorm has a backward built on LayerNorm's fused kernel and writes its output in the
-autocast dtype ([`RMSNorm`][cortex.core.transformer.RMSNorm]); and bf16 training on CPU runs the
-attention backward in float32, which PyTorch does faster there than in bf16
-(`_RotaryAttentionBF16`).
+It must train as fast as the plain GPT of the same shape in
+[`cortex.bench.reference`][cortex.bench.reference]. The code here is plain PyTorch; RMSNorm, the RoPE
+split of q, k and v, and bf16 attention first ask [`cortex.core.cpu_kernels`][cortex.core.cpu_kernels]
+for a faster kernel, which answers ``None`` where it has none (or is switched off).
 """
 
 from __future__ import annotations
@@ -34,9 +28,10 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-__all__ = [
-    "KVCache", "ModelConfig", "RMSNorm", "RopeTables", "Transformer", "apply_rope", "rope_frequencies",
-]
+from cortex.core import cpu_kernels
+from cortex.core.cpu_kernels import as_complex
+
+__all__ = ["KVCache", "ModelConfig", "RMSNorm", "RopeTables", "Transformer", "apply_rope", "rope_frequencies"]
 
 
 @dataclass
@@ -60,13 +55,9 @@ class ModelConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
         if self.dim % self.heads:
-            raise ValueError(
-                f"ModelConfig.dim ({self.dim}) must be divisible by heads ({self.heads})"
-            )
+            raise ValueError(f"ModelConfig.dim ({self.dim}) must be divisible by heads ({self.heads})")
         if self.head_dim % 2:
-            raise ValueError(
-                f"ModelConfig head dimension dim/heads = {self.head_dim} must be even for RoPE"
-            )
+            raise ValueError(f"ModelConfig head dimension dim/heads = {self.head_dim} must be even for RoPE")
         if self.mlp_ratio <= 0 or int(self.mlp_ratio * self.dim) < 1:
             raise ValueError(f"ModelConfig.mlp_ratio must be > 0, got {self.mlp_ratio!r}")
         if not 0.0 <= self.dropout < 1.0:
@@ -78,10 +69,8 @@ class ModelConfig:
         self.memory_layers = tuple(self.memory_layers)
         for layer in self.memory_layers:
             if not isinstance(layer, int) or not 0 <= layer < self.layers:
-                raise ValueError(
-                    f"ModelConfig.memory_layers: {layer!r} is not a block index in "
-                    f"[0, {self.layers - 1}]"
-                )
+                raise ValueError(f"ModelConfig.memory_layers: {layer!r} is not a block index in "
+                                 f"[0, {self.layers - 1}]")
         if len(set(self.memory_layers)) != len(self.memory_layers):
             raise ValueError(f"ModelConfig.memory_layers has duplicates: {self.memory_layers}")
 
@@ -95,69 +84,16 @@ class ModelConfig:
         return int(self.mlp_ratio * self.dim)
 
 
-# ----------------------------------------------------------------------------- RMSNorm
-
-
-_layer_norm_backward = torch.ops.aten.native_layer_norm_backward.default
-
-
-class _RMSNormFunction(torch.autograd.Function):
-    """``y = x * rsqrt(mean(x^2) + eps) * weight`` with a backward built on LayerNorm's.
-
-    PyTorch's CPU RMSNorm differentiates through a chain of elementwise ops (about four
-    times the cost of LayerNorm). With a zero mean, LayerNorm's fused backward computes
-    ``rstd * (gw - mean(gw) - xhat * mean(gw * xhat))`` and the weight gradient
-    ``sum(g * xhat)``; adding back ``rstd * mean(gw)`` gives RMSNorm's exact gradient.
-
-    The output is returned in ``out_dtype`` (the autocast dtype under autocast), so the
-    next linear layer does not cast it again.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, eps, out_dtype):
-        dim = x.size(-1)
-        # Tensor.norm is the fastest single-pass sum of squares on CPU here
-        rstd = x.norm(dim=-1, keepdim=True).square_().div_(dim).add_(eps).rsqrt_()
-        ctx.save_for_backward(x, rstd, weight)
-        # one fresh buffer, scaled in place (fresh allocations cost page faults on CPU); the
-        # cast is a separate pass because mixed-dtype ``out=`` is twice as slow on CPU
-        return torch.mul(x, rstd).mul_(weight).to(out_dtype)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        x, rstd, weight = ctx.saved_tensors
-        dim = x.size(-1)
-        grad = grad.to(x.dtype).contiguous()
-        grad_x, grad_weight, _ = _layer_norm_backward(
-            grad, x, [dim], torch.zeros_like(rstd), rstd, weight, None,
-            [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False],
-        )
-        if grad_x is not None:
-            correction = torch.mv(grad.view(-1, dim), weight).view(rstd.shape).mul_(rstd)
-            grad_x.add_(correction, alpha=1.0 / dim)  # (addcmul_ with broadcasting is 3x slower)
-        return grad_x, grad_weight, None, None
-
-
 class RMSNorm(nn.RMSNorm):
-    """``nn.RMSNorm`` (same parameters and state dict) with a faster CPU backward.
-
-    The fast path covers contiguous CPU inputs whose dtype equals the weight's (e.g. the
-    float32 residual stream under bf16 autocast, where the output is bf16) and supports
-    first derivatives only; anything else goes through ``F.rms_norm``.
-    """
+    """``nn.RMSNorm`` (same parameters and state dict) with a faster CPU backward
+    ([`cpu_kernels.rms_norm`][cortex.core.cpu_kernels.rms_norm]) where it applies."""
 
     def __init__(self, dim: int, eps: float = 1e-5) -> None:
         super().__init__(dim, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and x.dtype == self.weight.dtype and x.is_contiguous():
-            out_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-            return _RMSNormFunction.apply(x, self.weight, self.eps, out_dtype)
-        return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
-
-
-# -------------------------------------------------------------------------------- RoPE
+        y = cpu_kernels.rms_norm(x, self.weight, self.eps)
+        return F.rms_norm(x, self.normalized_shape, self.weight, self.eps) if y is None else y
 
 
 def rope_frequencies(head_dim: int, length: int, base: float = 10000.0) -> torch.Tensor:
@@ -170,149 +106,27 @@ def rope_frequencies(head_dim: int, length: int, base: float = 10000.0) -> torch
     return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
 
 
-def _as_complex(x: torch.Tensor) -> torch.Tensor:
-    """View float32 ``x`` (..., d) as complex (..., d/2), copying only if the strides forbid it."""
-    x = x.unflatten(-1, (-1, 2))
-    if x.stride(-1) != 1 or x.storage_offset() % 2 or any(s % 2 for s in x.stride()[:-1]):
-        x = x.contiguous()
-    return torch.view_as_complex(x)
-
-
 def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     """Rotate ``x`` (B, T, n, head_dim) by position; ``freqs`` (T, head_dim/2) from
-    [`rope_frequencies`][cortex.core.transformer.rope_frequencies]. Plain autograd; the model uses
-    the fused equivalent in its attention."""
-    rotated = _as_complex(x.float()) * freqs.unsqueeze(1)
+    [`rope_frequencies`][cortex.core.transformer.rope_frequencies]."""
+    rotated = as_complex(x.float()) * freqs.unsqueeze(1)
     return torch.view_as_real(rotated).flatten(-2).to(x.dtype)
 
 
 class RopeTables(NamedTuple):
-    """The rotations of positions ``start..end-1`` laid out for the fused functions below
-    (materialised over heads: multiplying by a broadcast table is ~20% slower on CPU)."""
+    """The rotations of positions ``start..end-1``: ``freqs`` for
+    [`apply_rope`][cortex.core.transformer.apply_rope], the other two laid out for
+    [`cpu_kernels`][cortex.core.cpu_kernels] (materialised over heads: multiplying by a
+    broadcast table is ~20% slower on CPU)."""
 
     rotate: torch.Tensor  # (T, 2*heads, head_dim/2) complex64, for q and k together
     unrotate: torch.Tensor  # (T, heads, head_dim/2) complex64, the inverse, for gradients
+    freqs: torch.Tensor  # (T, head_dim/2) complex64
 
     @classmethod
     def build(cls, freqs: torch.Tensor, heads: int) -> "RopeTables":
         rotate = freqs.unsqueeze(1).expand(-1, 2 * heads, -1).contiguous()
-        return cls(rotate, rotate[:, :heads].conj().resolve_conj().contiguous())
-
-
-class _RotaryQKV(torch.autograd.Function):
-    """Split a fused projection (B, T, 3*dim) into q, k, v (B, heads, T, head_dim) with RoPE
-    on q and k, in one pass forward and one pass backward.
-
-    Written by hand because autograd's version of slicing q, k and v out of one tensor
-    allocates and sums a zero-filled gradient per slice, which cost more than the rotation.
-    Rotations are complex multiplications in float32. With ``in_place`` (float32 only) q
-    and k are rotated inside ``qkv`` itself, which saves a buffer and a pass: the caller
-    promises that nothing else reads ``qkv`` (see ``Attention._owns_qkv``).
-    """
-
-    @staticmethod
-    def forward(ctx, qkv: torch.Tensor, rotate: torch.Tensor, unrotate: torch.Tensor, heads: int,
-                in_place: bool = False):
-        C = qkv.size(-1) // 3
-        hd = C // heads
-        qk = qkv[..., : 2 * C].unflatten(-1, (2 * heads, hd))
-        if in_place:  # view_as_complex raises rather than copy, so the rotation lands in qkv
-            torch.view_as_complex(qk.unflatten(-1, (-1, 2))).mul_(rotate)
-            rotated = qk
-        else:
-            rotated = torch.view_as_real(_as_complex(qk.float()) * rotate).flatten(-2).to(qkv.dtype)
-        ctx.save_for_backward(unrotate)
-        ctx.heads = heads
-        q = rotated[:, :, :heads].transpose(1, 2)
-        k = rotated[:, :, heads:].transpose(1, 2)
-        v = qkv[..., 2 * C :].unflatten(-1, (heads, hd)).transpose(1, 2)
-        return q, k, v
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_q, grad_k, grad_v):
-        (inverse,) = ctx.saved_tensors
-        ref = next(g for g in (grad_q, grad_k, grad_v) if g is not None)
-        B, H, T, hd = ref.shape
-        C = H * hd
-        grad = torch.empty(B, T, 3 * C, dtype=ref.dtype, device=ref.device)
-        for i, g in enumerate((grad_q, grad_k)):
-            dst = grad[..., i * C : (i + 1) * C].unflatten(-1, (H, hd))
-            if g is None:
-                dst.zero_()
-                continue
-            src = _as_complex(g.transpose(1, 2).float())
-            if dst.dtype == torch.float32:
-                torch.mul(src, inverse, out=torch.view_as_complex(dst.unflatten(-1, (-1, 2))))
-            else:
-                dst.copy_(torch.view_as_real(src * inverse).flatten(-2))
-        dst = grad[..., 2 * C :].unflatten(-1, (H, hd))
-        if grad_v is None:
-            dst.zero_()
-        else:
-            dst.copy_(grad_v.transpose(1, 2))
-        return grad, None, None, None, None
-
-
-_flash_forward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-_flash_backward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
-
-
-class _RotaryAttentionBF16(torch.autograd.Function):
-    """RoPE on q and k plus causal attention for bf16 training on CPU: (B, T, 3*dim) ->
-    (B, heads, T, head_dim).
-
-    The forward runs the very kernel ``F.scaled_dot_product_attention`` picks on CPU
-    (flash attention, bf16). The backward runs that kernel's backward in float32, on the
-    bf16 values the forward used: PyTorch's CPU flash-attention backward is markedly
-    slower in bf16 than in float32 (it dominates a bf16 training step), and float32 is
-    also the more accurate. The rotation of the gradients then needs no extra casts.
-    """
-
-    @staticmethod
-    def forward(ctx, qkv: torch.Tensor, rotate: torch.Tensor, unrotate: torch.Tensor, heads: int):
-        C = qkv.size(-1) // 3
-        hd = C // heads
-        rotated = _as_complex(qkv[..., : 2 * C].unflatten(-1, (2 * heads, hd)).float())  # a copy
-        rotated = torch.view_as_real(rotated.mul_(rotate)).flatten(-2).to(qkv.dtype)
-        q = rotated[:, :, :heads].transpose(1, 2)
-        k = rotated[:, :, heads:].transpose(1, 2)
-        v = qkv[..., 2 * C :].unflatten(-1, (heads, hd)).transpose(1, 2)
-        out, logsumexp = _flash_forward(q, k, v, 0.0, True)
-        ctx.save_for_backward(q, k, v, out, logsumexp, unrotate)
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        q, k, v, out, logsumexp, inverse = ctx.saved_tensors
-        B, H, T, hd = q.shape
-        C = H * hd
-        grads = _flash_backward(
-            grad_out.float(), q.float(), k.float(), v.float(), out.float(), logsumexp, 0.0, True
-        )
-        grad = torch.empty(B, T, 3 * C, dtype=q.dtype, device=q.device)
-        for i, g in enumerate(grads):
-            dst = grad[..., i * C : (i + 1) * C].unflatten(-1, (H, hd))
-            if i < 2:  # undo the rotation of q and k
-                g = torch.view_as_real(_as_complex(g.transpose(1, 2)).mul_(inverse)).flatten(-2)
-                dst.copy_(g)
-            else:
-                dst.copy_(g.transpose(1, 2))
-        return grad, None, None, None
-
-
-def _use_bf16_cpu_attention(qkv: torch.Tensor) -> bool:
-    return (
-        qkv.dtype == torch.bfloat16
-        and qkv.device.type == "cpu"
-        and qkv.requires_grad
-        and torch.is_grad_enabled()
-        and _flash_backward is not None
-    )
-
-
-# ---------------------------------------------------------------------------- KV cache
+        return cls(rotate, rotate[:, :heads].conj().resolve_conj().contiguous(), freqs)
 
 
 class KVCache:
@@ -329,9 +143,7 @@ class KVCache:
         self.v: list[torch.Tensor | None] = [None] * config.layers
         self.length = 0
 
-    def update(
-        self, layer: int, k: torch.Tensor, v: torch.Tensor, start_pos: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> tuple[torch.Tensor, ...]:
         """Write ``k``/``v`` (B, H, t, hd) at ``start_pos``; return the valid prefix."""
         end = start_pos + k.size(2)
         if self.k[layer] is None or self.k[layer].dtype != k.dtype or self.k[layer].device != k.device:
@@ -348,53 +160,35 @@ class KVCache:
         self.length = 0
 
 
-# ------------------------------------------------------------------------------ blocks
-
-
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.heads = config.heads
-        self.head_dim = config.head_dim
         self.dropout = config.dropout
         self.qkv = nn.Linear(config.dim, 3 * config.dim, bias=False)
         self.proj = nn.Linear(config.dim, config.dim, bias=False)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        rope: RopeTables,
-        cache: KVCache | None = None,
-        layer: int = 0,
-        start_pos: int = 0,
-        mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RopeTables, cache: KVCache | None = None, layer: int = 0,
+                start_pos: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
-        H, hd = self.heads, self.head_dim
         qkv = self.qkv(x)
-        dropout = self.dropout if self.training else 0.0
-        if cache is None and mask is None and dropout == 0.0 and _use_bf16_cpu_attention(qkv):
-            y = _RotaryAttentionBF16.apply(qkv, rope.rotate, rope.unrotate, H)
-            return self.proj(y.transpose(1, 2).reshape(B, T, C))
-        in_place = qkv.dtype == torch.float32 and self._owns_qkv()
-        q, k, v = _RotaryQKV.apply(qkv, rope.rotate, rope.unrotate, H, in_place)
-        if cache is None:
-            if mask is None:
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-            else:  # an explicit mask, e.g. the banded one of memory keys
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-        else:
-            k, v = cache.update(layer, k, v, start_pos)
-            if mask is None and T > 1:  # prefill from position 0
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            else:  # one new token (no mask needed) or an explicit offset-causal mask
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        dropout = self.dropout if self.training and cache is None else 0.0
+        y = None
+        if cache is None and mask is None and dropout == 0.0:  # bf16 training on CPU only
+            y = cpu_kernels.causal_attention(qkv, rope, self.heads)
+        if y is None:
+            q, k, v = cpu_kernels.rotary_qkv(qkv, rope, self.heads, self.qkv) or self.split(qkv, rope)
+            if cache is not None:
+                k, v = cache.update(layer, k, v, start_pos)
+            causal = mask is None and (cache is None or T > 1)  # else one new token, or a mask
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
-    def _owns_qkv(self) -> bool:
-        """Whether the qkv projection's output is read by nobody but this module: no forward
-        hook (a plasticity rule, a probe) may hold it when RoPE rotates it in place."""
-        return not (self.qkv._forward_hooks or nn.modules.module._global_forward_hooks)
+    def split(self, qkv: torch.Tensor, rope: RopeTables) -> tuple[torch.Tensor, ...]:
+        """q, k, v (B, heads, T, head_dim) of ``qkv`` (B, T, 3*dim), RoPE on q and k."""
+        q, k, v = qkv.unflatten(-1, (3, self.heads, -1)).unbind(2)
+        q, k = apply_rope(q, rope.freqs), apply_rope(k, rope.freqs)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
 
 class MLP(nn.Module):
@@ -421,35 +215,19 @@ class Block(nn.Module):
         #: module called as ``x = memory(x)`` after this block; a plain attribute when None
         self.memory: nn.Module | None = None
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        rope: RopeTables,
-        cache: KVCache | None = None,
-        start_pos: int = 0,
-        mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RopeTables, cache: KVCache | None = None,
+                start_pos: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
         x = self.body(x, rope, cache, start_pos, mask)
-        if self.memory is not None:
-            x = self.memory(x)
-        return x
+        return x if self.memory is None else self.memory(x)
 
-    def body(
-        self,
-        x: torch.Tensor,
-        rope: RopeTables,
-        cache: KVCache | None = None,
-        start_pos: int = 0,
-        mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def body(self, x: torch.Tensor, rope: RopeTables, cache: KVCache | None = None,
+             start_pos: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Attention and MLP with their residuals, without the memory module."""
-        a = self.attn(self.norm1(x), rope, cache, self.index, start_pos, mask)
-        x = x + (a if self.drop is None else self.drop(a))
-        m = self.mlp(self.norm2(x))
-        return x + (m if self.drop is None else self.drop(m))
+        x = x + self._drop(self.attn(self.norm1(x), rope, cache, self.index, start_pos, mask))
+        return x + self._drop(self.mlp(self.norm2(x)))
 
-
-# --------------------------------------------------------------------------- the model
+    def _drop(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.drop is None else self.drop(x)
 
 
 class Transformer(nn.Module):
@@ -490,8 +268,6 @@ class Transformer(nn.Module):
         freqs = torch.view_as_complex(self.rope_freqs[start:end].float().contiguous())
         return RopeTables.build(freqs, self.config.heads)
 
-    # -- memory ---------------------------------------------------------------------
-
     def set_memory_layer(self, layer: int, module: nn.Module | None) -> None:
         """Install ``module`` after block ``layer`` (``x = module(x)``); ``None`` removes it.
 
@@ -515,11 +291,7 @@ class Transformer(nn.Module):
         """The module installed after block ``layer``, or ``None``."""
         return self.blocks[layer].memory
 
-    # -- forward --------------------------------------------------------------------
-
-    def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """Logits (B, T, vocab) for ``idx`` (B, T) and, given ``targets``, the mean
         cross-entropy (``-1`` targets are ignored)."""
         T = idx.size(1)
@@ -538,9 +310,7 @@ class Transformer(nn.Module):
         logits = self.lm_head(self.norm(x))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(
-                logits.flatten(0, 1), targets.reshape(-1), ignore_index=-1
-            )
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
     def hidden_states(self, idx: torch.Tensor, *, layer: int, window: int = 0) -> torch.Tensor:
@@ -576,9 +346,8 @@ class Transformer(nn.Module):
         B, T = idx.shape
         end = start_pos + T
         if start_pos < 0 or end > self.config.context:
-            raise ValueError(
-                f"positions {start_pos}..{end - 1} do not fit the model context {self.config.context}"
-            )
+            raise ValueError(f"positions {start_pos}..{end - 1} do not fit the model context "
+                             f"{self.config.context}")
         if start_pos > cache.length:
             raise ValueError(f"start_pos {start_pos} leaves a gap after cached length {cache.length}")
         if B != cache.batch_size:
@@ -593,18 +362,10 @@ class Transformer(nn.Module):
         cache.length = end
         return self.lm_head(self.norm(x))
 
-    # -- generation -----------------------------------------------------------------
-
     @torch.no_grad()
     def generate(
-        self,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        *,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        generator: torch.Generator | None = None,
+        self, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
+        top_p: float | None = None, generator: torch.Generator | None = None,
         stream: Callable[[int], None] | None = None,
         adjust: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
@@ -657,8 +418,6 @@ class Transformer(nn.Module):
         finally:
             self.train(was_training)
 
-    # -- bookkeeping ----------------------------------------------------------------
-
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Number of (unique) parameters; tied embeddings count once."""
         n = sum(p.numel() for p in self.parameters())
@@ -667,13 +426,8 @@ class Transformer(nn.Module):
         return n
 
 
-def _sample(
-    logits: torch.Tensor,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    generator: torch.Generator | None,
-) -> torch.Tensor:
+def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+            generator: torch.Generator | None) -> torch.Tensor:
     """Pick one token per row of ``logits`` (B, vocab); returns (B, 1)."""
     logits = logits.float()
     if temperature == 0:

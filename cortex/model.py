@@ -16,7 +16,7 @@ from torch import nn
 from cortex.core.memory import MemorySystem, session_stream
 from cortex.core.tokenizer import Tokenizer
 from cortex.core.transformer import ModelConfig, Transformer
-from cortex.kernel.errors import CortexError
+from cortex.kernel.errors import CheckpointError, CortexError
 from cortex.kernel.hookspecs import hookimpl
 from cortex.kernel.interfaces import Component, MemoryTier, PlasticityRule
 from cortex.kernel.manifest import ResolvedComponent, ValidatedManifest
@@ -178,11 +178,19 @@ class CortexModel(nn.Module):
         """Every component's ``state_dict`` (and the memory system's), keyed by component key."""
         return {key: state for key, part in self._stateful().items() if (state := part.state_dict())}
 
-    def load_plugin_state(self, state: dict[str, Any]) -> None:
-        """Give each component back the state [`plugin_state`][cortex.model.CortexModel.plugin_state] saved."""
+    def load_plugin_state(self, state: dict[str, Any], where: str = "the saved state") -> None:
+        """Give each component back the state [`plugin_state`][cortex.model.CortexModel.plugin_state] saved.
+
+        State that does not fit (another manifest's, or tampered with) is a
+        [`CheckpointError`][cortex.kernel.errors.CheckpointError] naming ``where`` and the component."""
         for key, part in self._stateful().items():
             if key in state:
-                part.load_state_dict(state[key])
+                try:
+                    part.load_state_dict(state[key])
+                except Exception as exc:  # a component's own check, or torch/FAISS refusing the data
+                    raise CheckpointError(f"{where}: the state of {key!r} does not fit this model "
+                                          f"({type(exc).__name__}: {str(exc)[:300]}) — was it written by "
+                                          "another manifest, or changed by hand?") from None
 
     def summary(self) -> dict[str, Any]:
         """Parameters, shape, tokenizer and every component with its plugin source."""

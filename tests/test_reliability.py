@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import subprocess
@@ -111,3 +112,49 @@ def test_in_real_time_use_what_ltm_evicts_moves_down_to_the_archive(build_model)
         model.generate_text(f"Turn 29: Mina said something new about the weather", max_new_tokens=4)
         model.remember(f"Another turn {i}.")
     assert model.memory_system.stats["consolidated"] > 0
+
+
+def _built(cortex_cli, tmp_path, text=TINY):
+    manifest = tmp_path / "tiny.yaml"
+    manifest.write_text(text)
+    assert cortex_cli("build", manifest, "-o", tmp_path / "runs").exit_code == 0
+    return tmp_path / "runs" / "reliable"
+
+
+def test_state_that_does_not_fit_the_manifest_is_one_clear_error(cortex_cli, tmp_path):
+    run = _built(cortex_cli, tmp_path)
+    manifest = run / "manifest.yaml"
+    manifest.write_text(manifest.read_text().replace("dim: 32", "dim: 64").replace("heads: 2", "heads: 4"))
+    (run / "model.safetensors").unlink()
+    from safetensors.torch import save_model
+
+    from cortex import assemble, load_manifest
+    save_model(assemble(load_manifest(manifest)).core, str(run / "model.safetensors"))  # weights fit, state not
+    result = cortex_cli("memory", run)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "state.safetensors: the state of 'memory.0.stm' does not fit this model" in result.stderr
+
+
+def test_deeply_nested_json_is_a_format_error_not_a_recursion_error(cortex_cli, tmp_path):
+    run = _built(cortex_cli, tmp_path)
+    (run / "tokenizer.json").write_text("[" * 200_000)
+    result = cortex_cli("generate", run, "-p", "Hi")
+    assert result.exit_code == 1 and "tokenizer.json: not a readable tokenizer file" in result.stderr
+    assert "Traceback" not in result.output and "RecursionError" not in result.output
+
+
+def test_a_pickle_in_a_checkpoint_is_refused_with_cortexs_own_message(cortex_cli, tmp_path):
+    import pickle
+
+    train = {"data": "demo", "tokens": 2048, "batch": 2, "eval_every": 4, "checkpoint_every": 2, "warmup": 1}
+    run = _built(cortex_cli, tmp_path, tiny_manifest("reliable", context=32, train=train))
+    checkpoints = sorted((run / "checkpoints").iterdir())
+    payload = pickle.dumps(Exception("not tensors"))
+    (checkpoints[-1] / "optimizer.pt").write_bytes(payload)
+    index = json.loads((checkpoints[-1] / "checkpoint.json").read_text())  # an attacker fixes the index too
+    index["files"]["optimizer.pt"] = {"bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+    (checkpoints[-1] / "checkpoint.json").write_text(json.dumps(index))
+    result = cortex_cli("train", run, "--resume", checkpoints[-1])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "not a checkpoint file this version of Cortex wrote" in result.stderr
+    assert "weights_only" not in result.stderr  # torch's advice to load it unsafely is not passed on

@@ -28,14 +28,15 @@ def read_metrics(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]
     for line in Path(path).read_text(encoding="utf-8").splitlines():
         try:
             obj = json.loads(line)
-        except ValueError:
-            continue  # a line cut short by a crash
-        if not isinstance(obj, dict) or "step" not in obj:
+            step = int(obj["step"]) if isinstance(obj, dict) and "step" in obj else None
+        except (ValueError, TypeError, RecursionError):
+            continue  # a line cut short by a crash, or not a metrics line
+        if step is None:
             continue
         if "event" in obj:
             events.append(obj)
         else:
-            steps[int(obj["step"])] = obj
+            steps[step] = obj
     return [steps[s] for s in sorted(steps)], events
 
 

@@ -292,7 +292,7 @@ def load_tokenizer(path: Path) -> Tokenizer:
     try:
         text = target.read_text(encoding="utf-8")
         data = json.loads(text)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise CortexError(
             f"{target}: not a readable tokenizer file ({e}) — re-create it with "
             "`cortex tokenizer train`"

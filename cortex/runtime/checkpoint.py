@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import random
 import re
 import shutil
@@ -277,8 +278,8 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
         info = json.loads(index.read_text(encoding="utf-8"))
         files = info["files"]
         ranks = int(info.get("ranks", 1))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{index}: unreadable ({exc}); {fix}") from None
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise CheckpointError(f"{index}: unreadable ({str(exc)[:300]}); {fix}") from None
     if info.get("format") != FORMAT:
         raise CheckpointError(f"{index}: checkpoint format {info.get('format')!r} is not {FORMAT}; {fix}")
     if ranks < 1:
@@ -313,24 +314,36 @@ def load_checkpoint(
     device = next(model.core.parameters()).device
     load_weights(model.core, path / "model.safetensors", device=str(device))
     if optimizer is not None:
+        state = _load_tensors(path / "optimizer.pt", device)
         try:
-            state = torch.load(path / "optimizer.pt", map_location=device, weights_only=True)
             optimizer.load_state_dict(state)
-        except (OSError, RuntimeError, ValueError, KeyError, Exception) as exc:
-            raise CheckpointError(f"{path / 'optimizer.pt'}: cannot be loaded: {exc}") from None
+        except Exception as exc:
+            raise CheckpointError(f"{path / 'optimizer.pt'}: does not fit this model's optimiser: {exc}") from None
     try:
         trainer = json.loads((path / "trainer.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path / 'trainer.json'}: unreadable: {exc}") from None
+    except (OSError, ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{path / 'trainer.json'}: unreadable: {str(exc)[:300]}") from None
     try:
         plugin_state = load_state(own)
-    except (SafetensorError, OSError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{own}: plugin state cannot be read: {exc}") from None
-    model.load_plugin_state(plugin_state)
+    except (SafetensorError, OSError, ValueError, KeyError, RecursionError) as exc:
+        raise CheckpointError(f"{own}: plugin state cannot be read: {str(exc)[:300]}") from None
+    model.load_plugin_state(plugin_state, where=str(own / "state.safetensors"))
     if restore_rng:
         try:
-            rng = torch.load(own / "rng.pt", weights_only=True)
-            set_rng_state(rng)
+            set_rng_state(_load_tensors(own / "rng.pt", "cpu"))
+        except CheckpointError:
+            raise
         except Exception as exc:
-            raise CheckpointError(f"{own / 'rng.pt'}: cannot be loaded: {exc}") from None
+            raise CheckpointError(f"{own / 'rng.pt'}: cannot be restored: {exc}") from None
     return trainer
+
+
+def _load_tensors(file: Path, device: Any) -> Any:
+    """``torch.load(file, weights_only=True)``: tensors and plain containers, never pickled code."""
+    try:
+        return torch.load(file, map_location=device, weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{file}: not a checkpoint file this version of Cortex wrote (it holds more "
+                              "than tensors); Cortex never loads such a file, since unpickling can run code") from None
+    except Exception as exc:
+        raise CheckpointError(f"{file}: cannot be loaded: {str(exc)[:300]}") from None

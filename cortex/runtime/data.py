@@ -108,6 +108,8 @@ def _jsonl_documents(path: Path, stream: DocumentStream, skip_bad: bool) -> Iter
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             problem = f"invalid JSON ({e.msg} at column {e.colno})"
+        except RecursionError:
+            problem = "JSON nested too deeply"
         else:
             if not isinstance(obj, dict):
                 problem = f'expected a JSON object with a "text" field, got {type(obj).__name__}'
@@ -734,8 +736,8 @@ class TokenDataset:
             raise DataError(f"{self.path}: not a prepared dataset (no meta.json) — run `cortex data prepare` first")
         try:
             self.meta: dict[str, Any] = json.loads(meta_file.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise DataError(f"{meta_file}: unreadable ({e}) — re-run `cortex data prepare`") from e
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise DataError(f"{meta_file}: unreadable ({str(e)[:300]}) — re-run `cortex data prepare`") from None
         version = self.meta.get("cortex_dataset")
         if version != DATASET_VERSION:
             raise DataError(

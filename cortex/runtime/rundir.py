@@ -262,7 +262,7 @@ def load_run(path: Path, *, device: str = "cpu") -> Any:
     load_weights(model.core, path / "model.safetensors", device=device)
     try:
         state = load_state(path)
-    except (SafetensorError, OSError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{path}: plugin state cannot be read: {exc}") from None
-    model.load_plugin_state(state)
+    except (SafetensorError, OSError, ValueError, KeyError, RecursionError) as exc:
+        raise CheckpointError(f"{path}: plugin state cannot be read: {str(exc)[:300]}") from None
+    model.load_plugin_state(state, where=str(path / "state.safetensors"))
     return model

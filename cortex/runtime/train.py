@@ -227,7 +227,7 @@ def _prepared(out: Path, key: dict[str, Any]) -> bool:
     try:
         meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
         source = json.loads((out / "source.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False
     return source == key and meta.get("tokenizer", {}).get("fingerprint") == key["tokenizer"]
 
@@ -303,8 +303,8 @@ class _Metrics:
         for line in self.path.read_text(encoding="utf-8").splitlines():
             try:
                 obj = json.loads(line)
-            except ValueError:
-                continue  # a line cut by a crash
+            except (ValueError, RecursionError):
+                continue  # a line cut by a crash (or not ours)
             if "event" in obj or obj.get("step", 0) <= step:
                 keep.append(line)
         atomic_write(self.path, "".join(f"{line}\n" for line in keep))
@@ -351,13 +351,22 @@ class _State:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> _State:
-        return cls(
-            step=int(data["step"]), position=int(data["position"]), tokens=int(data["tokens"]),
-            total_steps=int(data["total_steps"]), best_val_loss=data.get("best_val_loss"),
-            best_step=data.get("best_step"), recent=list(data.get("recent_losses", [])),
-            skip_positions=list(data.get("skip_positions", [])), rollbacks=int(data.get("rollbacks", 0)),
-            micro_batch=int(data.get("micro_batch", 0)),
-        )
+        """The state ``trainer.json`` holds; a field of the wrong type is a CheckpointError."""
+        try:
+            return cls(
+                step=int(data["step"]), position=int(data["position"]), tokens=int(data["tokens"]),
+                total_steps=int(data["total_steps"]), best_val_loss=_number(data.get("best_val_loss")),
+                best_step=data.get("best_step"), recent=[float(x) for x in data.get("recent_losses", [])],
+                skip_positions=[int(x) for x in data.get("skip_positions", [])],
+                rollbacks=int(data.get("rollbacks", 0)), micro_batch=int(data.get("micro_batch", 0)),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CheckpointError(f"trainer.json: a field is missing or of the wrong type ({exc}); "
+                                  "resume from another checkpoint") from None
+
+
+def _number(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:

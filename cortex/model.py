@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cortex.core.memory import MemorySystem, session_stream
+from cortex.core.memory import MemoryRead, MemorySystem, session_stream
 from cortex.core.tokenizer import Tokenizer
 from cortex.core.transformer import ModelConfig, Transformer
 from cortex.kernel.errors import CheckpointError, CortexError
@@ -165,8 +165,8 @@ class CortexModel(nn.Module):
             return self.core.generate(idx, max_new_tokens, **sampling)
         stream = session_stream(session)
         adjust = (lambda ids, logits: ms.knn_lm_next(ids, logits, stream)) if "knn_lm" in ms.settings.read else None
-        with ms.segment(torch.full((idx.shape[0],), stream)):
-            return self.core.generate(idx, max_new_tokens, adjust=adjust, **sampling)
+        read = MemoryRead(torch.full((idx.shape[0],), stream))
+        return self.core.generate(idx, max_new_tokens, adjust=adjust, memory=read, **sampling)
 
     def _stateful(self) -> dict[str, Any]:
         parts: dict[str, Any] = {c.key: c for c in self.components}

@@ -129,7 +129,7 @@ class _Model:
     def plugin_state(self) -> dict:
         return self.state
 
-    def load_plugin_state(self, state: dict) -> None:
+    def load_plugin_state(self, state: dict, where: str = "") -> None:
         self.state = state
 
 

@@ -11,7 +11,7 @@ def generate(
     core: Any, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
     top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
     stream: Callable[[int], None] | None = None,
-    adjust: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    adjust: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None, memory: Any = None,
 ) -> torch.Tensor:
     """Append ``max_new_tokens`` tokens sampled from ``core`` (a ``Transformer``) to ``idx``
     (B, T); return (B, T + new).
@@ -19,8 +19,8 @@ def generate(
     ``temperature=0`` is greedy. ``top_k`` keeps the k likeliest tokens, ``top_p`` the
     smallest set whose probability reaches p. ``stream(token_id)`` is called for each
     new token (batch size 1 only). ``adjust(ids, logits)`` may replace the next-token
-    logits (B, vocab) given the ids so far (kNN-LM uses it). The model runs in eval
-    mode meanwhile.
+    logits (B, vocab) given the ids so far (kNN-LM uses it). ``memory`` goes to the
+    core's memory modules at every step. The model runs in eval mode meanwhile.
 
     Sliding window: the model attends to at most ``context`` tokens. When the cache is
     full, it is rebuilt from the last ``context // 2`` tokens (positions restart at 0)
@@ -40,7 +40,7 @@ def generate(
         out = idx
         cache = core.new_cache(idx.size(0))
         window = out[:, -context:]
-        logits = core.forward_cached(window, cache, 0)[:, -1]
+        logits = core.forward_cached(window, cache, 0, memory)[:, -1]
         pos = window.size(1)
         for i in range(max_new_tokens):
             if adjust is not None:
@@ -54,10 +54,10 @@ def generate(
             if pos == context:  # full: rebuild from the last `keep` tokens
                 cache.reset()
                 window = out[:, -keep:]
-                logits = core.forward_cached(window, cache, 0)[:, -1]
+                logits = core.forward_cached(window, cache, 0, memory)[:, -1]
                 pos = window.size(1)
             else:
-                logits = core.forward_cached(token, cache, pos)[:, -1]
+                logits = core.forward_cached(token, cache, pos, memory)[:, -1]
                 pos += 1
         return out
     finally:

@@ -27,9 +27,8 @@ layer per segment, for every token of every row (one batched search per tier); w
 from __future__ import annotations
 
 import zlib
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -82,22 +81,23 @@ class MemoryAttention(nn.Module):
             self.value.weight.copy_(torch.eye(dim))
             nn.init.normal_(self.out.weight, std=0.02)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, memory: MemoryRead | None) -> torch.Tensor:
+        """``x`` plus what the tiers hold for ``memory.streams``; ``x`` itself when memory
+        is not consulted (``memory`` is ``None``)."""
         system = self._system[0]
-        segment = system.active
-        if segment is None or "knn_attention" not in self.settings.read:  # memory not consulted
+        if memory is None or "knn_attention" not in self.settings.read:
             return x
-        if segment.value is None:
-            segment.value = x.detach()
+        if memory.value is None:
+            memory.value = x.detach()
         q = F.normalize(self.query(self.norm(x)), dim=-1)
         tiers = system.readable_tiers(self.training)
         mixed, best = [], []
         for tier in tiers:
-            slots = tier.dense_entries(segment.streams)
+            slots = tier.dense_entries(memory.streams)
             if slots is not None:
-                read = self._dense(tier, slots, q, segment.streams, system.step)
+                read = self._dense(tier, slots, q, memory.streams, system.step)
             else:
-                read = self._searched(tier, q, segment.streams, system.step)
+                read = self._searched(tier, q, memory.streams, system.step)
             if read is not None:
                 mixed.append(read[0])
                 best.append(read[1])
@@ -155,9 +155,13 @@ class MemoryAttention(nn.Module):
 
 
 @dataclass
-class _Segment:
-    streams: torch.Tensor
-    value: torch.Tensor | None = None  # the residual stream entering the first reader
+class MemoryRead:
+    """What one forward pass reads: the stream of each batch row. The memory system makes
+    one per pass and hands it to the core, which passes it to every memory module."""
+
+    streams: torch.Tensor  # (B,) int64
+    #: the residual stream entering the first reader, kept as what this pass writes as values
+    value: torch.Tensor | None = None
 
 
 class MemorySystem:
@@ -179,7 +183,6 @@ class MemorySystem:
         d = core.config.dim
         self._rotations = [torch.eye(d)] + [torch.linalg.qr(torch.randn(d, d, generator=g))[0]
                                             for _ in range(len(set(settings.key_offsets)) - 1)]
-        self.active: _Segment | None = None
         self.step = 0
         self.stats = {"writes": 0, "reads": 0, "consolidated": 0, "spilled": 0}
         self._tier_weight_sum = torch.zeros(len(tiers))
@@ -256,15 +259,6 @@ class MemorySystem:
 
     # -- a segment's forward pass -----------------------------------------------------
 
-    @contextmanager
-    def segment(self, streams: torch.Tensor) -> Iterator[_Segment]:
-        """Reads during the forward pass inside this block use ``streams`` (one per row)."""
-        self.active = _Segment(streams)
-        try:
-            yield self.active
-        finally:
-            self.active = None
-
     @torch.no_grad()
     def write_segment(self, idx: torch.Tensor, targets: torch.Tensor, streams: torch.Tensor,
                       *, importance: torch.Tensor | None = None, values: torch.Tensor | None = None,
@@ -313,8 +307,8 @@ class MemorySystem:
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None, streams: torch.Tensor,
                 *, training: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The core's forward pass with memory: reads, then (training) writes or (eval) kNN-LM."""
-        with self.segment(streams) as segment:
-            logits, loss = self.core(idx, targets)
+        segment = MemoryRead(streams)
+        logits, loss = self.core(idx, targets, memory=segment)
         if training:
             if targets is not None and self.settings.write_in_training:
                 importance = None
@@ -347,8 +341,8 @@ class MemorySystem:
                 break
             inputs, targets = chunk[:-1].unsqueeze(0), chunk[1:].unsqueeze(0)
             streams = torch.tensor([stream])
-            with self.segment(streams) as segment:
-                self.core(inputs)
+            segment = MemoryRead(streams)
+            self.core(inputs, memory=segment)
             entry_meta = None
             if meta is not None:
                 entry_meta = [{**meta, "position": start + t} for t in range(inputs.shape[1])]

@@ -5,8 +5,11 @@ core rather than a plain GPT:
 
 * **Memory insertion points.** Every block has a ``memory`` attribute, ``None`` by default.
   [`Transformer.set_memory_layer`][cortex.core.transformer.Transformer.set_memory_layer] installs a
-  module there; it is called as ``x = memory(x)`` on the residual stream right after the
-  block. With nothing installed the forward pass pays for one ``if`` per block.
+  module there; it is called as ``x = module(x, memory)`` on the residual stream right after
+  the block, where ``memory`` is what the caller passed to ``forward`` (the memory system
+  passes a [`MemoryRead`][cortex.core.memory.MemoryRead]: the streams to read; ``None``
+  means memory is not consulted). With nothing installed the forward pass pays for one
+  ``if`` per block.
 * **KV-cache generation.** [`Transformer.generate`][cortex.core.transformer.Transformer.generate] runs
   on a preallocated [`KVCache`][cortex.core.transformer.KVCache] through
   [`Transformer.forward_cached`][cortex.core.transformer.Transformer.forward_cached].
@@ -212,13 +215,13 @@ class Block(nn.Module):
         self.norm2 = RMSNorm(config.dim, eps=config.norm_eps)
         self.mlp = MLP(config)
         self.drop = nn.Dropout(config.dropout) if config.dropout > 0 else None
-        #: module called as ``x = memory(x)`` after this block; a plain attribute when None
+        #: module called as ``x = memory(x, read)`` after this block; a plain attribute when None
         self.memory: nn.Module | None = None
 
     def forward(self, x: torch.Tensor, rope: RopeTables, cache: KVCache | None = None,
-                start_pos: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
+                start_pos: int = 0, mask: torch.Tensor | None = None, memory: Any = None) -> torch.Tensor:
         x = self.body(x, rope, cache, start_pos, mask)
-        return x if self.memory is None else self.memory(x)
+        return x if self.memory is None else self.memory(x, memory)
 
     def body(self, x: torch.Tensor, rope: RopeTables, cache: KVCache | None = None,
              start_pos: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -269,7 +272,7 @@ class Transformer(nn.Module):
         return RopeTables.build(freqs, self.config.heads)
 
     def set_memory_layer(self, layer: int, module: nn.Module | None) -> None:
-        """Install ``module`` after block ``layer`` (``x = module(x)``); ``None`` removes it.
+        """Install ``module`` after block ``layer`` (``x = module(x, memory)``); ``None`` removes it.
 
         The module becomes a registered child (``blocks.<layer>.memory``), so its
         parameters are trained and saved with the model. It sees the residual stream
@@ -291,9 +294,10 @@ class Transformer(nn.Module):
         """The module installed after block ``layer``, or ``None``."""
         return self.blocks[layer].memory
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                memory: Any = None) -> tuple[torch.Tensor, ...]:
         """Logits (B, T, vocab) for ``idx`` (B, T) and, given ``targets``, the mean
-        cross-entropy (``-1`` targets are ignored)."""
+        cross-entropy (``-1`` targets are ignored). ``memory`` goes to the memory modules."""
         T = idx.size(1)
         if T > self.config.context:
             raise ValueError(f"sequence length {T} exceeds the model context {self.config.context}")
@@ -306,7 +310,7 @@ class Transformer(nn.Module):
             if recompute and block.memory is None:
                 x = checkpoint(block, x, rope, use_reentrant=False)
             else:
-                x = block(x, rope)
+                x = block(x, rope, memory=memory)
         logits = self.lm_head(self.norm(x))
         loss = None
         if targets is not None:
@@ -337,11 +341,12 @@ class Transformer(nn.Module):
     def new_cache(self, batch_size: int) -> KVCache:
         return KVCache(self.config, batch_size)
 
-    def forward_cached(self, idx: torch.Tensor, cache: KVCache, start_pos: int) -> torch.Tensor:
+    def forward_cached(self, idx: torch.Tensor, cache: KVCache, start_pos: int, memory: Any = None) -> torch.Tensor:
         """Logits (B, t, vocab) for new tokens ``idx`` (B, t) at positions ``start_pos..``.
 
         Keys and values of earlier positions come from ``cache`` (filled by earlier calls);
-        those of ``idx`` are written into it. Dropout is not applied.
+        those of ``idx`` are written into it. Dropout is not applied. ``memory`` goes to the
+        memory modules, as in ``forward``.
         """
         B, T = idx.shape
         end = start_pos + T
@@ -358,7 +363,7 @@ class Transformer(nn.Module):
         x = self.tok_emb(idx)
         rope = self._rope(start_pos, end)
         for block in self.blocks:
-            x = block(x, rope, cache, start_pos, mask)
+            x = block(x, rope, cache, start_pos, mask, memory)
         cache.length = end
         return self.lm_head(self.norm(x))
 

@@ -33,12 +33,12 @@ class WorkingMemoryLayer(nn.Module):
         #: attention (B, T, slots) of the last forward call, for inspection and tests
         self.last_attention: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, memory: Any = None) -> torch.Tensor:
         if self.inner is not None:
-            x = self.inner(x)
+            x = self.inner(x, memory)
         owner = self._owner[0]
         B, T, _ = x.shape
-        streams = owner.current_streams(B)
+        streams = owner.current_streams(B, memory)
         keys, values, filled = owner.gather(streams, x.device)
         gate = owner.gate(self.task_gates)  # (S,) in [0, 1]
         out = x

@@ -146,13 +146,12 @@ class WorkingMemory(CognitiveFeature):
 
     # ------------------------------------------------------------------ streams and slots
 
-    def current_streams(self, batch: int) -> torch.Tensor:
-        """Stream of each row: an explicit override, the memory system's segment, else the row."""
+    def current_streams(self, batch: int, memory: Any = None) -> torch.Tensor:
+        """Stream of each row: an explicit override, the streams the pass reads, else the row."""
         if self._streams is not None:
             return self._streams
-        ms = self.model.memory_system if self.is_bound else None
-        if ms is not None and ms.active is not None and ms.active.streams.numel() == batch:
-            return ms.active.streams.cpu().long()
+        if memory is not None and memory.streams.numel() == batch:
+            return memory.streams.cpu().long()
         return torch.arange(batch)
 
     @contextmanager

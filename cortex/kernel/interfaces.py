@@ -199,6 +199,14 @@ class MemoryTier(Component):
     over is written to the next. A tier never holds more than ``capacity`` entries, and a
     read only ever sees entries of the stream it asks for. Keys and values have the
     model's width (``context.config.dim``).
+
+    A tier must implement ``write``, ``read``, ``clear`` and ``__len__``; ``capacity``
+    comes from ``settings.capacity``, and state from ``state_dict``/``load_state_dict``.
+    The rest is optional, with working defaults: ``read_batch`` (vectorised reads),
+    ``dense_entries``/``mark_used`` (small exact tiers read densely), and the two ways
+    entries move down the chain: **consolidation**, ``handover()`` (entries due for the
+    next tier, by use or age), and **spill**, ``displaced()`` (entries pushed out of a full
+    tier, kept while ``keep_displaced`` is set).
     """
 
     kind: ClassVar[str] = "memory"

@@ -158,3 +158,39 @@ def test_a_pickle_in_a_checkpoint_is_refused_with_cortexs_own_message(cortex_cli
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "not a checkpoint file this version of Cortex wrote" in result.stderr
     assert "weights_only" not in result.stderr  # torch's advice to load it unsafely is not passed on
+
+
+@pytest.mark.parametrize("change, where", [
+    ({"dim": 1 << 40}, "model: needs about"),
+    ({"context": 4_000_000_000}, "model: needs about"),
+    ({"capacity": 10 ** 12}, "memory[0].settings.capacity: 1000000000000 entries"),
+])
+def test_sizes_that_cannot_fit_are_refused_at_validation(cortex_cli, tmp_path, change, where):
+    capacity = change.pop("capacity", 16)
+    manifest = tmp_path / "big.yaml"
+    manifest.write_text(tiny_manifest("big", memory=[{"type": "stm", "settings": {"capacity": capacity}}],
+                                      **{"heads": 2, **change}))
+    result = cortex_cli("validate", manifest)
+    assert result.exit_code == 1 and where in result.stderr and "this machine has" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_output_paths_are_checked_before_any_work(cortex_cli, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    manifest = tmp_path / "tiny.yaml"
+    manifest.write_text(TINY)
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"text": "hello world"}\n')
+    cases = [
+        (("build", manifest, "-o", afile), "is a file, not a folder"),
+        (("bench", "throughput", manifest, "--quick", "-o", afile), "is a file, not a folder"),
+        (("tokenizer", "train", corpus, "-o", afile / "t.json"), "is not a folder"),
+        (("schema", "-o", tmp_path), "is a folder"),
+        (("schema", "-o", tmp_path / "missing" / "s.json"), "does not exist"),
+    ]
+    for args, message in cases:
+        result = cortex_cli(*args)
+        assert result.exit_code == 1 and message in result.stderr, (args, result.output)
+        assert "Traceback" not in result.output and "build" not in result.stdout.lower()
+    assert afile.read_text() == "mine"

@@ -29,7 +29,7 @@ class _Group(TyperGroup):
         try:
             return super().invoke(ctx)
         except CortexError as exc:
-            err_console.print(Text.assemble(("error: ", "bold red"), str(exc)), highlight=False)
+            err_console.print(Text.assemble(("error: ", "bold red"), str(exc)), highlight=False, soft_wrap=True)
             raise typer.Exit(code=1) from None
 
 
@@ -59,6 +59,26 @@ def _main(
                                  help="Print the version and exit."),
 ) -> None:
     """Build, train and measure small language models with brain-inspired memory."""
+
+
+def _output_folder(path: Path) -> Path:
+    """``path`` as a folder to write into (made later): checked before any work starts."""
+    for part in (path, *path.parents):
+        if part.exists():
+            if not part.is_dir():
+                raise CortexError(f"{path}: {part} is a file, not a folder — choose another -o/--output")
+            break
+    return path
+
+
+def _output_file(path: Path) -> Path:
+    """``path`` as a file to write: its folder must exist and it must not be a folder."""
+    if path.is_dir():
+        raise CortexError(f"{path}: is a folder — give a file name with -o/--output")
+    if not path.parent.is_dir():
+        what = "is not a folder" if path.parent.exists() else "does not exist"
+        raise CortexError(f"{path}: the folder {path.parent} {what} — create it first or choose another -o")
+    return path
 
 
 def _summary_table(summary: dict[str, Any]) -> Table:
@@ -98,6 +118,7 @@ def build(
     from cortex.kernel.manifest import load_manifest
     from cortex.runtime.rundir import run_lock, run_path, save_run
 
+    _output_folder(output)
     built = load_manifest(manifest)
     dest = run_path(output, name or built.manifest.name)
     with run_lock(dest, "cortex build"):
@@ -158,7 +179,7 @@ def train_command(
     if target.is_dir():
         run = target
     elif target.is_file():
-        run = run_path(output, load_manifest(target).manifest.name)
+        run = run_path(_output_folder(output), load_manifest(target).manifest.name)
     else:
         raise CortexError(f"{target}: no such manifest file or run directory")
     with run_lock(run, "cortex train"):
@@ -268,7 +289,7 @@ def plot(
     """Plot loss, validation loss, learning rate, tokens/s and plugin metrics to a PNG."""
     from cortex.bench.plot import plot_metrics
 
-    console.print(f"plot: {plot_metrics(run, output)}")
+    console.print(f"plot: {plot_metrics(run, _output_file(output) if output else None)}")
 
 
 @app.command()
@@ -370,6 +391,8 @@ def schema(output: Optional[Path] = typer.Option(None, "-o", "--output", help="W
     from cortex.kernel.manifest import json_schema
     from cortex.runtime.rundir import atomic_write
 
+    if output:
+        _output_file(output)
     text = json.dumps(json_schema(), indent=2)
     if output:
         atomic_write(output, text + "\n")
@@ -491,6 +514,8 @@ def tokenizer_train(
     """Train a byte-level BPE tokenizer on FILES."""
     from cortex.runtime.bpe import train_bpe
 
+    if not output.is_dir():
+        _output_file(output)
     tok = train_bpe(list(files), vocab_size, output)
     console.print(f"{output}: {tok.vocab_size} tokens, fingerprint {tok.fingerprint[:12]}")
 
@@ -551,6 +576,7 @@ def bench(
     """Run a benchmark suite and write report.md, results.json and plots to the output directory."""
     from cortex.bench.harness import run_suite
 
+    _output_folder(output)
     report = run_suite(suite, list(targets or []), quick=quick, seeds=seeds, out_dir=output,
                        command=["cortex", *_invocation], console=console)
     console.print(f"report: {report}")

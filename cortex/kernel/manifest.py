@@ -8,6 +8,7 @@ data (``!!python/object`` and friends) are refused before anything is constructe
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -503,6 +504,7 @@ def validate(src: Source, path: Path | None = None, *, plugins: Any = None) -> V
             components.append(resolved)
     if manifest is not None:
         _cross_checks(src, manifest)
+        _fits_this_machine(src, manifest, components)
     if src.problems:
         src.problems.sort(key=lambda p: (p.line, p.column))
         raise ManifestError(src.problems)
@@ -521,6 +523,42 @@ def _cross_checks(src: Source, m: Manifest) -> None:
                     "knn_attention reads at the memory layers: set model.memory_layers, e.g. [1]")
     if ms.key_layer is not None and ms.key_layer >= m.model.layers:
         src.problem(("memory_system", "key_layer"), f"must be a block index below model.layers ({m.model.layers})")
+
+
+def _fits_this_machine(src: Source, m: Manifest, components: list[ResolvedComponent]) -> None:
+    """Refuse a model or a memory tier whose floats alone would not fit in this machine's
+    memory, at validation instead of as an allocation failure later."""
+    ram = _physical_memory()
+    if ram is None:
+        return
+    d = m.model.dim
+    hidden = int(d * m.model.mlp_ratio)
+    weights = 4 * (m.model.layers * (4 * d * d + 2 * d * hidden) + 65536 * d)  # fp32, a large vocabulary
+    rope = 4 * m.model.context * (d // m.model.heads)  # the rotary table: context x head_dim/2 complex
+    if weights + rope > ram:
+        src.problem(("model",), f"needs about {_size(weights + rope)} for its weights and position table "
+                                f"alone; this machine has {_size(ram)} — lower dim, layers or context")
+    for c in components:
+        capacity = getattr(c.settings, "capacity", None)
+        if c.section == "memory" and isinstance(capacity, int) and 8 * capacity * d > ram:
+            src.problem((c.section, c.index, "settings", "capacity"),
+                        f"{capacity} entries of a key and a value of {d} floats need about "
+                        f"{_size(8 * capacity * d)}; this machine has {_size(ram)}")
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}"
+        n /= 1024
+    return f"{n:.0f} B"
 
 
 def load_manifest(path: str | Path, *, plugins: Any = None) -> ValidatedManifest:

@@ -63,6 +63,9 @@ class CortexModel(nn.Module):
         self.plasticity: list[PlasticityRule] = components.get("plasticity", [])
         self.features: list[Component] = components.get("features", [])
         self.memory_system: MemorySystem | None = None
+        #: the generation token of the weights in the run directory this model was loaded
+        #: from or last written to; its saved memory state records it (see ``runtime.rundir``)
+        self.weights_generation: str | None = None
         if self.memory:
             self.memory_system = MemorySystem(self.manifest.memory_system, self.memory, core)
             pm.register(self.memory_system, name="memory_system")

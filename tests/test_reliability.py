@@ -7,6 +7,7 @@ import io
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -194,3 +195,44 @@ def test_output_paths_are_checked_before_any_work(cortex_cli, tmp_path):
         assert result.exit_code == 1 and message in result.stderr, (args, result.output)
         assert "Traceback" not in result.output and "build" not in result.stdout.lower()
     assert afile.read_text() == "mine"
+
+
+@pytest.mark.parametrize("killed_after", [0, 1])
+def test_a_kill_inside_a_best_model_write_leaves_one_consistent_save(build_model, tmp_path, monkeypatch,
+                                                                    killed_after):
+    """Fault injection: the process dies after ``killed_after`` of the two file replacements."""
+    import os
+
+    import torch
+
+    from cortex import load, save_run
+    from cortex.runtime import rundir
+
+    model = build_model(TINY)
+    model.remember("Mina's locker number is 3817.")
+    run = save_run(model, tmp_path / "runs")
+    old = load(run)
+    with torch.no_grad():
+        for p in model.core.parameters():
+            p.add_(0.1)
+    model.remember("Jun's bike code is 4242.")
+    real, done = os.replace, []
+
+    def dying_replace(src, dst):
+        if Path(dst).name in ("model.safetensors", "state.safetensors"):
+            if len(done) == killed_after:
+                raise KeyboardInterrupt("killed")
+            done.append(dst)
+        return real(src, dst)
+
+    monkeypatch.setattr(rundir.os, "replace", dying_replace)
+    with pytest.raises(KeyboardInterrupt):
+        rundir.write_into(model, run)
+    monkeypatch.setattr(rundir.os, "replace", real)
+    loaded = load(run)
+    expected = old if killed_after == 0 else model  # before the first rename: the old save, else the new
+    assert all(torch.equal(a, b) for a, b in zip(loaded.core.parameters(), expected.core.parameters()))
+    assert len(loaded.memory[0]) == len(expected.memory[0])
+    assert not list(run.glob(".*.tmp")) or killed_after == 0  # the pending state was put in place
+    rundir.write_into(loaded, run)  # the next write cleans what the killed one left
+    assert not list(run.glob(".*.tmp"))

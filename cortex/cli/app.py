@@ -308,14 +308,14 @@ def chat(
     `--learn` it holds the run directory's lock (see `cortex build`), so a training run
     or a second chat cannot overwrite what this one learns.
     """
-    from cortex.runtime.rundir import load_run, run_lock, save_state
+    from cortex.runtime.rundir import load_run, run_lock, save_memory
 
     with run_lock(run, "cortex chat") if learn else contextlib.nullcontext():
-        _chat(run, load_run(run).eval(), session, max_tokens, temperature, seed, learn, save_state)
+        _chat(run, load_run(run).eval(), session, max_tokens, temperature, seed, learn, save_memory)
 
 
 def _chat(run: Path, model: Any, session: str, max_tokens: int, temperature: float, seed: int | None,
-          learn: bool, save_state: Any) -> None:
+          learn: bool, save_memory: Any) -> None:
     console.print(f"chatting with {run} (session {session!r}); /quit to leave", highlight=False)
     reconfigure = getattr(sys.stdin, "reconfigure", None)
     if reconfigure is not None:
@@ -331,7 +331,7 @@ def _chat(run: Path, model: Any, session: str, max_tokens: int, temperature: flo
         console.print(Text(reply.text), highlight=False)
         err_console.print(f"  confidence {reply.confidence:.2f} · {reply.language}", highlight=False)
         if learn:
-            save_state(Path(run), model.plugin_state())
+            save_memory(model, Path(run))
 
 
 def _valid_text(line: str) -> str:

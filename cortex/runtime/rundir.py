@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import secrets
 import shutil
 import tempfile
 import time
@@ -160,19 +161,32 @@ def unflatten_state(tensors: dict[str, torch.Tensor], data: Any) -> Any:
     return data
 
 
-def save_state(directory: Path, state: dict[str, Any]) -> None:
+def save_state(directory: Path, state: dict[str, Any], *, weights: str | None = None) -> None:
     """Write plugin state as ``state.safetensors`` (authoritative: tensors plus the JSON
-    part in its metadata, replaced in one rename) and a readable copy ``state.json``."""
-    tensors, data = flatten_state(state)
-    text = json.dumps(data, ensure_ascii=False)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
+    part in its metadata, replaced in one rename) and a readable copy ``state.json``.
+    ``weights`` is the generation of the weights this state goes with (see ``write_into``)."""
+    fd, name = tempfile.mkstemp(dir=directory, prefix=".state.", suffix=".tmp")
     os.close(fd)
+    tmp = _state_file(state, weights, Path(name))
     try:
-        save_file(tensors, tmp, metadata={"cortex_state": text})
         os.replace(tmp, directory / "state.safetensors")
     finally:
-        Path(tmp).unlink(missing_ok=True)
-    write_json(directory / "state.json", data)
+        tmp.unlink(missing_ok=True)
+    write_json(directory / "state.json", flatten_state(state)[1])
+
+
+def _state_file(state: dict[str, Any], weights: str | None, file: Path) -> Path:
+    tensors, data = flatten_state(state)
+    metadata = {"cortex_state": json.dumps(data, ensure_ascii=False)}
+    if weights is not None:
+        metadata[WEIGHTS_KEY] = weights
+    save_file(tensors, str(file), metadata=metadata)
+    return file
+
+
+def save_memory(model: Any, run: Path) -> None:
+    """Write ``model``'s plugin state (what it learnt in real-time use) back into run ``run``."""
+    save_state(Path(run), model.plugin_state(), weights=getattr(model, "weights_generation", None))
 
 
 def load_state(directory: Path) -> dict[str, Any]:
@@ -210,20 +224,58 @@ def save_run(model: Any, out_dir: Path, *, name: str | None = None, overwrite: b
 
 
 def write_into(model: Any, directory: Path) -> None:
-    """Write every run file of ``model`` into an existing directory (each file atomically)."""
+    """Write every run file of ``model`` into an existing directory.
+
+    The weights and the plugin state are one set: both carry a new *generation* token and
+    are written in full under pending names before either replaces the old file, weights
+    first. A process killed between the two renames leaves the new state pending; loading
+    the run (or the next write) completes the rename, so the directory always loads as
+    one save. Stray temporary files of earlier writes are removed.
+    """
     directory = Path(directory)
+    complete_pending_write(directory)
+    for stray in directory.glob(".*.tmp"):
+        if stray.is_file():
+            stray.unlink(missing_ok=True)
     atomic_write(directory / "manifest.yaml", model.validated.source.text)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    os.close(fd)
-    save_model(model.core, tmp)
-    os.replace(tmp, directory / "model.safetensors")
     model.tokenizer.save(directory / "tokenizer.json")
-    save_state(directory, model.plugin_state())
+    generation = secrets.token_hex(8)
+    weights = directory / f".model.safetensors.{generation}.tmp"
+    save_model(model.core, str(weights), metadata={WEIGHTS_KEY: generation})
+    plugin_state = model.plugin_state()
+    state = _state_file(plugin_state, generation, directory / f".state.safetensors.{generation}.tmp")
+    os.replace(weights, directory / "model.safetensors")
+    os.replace(state, directory / "state.safetensors")
+    model.weights_generation = generation
+    write_json(directory / "state.json", flatten_state(plugin_state)[1])
     write_json(directory / "build.json", {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "environment": environment(),
         "summary": model.summary(),
     })
+
+
+#: the safetensors metadata key of the weights' generation, in the weights and in the state
+WEIGHTS_KEY = "cortex_weights"
+
+
+def _generation(file: Path) -> str | None:
+    try:
+        with safe_open(str(file), framework="pt") as fh:
+            return (fh.metadata() or {}).get(WEIGHTS_KEY)
+    except (SafetensorError, OSError):
+        return None
+
+
+def complete_pending_write(directory: Path) -> None:
+    """Finish a ``write_into`` that was killed after the weights were replaced and before
+    the state was: the state of the weights' generation is waiting under its pending name."""
+    weights = _generation(directory / "model.safetensors")
+    if weights is None or _generation(directory / "state.safetensors") in (weights, None):
+        return
+    pending = directory / f".state.safetensors.{weights}.tmp"
+    if _generation(pending) == weights:
+        os.replace(pending, directory / "state.safetensors")
 
 
 def load_weights(core: torch.nn.Module, file: Path, *, device: str = "cpu") -> None:
@@ -259,7 +311,14 @@ def load_run(path: Path, *, device: str = "cpu") -> Any:
     built = load_manifest(path / "manifest.yaml")
     tokenizer = load_tokenizer(path / "tokenizer.json")
     model = assemble(built, device=device, tokenizer=tokenizer)
+    complete_pending_write(path)
     load_weights(model.core, path / "model.safetensors", device=device)
+    weights, state_of = _generation(path / "model.safetensors"), _generation(path / "state.safetensors")
+    if weights is not None and state_of is not None and weights != state_of:
+        raise CheckpointError(f"{path}: the memory state belongs to other weights than model.safetensors "
+                              "(a write was interrupted) — restore the run from a checkpoint "
+                              "(`cortex train RUN --resume auto`) or build it again")
+    model.weights_generation = weights
     try:
         state = load_state(path)
     except (SafetensorError, OSError, ValueError, KeyError, RecursionError) as exc:

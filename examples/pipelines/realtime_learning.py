@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 import cortex
-from cortex.runtime.rundir import save_state
+from cortex.runtime.rundir import save_memory
 from cortex_plugins.bench.facts import DISTRACTORS, make_facts
 
 SESSION = "demo"
@@ -35,7 +35,7 @@ def teach(run: Path, work: Path, n: int, seed: int) -> list[dict]:
         for telling in range(fact["tellings"]):
             model.remember(fact["statement"], session=SESSION)
             model.remember(DISTRACTORS[(i + telling) % len(DISTRACTORS)], session=SESSION)
-    save_state(work, model.plugin_state())
+    save_memory(model, work)
     return facts
 
 

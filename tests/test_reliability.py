@@ -236,3 +236,16 @@ def test_a_kill_inside_a_best_model_write_leaves_one_consistent_save(build_model
     assert not list(run.glob(".*.tmp")) or killed_after == 0  # the pending state was put in place
     rundir.write_into(loaded, run)  # the next write cleans what the killed one left
     assert not list(run.glob(".*.tmp"))
+
+
+def test_sessions_are_bounded_the_least_recently_used_moves_down(build_model):
+    model = build_model(tiny_manifest("sessions", context=32, memory=[
+        {"type": "stm", "settings": {"capacity": 16, "max_streams": 4}},
+        {"type": "ltm", "settings": {"capacity": 100000, "index": "flat"}}]))
+    stm, ltm = model.memory
+    for i in range(30):
+        model.remember(f"Session {i} says its number is {1000 + i}.", session=f"s{i}")
+    assert stm.stream_ids.numel() == 4 and len(stm) <= 4 * 16  # bounded, whatever the number of sessions
+    assert stm.stats()["evicted"] > 0 and len(ltm) > 0  # the dropped sessions' entries moved down
+    assert model.generate_text("Session 0 says its number is", session="s0",
+                               max_new_tokens=5).startswith(" 1000")  # ... where they are still found

@@ -53,6 +53,7 @@ class ShortTermMemory(TierCommon, MemoryTier):
         threshold: float = Field(0.995, ge=-1.0, le=1.0, description="Cosine similarity at which a write matches (strengthens) an existing slot; high, so that only a repeat of the same context strengthens and distinct contexts keep their own slots.")
         consolidate_after: int = Field(3, ge=1, description="Uses (strengthenings + retrievals) after which an entry is handed over to the next tier.")
         value_mix: float = Field(0.5, ge=0.0, le=1.0, description="How far a matching write moves the slot's key and value toward the new ones (0 keeps the old, 1 takes the new).")
+        max_streams: int = Field(256, gt=0, description="Streams (sessions, batch rows) held at once. A write to a new stream beyond this drops the least recently used other stream: its entries move down the tiers where spill is on, else they are forgotten.")
 
     def __init__(self, settings: Settings, context) -> None:
         super().__init__(settings, context)
@@ -97,10 +98,13 @@ class ShortTermMemory(TierCommon, MemoryTier):
         return torch.where(known, self._sorted_rows[pos], 0), known
 
     def _ensure_rows(self, streams: torch.Tensor) -> torch.Tensor:
-        """Rows of ``streams``, allocating rows for stream ids never seen before."""
+        """Rows of ``streams``, allocating rows for stream ids never seen before (and making
+        room for them under ``max_streams``)."""
         rows, known = self._rows(streams)
         if not bool(known.all()):
             new = torch.unique(streams.to(self.device, torch.long)[~known])
+            self._drop_streams(self.stream_ids.numel() + new.numel() - self.settings.max_streams,
+                               keep=torch.unique(rows[known]))
             c, d, n, dev = self.settings.capacity, self.dim, new.numel(), self.device
             self.stream_ids = torch.cat([self.stream_ids, new])
             self.keys = torch.cat([self.keys, torch.zeros(n, c, d, device=dev)])
@@ -113,6 +117,29 @@ class ShortTermMemory(TierCommon, MemoryTier):
             self._reindex()
             rows, _ = self._rows(streams)
         return rows
+
+    def _drop_streams(self, count: int, keep: torch.Tensor) -> None:
+        """Remove the ``count`` least recently used rows other than ``keep``; their entries
+        are displaced (kept for the next tier) while ``keep_displaced`` is set."""
+        if count <= 0:
+            return
+        recency = self.steps.masked_fill(~self.valid, -1).amax(dim=1) if self.valid.numel() else self.steps.sum(1)
+        candidates = torch.ones(self.stream_ids.numel(), dtype=torch.bool, device=self.device)
+        candidates[keep] = False
+        order = torch.nonzero(candidates).flatten()
+        order = order[torch.argsort(recency[order], stable=True)][:count]
+        for row in order.tolist():
+            slots = torch.nonzero(self.valid[row]).flatten()
+            self.counters.evicted += int(slots.numel())
+            if self.keep_displaced:
+                self._displace_slots(row, slots)
+            for i in self.ids[row, slots].tolist():
+                self.meta.pop(i, None)
+        rest = torch.ones(self.stream_ids.numel(), dtype=torch.bool, device=self.device)
+        rest[order] = False
+        for name in self._ROW_FIELDS:
+            setattr(self, name, getattr(self, name)[rest])
+        self._reindex()
 
     # ------------------------------------------------------------------ write
 

@@ -249,3 +249,29 @@ def test_sessions_are_bounded_the_least_recently_used_moves_down(build_model):
     assert stm.stats()["evicted"] > 0 and len(ltm) > 0  # the dropped sessions' entries moved down
     assert model.generate_text("Session 0 says its number is", session="s0",
                                max_new_tokens=5).startswith(" 1000")  # ... where they are still found
+
+
+@pytest.mark.parametrize("tamper", ["random index", "huge allocation", "wrong json type"])
+def test_tampered_ltm_state_is_one_clear_error(cortex_cli, tmp_path, monkeypatch, tamper):
+    import torch
+
+    from cortex.runtime.rundir import load_state, save_state
+
+    text = tiny_manifest("reliable", context=32, memory=[
+        {"type": "stm", "settings": {"capacity": 8}}, {"type": "ltm", "settings": {"capacity": 1000, "index": "flat"}}])
+    run = _built(cortex_cli, tmp_path, text)
+    monkeypatch.setattr("sys.stdin", io.StringIO("".join(f"Fact number {i} is {i * 37}.\n" for i in range(6))))
+    assert cortex_cli("chat", run, "--max-tokens", "1").exit_code == 0  # fills LTM through spill
+    state = load_state(run)
+    ltm = state["memory.1.ltm"]
+    assert ltm["index_table"], "LTM should hold a FAISS index"
+    if tamper == "random index":
+        ltm["index_blob"] = torch.randint(0, 255, ltm["index_blob"].shape, dtype=torch.uint8)
+    elif tamper == "huge allocation":
+        ltm["allocated"] = 10 ** 14
+    else:
+        ltm["next_id"] = "abc"
+    save_state(run, state)
+    result = cortex_cli("memory", run)
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output[-500:]
+    assert "state.safetensors: the state of 'memory.1.ltm' does not fit this model" in result.stderr

@@ -240,7 +240,7 @@ class Reply:
 
 
 def detect_language(text: str) -> str:
-    """``ko`` when Hangul makes up at least a third of the letters, else ``en``."""
+    """``ko`` when Hangul makes up at least half of the letters, else ``en``."""
     letters = [ch for ch in text if ch.isalpha()]
     hangul = sum(1 for ch in letters if "\uac00" <= ch <= "\ud7a3" or "\u3131" <= ch <= "\u318e")
-    return "ko" if letters and hangul * 3 >= len(letters) else "en"
+    return "ko" if letters and hangul * 2 >= len(letters) else "en"

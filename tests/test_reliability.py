@@ -275,3 +275,18 @@ def test_tampered_ltm_state_is_one_clear_error(cortex_cli, tmp_path, monkeypatch
     result = cortex_cli("memory", run)
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output[-500:]
     assert "state.safetensors: the state of 'memory.1.ltm' does not fit this model" in result.stderr
+
+
+def test_training_prints_plain_progress_lines_when_the_output_is_not_a_terminal(cortex_cli, tmp_path, monkeypatch):
+    from cortex.runtime import train
+
+    monkeypatch.setattr(train, "PROGRESS_EVERY_S", 0.0)  # a line at every step instead of every 30 s
+    manifest = tmp_path / "tiny.yaml"
+    manifest.write_text(tiny_manifest("progress", context=32, train={"data": "demo", "tokens": 1024, "batch": 4,
+                                                                      "eval_every": 0, "checkpoint_every": 0}))
+    result = cortex_cli("build", manifest, "-o", tmp_path / "runs")
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stdout.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in lines] == [f"{i}/8" for i in range(1, 9)]
+    assert all("loss" in line and "tok/s" in line and "left" in line for line in lines)
+    assert "train " not in result.stdout and "ETA" not in result.stdout  # no bar drawn into a file

@@ -397,16 +397,50 @@ def evaluate(model: nn.Module, data: TokenDataset, batch: int, seq_len: int, bat
     return total / max(1, count)
 
 
-def _progress(console: Any, total: int, done: int) -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+#: seconds between two plain progress lines when the output is not a terminal
+PROGRESS_EVERY_S = 30.0
 
-    progress = Progress(
-        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} tok/s"),
-        TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False,
-    )
-    task = progress.add_task("train", total=total, completed=done, loss="-", speed="-")
-    return progress, task
+
+class _Progress:
+    """Training progress on ``console``: a live bar on a terminal; otherwise (a log file, a
+    pipe) a plain line every ``PROGRESS_EVERY_S`` seconds and at the last step: step, loss,
+    tokens/s and the time left."""
+
+    def __init__(self, console: Any, total: int, done: int) -> None:
+        self.console, self.total, self.every_s = console, total, PROGRESS_EVERY_S
+        self.first, self.started = done, time.perf_counter()
+        self.shown = self.started
+        self.bar = None
+        if console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} tok/s"),
+                TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False,
+            )
+            self.task = self.bar.add_task("train", total=total, completed=done, loss="-", speed="-")
+            self.bar.start()
+
+    def update(self, step: int, loss: float | None = None, speed: float | None = None) -> None:
+        if self.bar is not None:
+            fields = {} if loss is None else {"loss": f"{loss:.3f}", "speed": f"{speed or 0:,.0f}"}
+            self.bar.update(self.task, completed=step, **fields)
+            return
+        now = time.perf_counter()
+        if loss is None or (now - self.shown < self.every_s and step != self.total):
+            return
+        self.shown = now
+        left = (self.total - step) * (now - self.started) / max(1, step - self.first)
+        self.console.print(f"step {step}/{self.total}  loss {loss:.4f}  {speed or 0:,.0f} tok/s  "
+                           f"{int(left) // 60}m{int(left) % 60:02d}s left", highlight=False)
+
+    def print(self, text: str) -> None:
+        (self.bar.console if self.bar is not None else self.console).print(text)
+
+    def stop(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
 
 
 # --------------------------------------------------------------------------- the loop
@@ -566,10 +600,7 @@ def train(
             yield position, batch
 
     sample_prompt = _sample_prompt(model, settings, val_data if has_val else train_data)
-    progress = task = None
-    if console is not None:
-        progress, task = _progress(console, total, state.step)
-        progress.start()
+    progress = _Progress(console, total, state.step) if console is not None else None
     started = time.perf_counter()
     last_val = None
     last_loss = None
@@ -629,7 +660,7 @@ def train(
                 grad_accum = local_batch // micro
                 stream = lanes()
                 if progress is not None:
-                    progress.update(task, completed=state.step)
+                    progress.update(state.step)
                 continue
 
             state.step += 1
@@ -657,12 +688,11 @@ def train(
             if settings.sample_every and state.step % settings.sample_every == 0 and sample_prompt is not None:
                 text = _sample(model, sample_prompt, settings.sample_tokens, seed=model.manifest.seed + state.step)
                 metrics.write({"step": state.step, "event": "sample", "text": text})
-                if console is not None:
-                    progress.console.print(f"[dim]sample @ {state.step}:[/dim] {text!r}")
+                if progress is not None:
+                    progress.print(f"[dim]sample @ {state.step}:[/dim] {text!r}")
             if progress is not None:
                 window = speeds[-20:]
-                progress.update(task, completed=state.step, loss=f"{loss:.3f}",
-                                speed=f"{sum(window) / len(window):,.0f}")
+                progress.update(state.step, loss, sum(window) / len(window))
             if final or state.step == stop or (settings.checkpoint_every and state.step % settings.checkpoint_every == 0):
                 checkpoint()
     finally:

@@ -106,6 +106,7 @@ def build(
     output: Path = typer.Option(Path("runs"), "-o", "--output", help="Directory that receives the run directory."),
     name: Optional[str] = typer.Option(None, "--name", help="Run name (default: the manifest's `name`)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run of the same name."),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", help="Change a manifest value: KEY.PATH=VALUE, e.g. train.tokens=1000000 (repeatable; recorded in the run's manifest)."),
 ) -> None:
     """Validate MANIFEST, assemble the model, print its summary and write a run directory.
 
@@ -119,7 +120,7 @@ def build(
     from cortex.runtime.rundir import run_lock, run_path, save_run
 
     _output_folder(output)
-    built = load_manifest(manifest)
+    built = load_manifest(manifest, overrides=overrides or [])
     dest = run_path(output, name or built.manifest.name)
     with run_lock(dest, "cortex build"):
         if dest.exists() and not overwrite:
@@ -168,6 +169,7 @@ def train_command(
     output: Path = typer.Option(Path("runs"), "-o", "--output", help="Directory that receives a manifest's run directory."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Optimiser steps (default: train.tokens / (batch x context))."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run built from the same manifest."),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", help="Change a value of MANIFEST: KEY.PATH=VALUE (repeatable; a new run only)."),
 ) -> None:
     """Train a run directory, or build MANIFEST into a new one and train it.
 
@@ -177,17 +179,19 @@ def train_command(
     from cortex.runtime.rundir import run_lock, run_path
 
     if target.is_dir():
+        if overrides:
+            raise CortexError("--set changes a manifest being built; a run directory keeps its own manifest")
         run = target
     elif target.is_file():
-        run = run_path(_output_folder(output), load_manifest(target).manifest.name)
+        run = run_path(_output_folder(output), load_manifest(target, overrides=overrides or []).manifest.name)
     else:
         raise CortexError(f"{target}: no such manifest file or run directory")
     with run_lock(run, "cortex train"):
-        _train_command(target, data, resume, output, steps, overwrite)
+        _train_command(target, data, resume, output, steps, overwrite, overrides or [])
 
 
 def _train_command(target: Path, data: str | None, resume: str | None, output: Path, steps: int | None,
-                   overwrite: bool) -> None:
+                   overwrite: bool, overrides: list[str]) -> None:
     from cortex.assembly import assemble
     from cortex.kernel.manifest import TrainSection, load_manifest
     from cortex.runtime.rundir import load_run, run_path, save_run
@@ -202,7 +206,7 @@ def _train_command(target: Path, data: str | None, resume: str | None, output: P
     elif target.is_file():
         from cortex.runtime import distributed
 
-        built = load_manifest(target)
+        built = load_manifest(target, overrides=overrides)
         settings = built.manifest.train or TrainSection()
         device = resolve_device(settings.device)
         main = distributed.init_from_env(device).main  # under torchrun only rank 0 writes the run
@@ -370,14 +374,17 @@ def memory(
 
 
 @app.command()
-def validate(manifests: list[Path] = typer.Argument(..., help="Manifest files to check.")) -> None:
+def validate(
+    manifests: list[Path] = typer.Argument(..., help="Manifest files to check."),
+    overrides: Optional[list[str]] = typer.Option(None, "--set", help="Check with this change: KEY.PATH=VALUE (repeatable)."),
+) -> None:
     """Check manifests without building them; report every problem with FILE:LINE:COL."""
     from cortex.kernel.manifest import load_manifest
 
     failures = []
     for path in manifests:
         try:
-            load_manifest(path)
+            load_manifest(path, overrides=overrides or [])
             console.print(f"{path}: ok")
         except CortexError as exc:
             failures.append(str(exc))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -255,7 +256,7 @@ class Problem:
     message: str
 
     def __str__(self) -> str:
-        where = f"{self.file}:{self.line}:{self.column}"
+        where = f"{self.file}:{self.line}:{self.column}" if self.line else self.file
         return f"{where} {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
 
 
@@ -288,6 +289,8 @@ class Source:
     marks: dict[FieldPath, tuple[int, int]] = field(default_factory=dict)
     key_marks: dict[FieldPath, tuple[int, int]] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
+    #: paths given on the command line (``--set``): their problems name the option, not a line
+    overridden: set[FieldPath] = field(default_factory=set)
 
     def position(self, path: FieldPath, *, key: bool = False) -> tuple[int, int]:
         """Line and column (1-based) of ``path``, or of its nearest ancestor present."""
@@ -302,6 +305,9 @@ class Source:
             path = path[:-1]
 
     def problem(self, path: FieldPath, message: str, *, key: bool = False) -> None:
+        if any(tuple(path[:i]) in self.overridden for i in range(len(path) + 1)):
+            self.problems.append(Problem("--set", 0, 0, dotted(path), message))
+            return
         line, col = self.position(path, key=key)
         self.problems.append(Problem(self.file, line, col, dotted(path), message))
 
@@ -371,6 +377,82 @@ class _TooLarge(Exception):
     pass
 
 
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def interpolate_environment(src: Source) -> bool:
+    """Replace ``${NAME}`` in string values by the environment variable ``NAME``; an unset
+    variable is a problem naming it. Returns whether anything was replaced."""
+    found = False
+
+    def walk(value: Any, path: FieldPath) -> Any:
+        nonlocal found
+        if isinstance(value, dict):
+            return {k: walk(v, path + (k,)) for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v, path + (i,)) for i, v in enumerate(value)]
+        if not isinstance(value, str) or not _ENV.search(value):
+            return value
+        found = True
+
+        def variable(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name not in os.environ:
+                src.problem(path, f"environment variable {name} is not set — set it (export {name}=...) "
+                                  "or write the value into the manifest")
+                return match.group(0)
+            return os.environ[name]
+
+        return _ENV.sub(variable, value)
+
+    src.data = walk(src.data, ())
+    return found
+
+
+def apply_overrides(src: Source, overrides: list[str]) -> None:
+    """Apply ``KEY.PATH=VALUE`` settings from the command line (``--set``) to ``src``.
+
+    ``VALUE`` is read as YAML (``1e-3``, ``[1, 2]``, ``true``); a number in the path indexes
+    a list (``memory.0.settings.capacity=128``). Validation then checks the result with the
+    manifest's own messages, which name the option instead of a line.
+    """
+    if not isinstance(src.data, dict):
+        return
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        parts = [int(p) if p.isdigit() else p for p in key.strip().split(".")]
+        if not sep or not all(str(p) for p in parts):
+            src.problems.append(Problem("--set", 0, 0, key, "expected KEY.PATH=VALUE, e.g. train.tokens=1000000"))
+            continue
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        path = tuple(parts)
+        node: Any = src.data
+        for i, part in enumerate(parts[:-1]):
+            if isinstance(node, list) and isinstance(part, int) and part < len(node):
+                node = node[part]
+            elif isinstance(node, dict):
+                if not isinstance(node.get(part), (dict, list)):
+                    node[part] = {}
+                    src.overridden.add(path[: i + 1])  # a section the option made
+                node = node[part]
+            else:
+                src.problems.append(Problem("--set", 0, 0, dotted(path[: i + 1]), "no such list item or section"))
+                break
+        else:
+            last = parts[-1]
+            if isinstance(node, list) and isinstance(last, int) and last < len(node):
+                node[last] = value
+            elif isinstance(node, dict):
+                node[last] = value
+            else:
+                src.problems.append(Problem("--set", 0, 0, dotted(path), "no such list item or section"))
+                continue
+            src.overridden.add(path)
+
+
 # --------------------------------------------------------------------------- validation
 
 
@@ -404,17 +486,33 @@ class ValidatedManifest:
         return [c for c in self.components if c.section == name]
 
 
-def _pydantic_problems(src: Source, exc: ValidationError, prefix: FieldPath = ()) -> None:
+def _pydantic_problems(src: Source, exc: ValidationError, prefix: FieldPath = (),
+                       model: type[BaseModel] | None = None) -> None:
     for err in exc.errors():
         loc = prefix + tuple(err["loc"])
         message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            message = "unknown key; remove it or check its spelling"
+            known = _keys_at(model, tuple(err["loc"])[:-1]) if model is not None else []
+            hint = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            message = f"unknown key; did you mean {hint[0]!r}?" if hint else "unknown key; remove it or check its spelling"
             src.problem(loc, message, key=True)
             continue
         if err["type"] == "missing":
             message = f"required field `{loc[-1]}` is missing"
         src.problem(loc, message)
+
+
+def _keys_at(model: Any, loc: tuple[Any, ...]) -> list[str]:
+    """The field names of the pydantic model found at ``loc`` inside ``model`` (for hints)."""
+    for part in loc:
+        if isinstance(part, int) or not (isinstance(model, type) and issubclass(model, BaseModel)):
+            continue
+        field_info = model.model_fields.get(part)
+        if field_info is None:
+            return []
+        candidates = [field_info.annotation, *typing.get_args(field_info.annotation)]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+    return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
 
 
 def _referenced_namespaces(data: Any) -> set[str]:
@@ -466,7 +564,7 @@ def validate(src: Source, path: Path | None = None, *, plugins: Any = None) -> V
             try:
                 manifest = Manifest.model_validate(src.data)
             except ValidationError as exc:
-                _pydantic_problems(src, exc)
+                _pydantic_problems(src, exc, model=Manifest)
     pm = plugins if plugins is not None else create_plugin_manager(_referenced_namespaces(src.data))
     components: list[ResolvedComponent] = []
     data_component = None
@@ -495,7 +593,7 @@ def validate(src: Source, path: Path | None = None, *, plugins: Any = None) -> V
         try:
             settings = info.cls.Settings.model_validate(spec.settings)
         except ValidationError as exc:
-            _pydantic_problems(src, exc, where + ("settings",))
+            _pydantic_problems(src, exc, where + ("settings",), model=info.cls.Settings)
             continue
         resolved = ResolvedComponent(section, i, spec, info, settings)
         if kind == "data":
@@ -561,8 +659,10 @@ def _size(n: float) -> str:
     return f"{n:.0f} B"
 
 
-def load_manifest(path: str | Path, *, plugins: Any = None) -> ValidatedManifest:
-    """Read and validate a manifest file."""
+def load_manifest(path: str | Path, *, plugins: Any = None, overrides: list[str] = ()) -> ValidatedManifest:
+    """Read and validate a manifest file: ``${NAME}`` reads the environment variable
+    ``NAME``, and ``overrides`` (``KEY.PATH=VALUE``, the CLI's ``--set``) change values.
+    Where either changed anything, the manifest text kept with a run is the result."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -572,7 +672,14 @@ def load_manifest(path: str | Path, *, plugins: Any = None) -> ValidatedManifest
         raise CortexError(f"{path}: is a directory, not a manifest file") from None
     except UnicodeDecodeError as exc:
         raise CortexError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    return validate(parse_yaml(text, str(path)), path, plugins=plugins)
+    src = parse_yaml(text, str(path))
+    changed = interpolate_environment(src)
+    apply_overrides(src, list(overrides))
+    if (changed or overrides) and not src.problems:
+        given = "".join(f" --set {o}" for o in overrides)
+        src.text = (f"# {path}{given}, with the environment's values filled in\n"
+                    + yaml.safe_dump(src.data, sort_keys=False, allow_unicode=True))
+    return validate(src, path, plugins=plugins)
 
 
 def load_manifest_text(text: str, file: str = "<manifest>", *, plugins: Any = None) -> ValidatedManifest:

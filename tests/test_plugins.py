@@ -195,3 +195,39 @@ def test_graph_comes_from_its_plugin_through_the_hook():
     pm = create_plugin_manager(namespaces=())
     impls = {impl.plugin_name for impl in pm.hook.cortex_register_commands.get_hookimpls()}
     assert impls == {"cortex:cognition_graph"}
+
+
+def test_a_rule_with_its_own_after_step_hook_still_updates_in_manifest_order(register_plugin, build_model):
+    """The rule trap: a rule's update never depends on the hook, which a subclass may implement."""
+    from cortex import hookimpl
+    from tests.conftest import ScaleRule, tiny_manifest
+
+    order: list[str] = []
+
+    class LoggingRule(ScaleRule):
+        name = "logging_scale"
+
+        @hookimpl
+        def cortex_after_step(self, model, step, metrics):
+            metrics["logging_scale/calls"] = 1.0
+
+        def apply(self, name, module):
+            order.append(self.key)
+            super().apply(name, module)
+
+    class Plugin:
+        @hookimpl
+        def cortex_register_components(self, register):
+            register(LoggingRule)
+
+    register_plugin(Plugin(), "trap")
+    model = build_model(tiny_manifest("trap", plasticity=[
+        {"type": "trap.logging_scale", "target": "blocks.0.mlp.proj", "settings": {"factor": 0.5}},
+        {"type": "trap.logging_scale", "target": "blocks.1.mlp.proj", "settings": {"factor": 0.5}}]))
+    before = [model.core.blocks[i].mlp.proj.weight.detach().clone() for i in (0, 1)]
+    metrics: dict[str, float] = {}
+    model.pm.hook.cortex_after_step(model=model, step=0, metrics=metrics)
+    assert metrics["logging_scale/calls"] == 1.0  # its own hook ran ...
+    for i in (0, 1):  # ... and so did its update, for both rules, in manifest order
+        torch.testing.assert_close(model.core.blocks[i].mlp.proj.weight, before[i] * 0.5)
+    assert order == ["plasticity.0.trap.logging_scale", "plasticity.1.trap.logging_scale"]

@@ -89,7 +89,7 @@ def test_build_imports_only_the_namespaces_it_names(monkeypatch):
 
 def test_component_clash_names_both_sources(fake_distribution):
     fake_distribution("cortex", {"a": make_plugin(ExactTier)})
-    fake_distribution("cortex", {"b": make_plugin(type("Other", (ExactTier,), {}))})
+    fake_distribution("cortex", {"b": make_plugin(type("Other", (ExactTier,), {"name": "exact"}))})
     with pytest.raises(PluginError) as info:
         create_plugin_manager()
     message = str(info.value)
@@ -231,3 +231,58 @@ def test_a_rule_with_its_own_after_step_hook_still_updates_in_manifest_order(reg
     for i in (0, 1):  # ... and so did its update, for both rules, in manifest order
         torch.testing.assert_close(model.core.blocks[i].mlp.proj.weight, before[i] * 0.5)
     assert order == ["plasticity.0.trap.logging_scale", "plasticity.1.trap.logging_scale"]
+
+
+def _plugin_module(**attributes):
+    import types
+
+    module = types.ModuleType("mistake_plugin")
+    module.__dict__.update(attributes)
+    return module
+
+
+@pytest.mark.parametrize("mistake, message", [
+    ("plain pydantic", "derive it from cortex.Settings"),
+    ("no capacity", "a memory tier's Settings needs a `capacity` field"),
+    ("no own name", "give the subclass a name of its own"),
+])
+def test_component_mistakes_are_named_with_the_package_without_a_traceback(fake_distribution, cortex_cli,
+                                                                           tmp_path, mistake, message):
+    import pydantic
+
+    from cortex import hookimpl
+    from tests.conftest import tiny_manifest
+
+    if mistake == "plain pydantic":
+        cls = type("Loose", (ExactTier,), {"name": "loose", "Settings": type(
+            "Settings", (pydantic.BaseModel,), {"__annotations__": {"capacity": int}, "capacity": 8})})
+    elif mistake == "no capacity":
+        cls = type("Bottomless", (ExactTier,), {"name": "bottomless", "Settings": type(
+            "Settings", (ExactTier.Settings.__mro__[1],), {})})
+    else:
+        cls = type("Copy", (ExactTier,), {})
+    fake_distribution("cortex-mistake", {"mistake": _plugin_module(
+        cortex_register_components=hookimpl(lambda register: register(cls)))}, version="0.3")
+    listing = cortex_cli("plugins")
+    assert listing.exit_code == 0 and "warning: component" in listing.stderr
+    assert "cortex-mistake 0.3 (entry point mistake" in listing.stderr and message in listing.stderr
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(tiny_manifest("m", memory=[{"type": "mistake.exact", "settings": {"capacity": 8}}]))
+    build = cortex_cli("build", manifest, "-o", tmp_path / "runs")
+    assert build.exit_code == 1 and "cortex-mistake 0.3" in build.stderr and message in build.stderr
+    assert "Traceback" not in build.output
+
+
+def test_a_misspelt_hook_and_an_empty_plugin_are_warned_about(fake_distribution, cortex_cli):
+    from cortex import hookimpl
+
+    fake_distribution("cortex-typo", {"typo": _plugin_module(
+        cortex_register_component=lambda register: None)}, version="1.2")
+    fake_distribution("cortex-ok", {"ok": _plugin_module(
+        cortex_register_components=hookimpl(lambda register: register(ExactTier)))})
+    listing = cortex_cli("plugins")
+    assert listing.exit_code == 0
+    assert ("cortex-typo 1.2 (entry point typo = mistake_plugin): cortex_register_component is not a Cortex "
+            "hook, so it is never called; did you mean cortex_register_components?") in listing.stderr
+    assert "cortex-typo 1.2 (entry point typo = mistake_plugin) registers no component" in listing.stderr
+    assert "cortex-ok" not in listing.stderr

@@ -132,6 +132,8 @@ def build(
 
             device = resolve_device(settings.device)
         model = assemble(built, device=device)
+        for problem in built.plugins.warnings:
+            err_console.print(Text.assemble(("warning: ", "yellow"), problem), highlight=False, soft_wrap=True)
         console.print(_summary_table(model.summary()))
         path = save_run(model, output, name=dest.name, overwrite=overwrite)
         console.print(f"run directory: {path}")
@@ -419,7 +421,8 @@ def plugins(as_json: bool = typer.Option(False, "--json", help="Machine-readable
         for i in pm.registry
     ]
     if as_json:
-        sys.stdout.write(json.dumps({"components": rows, "errors": [str(e) for e in pm.load_errors]}, indent=2) + "\n")
+        sys.stdout.write(json.dumps({"components": rows, "errors": [str(e) for e in pm.load_errors],
+                                     "warnings": pm.warnings}, indent=2) + "\n")
         return
     table = Table(title="Cortex components")
     for column in ("name", "kind", "distribution", "version", "entry_point"):
@@ -427,8 +430,8 @@ def plugins(as_json: bool = typer.Option(False, "--json", help="Machine-readable
     for row in rows:
         table.add_row(*(str(v) for v in row.values()))
     console.print(table)
-    for error in pm.load_errors:
-        err_console.print(Text.assemble(("warning: ", "yellow"), str(error)), highlight=False)
+    for problem in [*map(str, pm.load_errors), *pm.warnings]:
+        err_console.print(Text.assemble(("warning: ", "yellow"), problem), highlight=False, soft_wrap=True)
 
 
 

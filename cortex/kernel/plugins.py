@@ -12,6 +12,7 @@ Environment:
 
 from __future__ import annotations
 
+import difflib
 import os
 from dataclasses import dataclass
 from importlib import metadata
@@ -71,6 +72,8 @@ class CortexPluginManager(pluggy.PluginManager):
         self.add_hookspecs(hookspecs)
         self.registry = Registry()
         self.load_errors: list[PluginError] = []
+        #: problems that do not stop a plugin from loading (a misspelt hook, nothing registered)
+        self.warnings: list[str] = []
         #: every installed third-party namespace, loaded or not (for "did you mean")
         self.installed_namespaces: set[str] = set()
         self._loaded: dict[str, PluginSource] = {}
@@ -103,9 +106,22 @@ class CortexPluginManager(pluggy.PluginManager):
         except (pluggy.PluginValidationError, ValueError) as exc:
             raise PluginError(f"plugin {source.describe()} is not compatible: {exc}") from exc
         self.registry = trial
+        self._check_hook_names(plugin, source, registered=bool(classes))
         if not source.builtin:
             self._loaded[source.entry_point] = source
             self.installed_namespaces.add(source.entry_point)
+
+    def _check_hook_names(self, plugin: Any, source: PluginSource, *, registered: bool) -> None:
+        """Warn about ``cortex_*`` functions that are no hook (never called) and about a
+        plugin that provides nothing."""
+        hooks = {name for name in dir(hookspecs) if name.startswith("cortex_")}
+        defined = {name for name in dir(plugin) if name.startswith("cortex_") and callable(getattr(plugin, name))}
+        for name in sorted(defined - hooks):
+            hint = difflib.get_close_matches(name, sorted(hooks), n=1)
+            self.warnings.append(f"plugin {source.describe()}: {name} is not a Cortex hook, so it is never "
+                                 f"called" + (f"; did you mean {hint[0]}?" if hint else ""))
+        if not registered and not (defined & hooks):
+            self.warnings.append(f"plugin {source.describe()} registers no component and implements no hook")
 
     @property
     def loaded_namespaces(self) -> set[str]:
@@ -119,6 +135,7 @@ class CortexPluginManager(pluggy.PluginManager):
             new.register(plugin, name=self.get_name(plugin))
         new.registry = self.registry
         new.installed_namespaces = set(self.installed_namespaces)
+        new.warnings = list(self.warnings)
         new._loaded = dict(self._loaded)
         return new
 

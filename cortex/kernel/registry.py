@@ -9,7 +9,7 @@ from typing import Any, Iterator
 from pydantic import BaseModel
 
 from cortex.kernel.errors import PluginError
-from cortex.kernel.interfaces import KINDS
+from cortex.kernel.interfaces import KINDS, Settings
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,14 @@ class Registry:
             problem = f"name {name!r} must be a Python identifier such as 'my_tier'"
         elif not (isinstance(settings, type) and issubclass(settings, BaseModel)):
             problem = "it has no pydantic Settings model"
+        elif not issubclass(settings, Settings):
+            problem = ("its Settings derives from pydantic's BaseModel, which accepts misspelt keys "
+                       "silently: derive it from cortex.Settings")
+        elif "name" not in vars(cls):
+            problem = (f"it inherits the name {name!r} of {cls.__mro__[1].__qualname__}: give the subclass "
+                       "a name of its own (class attribute `name`)")
+        elif kind == "memory" and "capacity" not in settings.model_fields:
+            problem = "a memory tier's Settings needs a `capacity` field: the most entries the tier holds"
         if problem:
             raise PluginError(
                 f"component {getattr(cls, '__qualname__', cls)!r} from {source.describe()} "

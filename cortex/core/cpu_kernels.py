@@ -80,7 +80,7 @@ class _RMSNormFunction(torch.autograd.Function):
         )
         if grad_x is not None:
             correction = torch.mv(grad.view(-1, dim), weight).view(rstd.shape).mul_(rstd)
-            grad_x.add_(correction, alpha=1.0 / dim)  # (addcmul_ with broadcasting is 3x slower)
+            grad_x.add_(correction, alpha=1.0 / dim)  # (addcmul_ with broadcasting is slower)
         return grad_x, grad_weight, None, None
 
 

@@ -120,7 +120,7 @@ class RopeTables(NamedTuple):
     """The rotations of positions ``start..end-1``: ``freqs`` for
     [`apply_rope`][cortex.core.transformer.apply_rope], the other two laid out for
     [`cpu_kernels`][cortex.core.cpu_kernels] (materialised over heads: multiplying by a
-    broadcast table is ~20% slower on CPU)."""
+    broadcast table is slower on CPU)."""
 
     rotate: torch.Tensor  # (T, 2*heads, head_dim/2) complex64, for q and k together
     unrotate: torch.Tensor  # (T, heads, head_dim/2) complex64, the inverse, for gradients

@@ -175,7 +175,7 @@ class Continual(BenchSuite):
         steps = s.quick_steps if quick else s.steps
         bases = [(str(t), t.read_text(encoding="utf-8")) for t in targets] or [("built-in base", BASE_MANIFEST)]
         threads = torch.get_num_threads()
-        torch.set_num_threads(s.threads)  # tiny models: one thread is fastest, and ~10x faster on a busy machine
+        torch.set_num_threads(s.threads)  # tiny models: one thread is fastest, above all on a busy machine
         try:
             return self._run_all(bases, facts, steps, seeds, log)
         finally:

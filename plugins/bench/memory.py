@@ -113,8 +113,7 @@ def choose_threads(requested: int | None) -> tuple[int, str]:
 
     Explicit ``requested`` wins. Otherwise every CPU, unless the machine is already busy
     (1-minute load average >= CPUs): then one, since OpenMP thread teams on a shared,
-    oversubscribed machine wait on each other (a probe here: PQ training 3x slower on 2
-    threads than on 1 at load 9 on 2 CPUs).
+    oversubscribed machine wait on each other.
     """
     cpus = os.cpu_count() or 1
     if requested:

@@ -58,8 +58,8 @@ def faiss_threads(work: int) -> Iterator[None]:
     """Run the FAISS calls of the block on one thread unless ``work`` is large.
 
     FAISS and torch bundle separate OpenMP runtimes; on a small machine their spinning
-    thread pools starve each other (a probe here: 3,000 small HNSW adds after a few torch
-    ops took 18 s with 2 threads, 0.3 s with 1). Small operations gain nothing from
+    thread pools starve each other: many small adds after torch work can take far longer
+    on two threads than on one. Small operations gain nothing from
     threads anyway, so they run on one; large ones keep FAISS's own thread count.
     """
     if work >= PARALLEL_WORK:

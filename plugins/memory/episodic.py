@@ -24,9 +24,9 @@ at it (and the one before, for the oldest bigram; earlier items of the same epis
 included, across turns):
 
 - ``ngram`` (default): a signed feature-hashing of position-tagged unigrams, order-free
-  unigrams and position-tagged bigrams into ``key_dim`` buckets. A cue with 30% of its tokens
-  replaced keeps ~70% of its unigram and ~50% of its bigram features, so its key stays
-  close to the stored one; unrelated contexts are near-orthogonal.
+  unigrams and position-tagged bigrams into ``key_dim`` buckets. A cue with a few of its tokens
+  replaced keeps most of its unigram and bigram features, so its key stays close to the
+  stored one (``tests/test_episodic.py`` checks noisy cues); unrelated contexts are near-orthogonal.
 - ``model``: the model's own memory keys (``model.memory_system.keys``: local-window hidden
   states), or the last block's local-window hidden states when there are no tiers.
 - ``both``: the two, concatenated with equal weight.

@@ -29,8 +29,9 @@ from cortex.kernel.interfaces import (
     all_reduce_mean,
     firing_rate,
 )
-from cortex.kernel.manifest import load_manifest, load_manifest_text
+from cortex.kernel.manifest import load_manifest_text
 from cortex.kernel.plugins import create_plugin_manager
+from cortex.runtime.manifests import load_manifest
 
 if TYPE_CHECKING:
     from cortex.assembly import assemble

@@ -116,7 +116,7 @@ def build(
     train, chat) is refused with the holder's pid; readers (generate, memory) go on.
     """
     from cortex.assembly import assemble
-    from cortex.kernel.manifest import load_manifest
+    from cortex.runtime.manifests import load_manifest
     from cortex.runtime.rundir import run_lock, run_path, save_run
 
     _output_folder(output)
@@ -177,7 +177,7 @@ def train_command(
 
     Holds the run directory's lock while it trains (see `cortex build`).
     """
-    from cortex.kernel.manifest import load_manifest
+    from cortex.runtime.manifests import load_manifest
     from cortex.runtime.rundir import run_lock, run_path
 
     if target.is_dir():
@@ -195,7 +195,8 @@ def train_command(
 def _train_command(target: Path, data: str | None, resume: str | None, output: Path, steps: int | None,
                    overwrite: bool, overrides: list[str]) -> None:
     from cortex.assembly import assemble
-    from cortex.kernel.manifest import TrainSection, load_manifest
+    from cortex.kernel.manifest import TrainSection
+    from cortex.runtime.manifests import load_manifest
     from cortex.runtime.rundir import load_run, run_path, save_run
     from cortex.runtime.train import resolve_device
 
@@ -381,7 +382,7 @@ def validate(
     overrides: Optional[list[str]] = typer.Option(None, "--set", help="Check with this change: KEY.PATH=VALUE (repeatable)."),
 ) -> None:
     """Check manifests without building them; report every problem with FILE:LINE:COL."""
-    from cortex.kernel.manifest import load_manifest
+    from cortex.runtime.manifests import load_manifest
 
     failures = []
     for path in manifests:
@@ -397,7 +398,7 @@ def validate(
 @app.command()
 def schema(output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write to this file.")) -> None:
     """Print the manifest's JSON schema, with the settings of every registered component."""
-    from cortex.kernel.manifest import json_schema
+    from cortex.runtime.manifests import json_schema
     from cortex.runtime.rundir import atomic_write
 
     if output:

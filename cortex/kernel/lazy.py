@@ -1,13 +1,8 @@
 """Modules imported on first use, so that importing the kernel or a plugin costs no torch.
 
-``cortex validate``, ``cortex schema`` and ``cortex plugins`` need component *settings*,
-not tensors. Plugin modules therefore bind torch through these proxies::
-
-    from cortex.kernel.lazy import F, nn, torch
-
-``torch.zeros(3)`` imports torch at that call; after it, attribute lookups on the proxy are
-plain dictionary hits. What a module needs *at import* (a base class such as
-``nn.Module``) imports torch then, so such classes live where torch is wanted anyway.
+Plugin modules bind ``from cortex.kernel.lazy import F, nn, torch``: ``cortex validate``,
+``schema`` and ``plugins`` then never load torch. What a module needs at import (a base
+class such as ``nn.Module``) would import it, so such classes live in modules imported later.
 """
 
 from __future__ import annotations

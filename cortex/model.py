@@ -18,7 +18,7 @@ from cortex.core.tokenizer import Tokenizer
 from cortex.core.transformer import ModelConfig, Transformer
 from cortex.kernel.errors import CheckpointError, CortexError
 from cortex.kernel.hookspecs import hookimpl
-from cortex.kernel.interfaces import Component, MemoryTier, PlasticityRule
+from cortex.kernel.interfaces import CognitiveFeature, Component, MemoryTier, PlasticityRule
 from cortex.kernel.manifest import ResolvedComponent, ValidatedManifest
 from cortex.kernel.plugins import CortexPluginManager
 
@@ -97,11 +97,47 @@ class CortexModel(nn.Module):
     # -- real-time use ---------------------------------------------------------------
 
     def remember(self, text: str, session: str = "self") -> int:
-        """Store ``text`` in the memory of ``session`` (no training switch); returns entries."""
+        """Store ``text`` in the memory of ``session`` and tell every feature (no training
+        switch); returns the entries stored (the tiers', else what features kept)."""
+        kept = self._keep(text, session)
+        if kept is None:
+            raise CortexError("this model has no memory tiers (and no feature keeps told text); "
+                              "add `memory:` to its manifest")
+        return kept
+
+    def _keep(self, text: str, session: str) -> int | None:
+        told = sum(feature.remember(text, session) for feature in self._cognitive())
         if self.memory_system is None:
-            raise CortexError("this model has no memory tiers; add `memory:` to its manifest")
+            return told or None
         ids = torch.tensor(self.tokenizer.encode(text), dtype=torch.long)
         return self.memory_system.remember(ids, session_stream(session), {"text": text, "session": session})
+
+    def _cognitive(self) -> list[CognitiveFeature]:
+        return [f for f in self.features if isinstance(f, CognitiveFeature)]
+
+    def _read_prompt(self, prompt: str, session: str) -> str:
+        """What the model reads for ``prompt``: every feature's ``context_for``, in manifest order."""
+        for feature in self._cognitive():
+            prompt = feature.context_for(prompt, session)
+        return prompt
+
+    def _adjusters(self) -> list[CognitiveFeature]:
+        return [f for f in self._cognitive() if type(f).adjust_logits is not CognitiveFeature.adjust_logits]
+
+    def _knn_lm(self) -> bool:
+        return self.memory_system is not None and "knn_lm" in self.memory_system.settings.read
+
+    def _adjust(self, ids: torch.Tensor, logits: torch.Tensor, session: str, *, touch: bool = True) -> torch.Tensor:
+        """Next-token scores after ``ids``: every feature's ``adjust_logits``, then kNN-LM.
+        ``logits`` is (B, vocab) for the token after ``ids`` or (B, T, vocab) for every position."""
+        for feature in self._adjusters():
+            logits = feature.adjust_logits(ids, logits, session)
+        if not self._knn_lm():
+            return logits
+        stream = session_stream(session)
+        if logits.dim() == 2:
+            return self.memory_system.knn_lm_next(ids, logits, stream)
+        return self.memory_system.knn_lm_logits(ids, logits, torch.full((ids.shape[0],), stream), touch=touch)
 
     def chat(self, text: str, *, session: str = "self", learn: bool = True, **generation: Any) -> Reply:
         """A chat turn: the answer, its confidence and the detected language."""
@@ -124,23 +160,23 @@ class CortexModel(nn.Module):
         path can learn from the turn. There is no train/inference switch.
         """
         response = self.generate_text(prompt, session=session, **generation)
-        if learn and self.memory_system is not None:
-            self.remember(prompt, session)
+        if learn:
+            self._keep(prompt, session)
         self.pm.hook.cortex_interaction(model=self, session=session, prompt=prompt, response=response)
         return response
 
     @torch.no_grad()
     def confidence(self, prompt: str, answer: str, *, session: str = "self") -> float:
         """Mean probability the model (with ``session``'s memory) gives ``answer``'s tokens
-        after ``prompt``, teacher-forced. Looking does not strengthen any memory."""
+        after ``prompt``, teacher-forced, read as generation reads it (features, kNN-LM).
+        Looking does not strengthen any memory."""
+        prompt = self._read_prompt(prompt, session)
         p_ids, a_ids = self.tokenizer.encode(prompt), self.tokenizer.encode(answer)
         ids = torch.tensor([(p_ids + a_ids)[-(self.config.context + 1):]], dtype=torch.long)
         n = min(len(a_ids), ids.shape[1] - 1)
         inputs, targets = ids[:, :-1], ids[:, 1:]
         logits, _ = self.core(inputs)
-        if self.memory_system is not None and "knn_lm" in self.memory_system.settings.read:
-            streams = torch.tensor([session_stream(session)])
-            logits = self.memory_system.knn_lm_logits(inputs, logits, streams, touch=False)
+        logits = self._adjust(inputs, logits, session, touch=False)
         logp = torch.log_softmax(logits.float(), dim=-1)[0, -n:].gather(1, targets[0, -n:, None])
         return float(logp.exp().mean())
 
@@ -149,7 +185,7 @@ class CortexModel(nn.Module):
                       temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                       seed: int | None = None, stream: Any = None, stop_at_eos: bool = True) -> str:
         """Continue ``prompt``, reading the memory of ``session``; returns the new text."""
-        ids = torch.tensor([self.tokenizer.encode(prompt)], dtype=torch.long)
+        ids = torch.tensor([self.tokenizer.encode(self._read_prompt(prompt, session))], dtype=torch.long)
         if ids.numel() == 0:
             ids = torch.tensor([[self.tokenizer.eos_id]])
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -162,13 +198,12 @@ class CortexModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, *, session: str = "self", **sampling: Any):
-        """Token generation with the KV cache, reading ``session``'s memory (see ``Transformer.generate``)."""
-        ms = self.memory_system
-        if ms is None:
-            return self.core.generate(idx, max_new_tokens, **sampling)
-        stream = session_stream(session)
-        adjust = (lambda ids, logits: ms.knn_lm_next(ids, logits, stream)) if "knn_lm" in ms.settings.read else None
-        read = MemoryRead(torch.full((idx.shape[0],), stream))
+        """Token generation with the KV cache, reading ``session``'s memory and adjusted by
+        the features' ``adjust_logits`` (see ``Transformer.generate``)."""
+        adjust = (lambda ids, logits: self._adjust(ids, logits, session)) if self._knn_lm() or self._adjusters() else None
+        read = None
+        if self.memory_system is not None:
+            read = MemoryRead(torch.full((idx.shape[0],), session_stream(session)))
         return self.core.generate(idx, max_new_tokens, adjust=adjust, memory=read, **sampling)
 
     def _stateful(self) -> dict[str, Any]:

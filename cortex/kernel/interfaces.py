@@ -436,6 +436,26 @@ class CognitiveFeature(Component):
         features that consolidate it (``cls``). The default offers none."""
         return []
 
+    # -- the read path: the model calls these on every feature (no-ops by default) -------
+
+    def remember(self, text: str, session: str) -> int:
+        """Keep ``text`` told to ``session`` (``model.remember`` and chat prompts); returns
+        how many entries were kept. The default keeps nothing (0)."""
+        return 0
+
+    def context_for(self, prompt: str, session: str) -> str:
+        """The text the model reads for ``prompt`` in ``session`` (e.g. with recalled text
+        put before it). The default is ``prompt`` itself."""
+        return prompt
+
+    def adjust_logits(self, ids: torch.Tensor, logits: torch.Tensor, session: str) -> torch.Tensor:
+        """Next-token scores after reading ``ids`` (B, T): ``logits`` (B, vocab) for the token
+        after ``ids`` (generation), or (B, T, vocab) for every position (teacher-forced).
+        Returns logits or log-probabilities of the same shape; the model applies every
+        feature's in manifest order, then kNN-LM. The default returns ``logits`` unchanged
+        (and the model skips features that do not override it)."""
+        return logits
+
 
 @dataclass
 class Document:

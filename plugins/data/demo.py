@@ -269,15 +269,60 @@ def _exchange(asker: Person, p: Person, attr: str, ko: bool) -> list[str]:
     return [f"{a}: {ask}", f"{n}: {answer}"]
 
 
-def make_world(rng: random.Random, korean: bool, kind: str | None = None) -> DemoWorld:
-    """Draw one world from ``rng``: its people and facts, told as ``"facts"`` or ``"dialogue"``."""
+def _towards(w: str) -> str:  # 부산으로 / 서울로 (ㄹ takes 로)
+    last = w[-1]
+    if "가" <= last <= "힣" and (ord(last) - 0xAC00) % 28 not in (0, 8):
+        return w + "으로"
+    return w + "로"
+
+
+def _city_statement(name: tuple[str, str], city: tuple[str, str], wording: str, ko: bool) -> str:
+    """Where someone lives, in the wording ``lives`` / ``moved`` / ``correction``."""
+    if ko:
+        n, c = name[1], city[1]
+        return {"lives": f"{_topic(n)} {c}에 산다.", "moved": f"{_topic(n)} {_towards(c)} 이사했다.",
+                "correction": f"정정: {_topic(n)} {c}에 산다."}[wording]
+    n, c = name[0], city[0]
+    return {"lives": f"{n} lives in {c}.", "moved": f"{n} moved to {c}.",
+            "correction": f"Correction: {n} lives in {c}."}[wording]
+
+
+def _update(rng: random.Random, people: list[Person], korean: bool, parts: list[str],
+            told: list[tuple[Person, str]]) -> tuple[Person, str]:
+    """Tell one person's city twice, the later statement (any wording) being the true one."""
+    p = rng.choice(people)
+    used = {q.facts["city"] for q in people if "city" in q.facts}
+    old, new = rng.sample([c for c in CITIES if c not in used], 2)
+    if "city" in p.facts:
+        old = p.facts["city"]
+        at = next(i for i, (q, a) in enumerate(told) if q is p and a == "city")
+    else:
+        at = rng.randint(0, len(parts))
+        parts.insert(at, "")
+        told.insert(at, (p, "city"))
+    parts[at] = _city_statement(p.name, old, rng.choice(["lives", "moved"]), korean)
+    later = rng.randint(at + 1, len(parts))
+    parts.insert(later, _city_statement(p.name, new, rng.choice(["moved", "correction", "lives"]), korean))
+    p.facts["city"] = new
+    return p, "city"
+
+
+def make_world(rng: random.Random, korean: bool, kind: str | None = None, updates: float = 0.0) -> DemoWorld:
+    """Draw one world from ``rng``: its people and facts, told as ``"facts"`` or ``"dialogue"``.
+
+    With ``updates`` > 0 that share of ``"facts"`` worlds tells one person's city twice (a
+    move or a correction) and asks for it: the later statement wins."""
     if kind is None:
         kind = "facts" if rng.random() < 0.6 else "dialogue"
     people = _draw_people(rng)
     told = [(p, a) for p in people for a in p.facts]
     rng.shuffle(told)
+    updated = None
     if kind == "facts":
-        body = " ".join(_statement(p, a, korean) for p, a in told)
+        parts = [_statement(p, a, korean) for p, a in told]
+        if updates > 0 and rng.random() < updates:
+            updated = _update(rng, people, korean, parts, told)
+        body = " ".join(parts)
     elif kind == "dialogue":
         people = people[:2]  # two speakers
         told = [(p, a) for p, a in told if p in people]
@@ -295,21 +340,23 @@ def make_world(rng: random.Random, korean: bool, kind: str | None = None) -> Dem
     else:
         raise ValueError(f"unknown world kind {kind!r}; use 'facts' or 'dialogue'")
     asked = rng.sample(told, min(len(told), rng.randint(2, 5)))
+    if updated is not None and updated not in asked:
+        asked[-1] = updated
     qa = [_question(p, a, korean) for p, a in asked]
     text = body + "\n" + "\n".join(f"{q} {a}" for q, a in qa)
     return DemoWorld(korean, kind, people, qa, text)
 
 
-def demo_worlds(n: int, seed: int = 0, korean: float = 0.5) -> Iterator[DemoWorld]:
+def demo_worlds(n: int, seed: int = 0, korean: float = 0.5, updates: float = 0.0) -> Iterator[DemoWorld]:
     """The first ``n`` worlds of ``seed``; a share ``korean`` of them in Korean."""
     for i in range(n):
         rng = random.Random(f"cortex-demo:{seed}:{i}")
-        yield make_world(rng, rng.random() < korean)
+        yield make_world(rng, rng.random() < korean, updates=updates)
 
 
-def demo_documents(n: int, seed: int = 0, korean: float = 0.5) -> Iterator[Document]:
+def demo_documents(n: int, seed: int = 0, korean: float = 0.5, updates: float = 0.0) -> Iterator[Document]:
     """The demo corpus as [`Document`][cortex.kernel.interfaces.Document]s with origin ``demo:SEED:INDEX``."""
-    for i, world in enumerate(demo_worlds(n, seed, korean)):
+    for i, world in enumerate(demo_worlds(n, seed, korean, updates)):
         yield Document(world.text, f"demo:{seed}:{i}")
 
 
@@ -322,10 +369,13 @@ class DemoSource(DataSource):
         documents: int = Field(20000, gt=0, description="Number of documents.")
         seed: int = Field(0, description="Seed of the generator; the same seed gives the same corpus.")
         korean: float = Field(0.5, ge=0.0, le=1.0, description="Share of Korean documents.")
+        updates: float = Field(0.0, ge=0.0, le=1.0, description="Share of fact documents that tell a "
+                                                                "city twice (a move or a correction); "
+                                                                "the later statement is the answer.")
 
     def documents(self) -> Iterator[Document]:
         s = self.settings
-        return demo_documents(s.documents, s.seed, s.korean)
+        return demo_documents(s.documents, s.seed, s.korean, s.updates)
 
 
 @hookimpl

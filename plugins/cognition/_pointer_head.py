@@ -1,0 +1,320 @@
+"""The pointer the ``reader`` feature installs after the last block (imported when a model is built).
+
+Byte-level helpers (sentence words, distance buckets) live here too, beside the module
+that uses them; ``reader.py`` stays free of torch at import.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+BUCKETS = 12  # log2 distance buckets: 1, 2-3, 4-7, ... (the last holds everything further)
+BINS = 2048  # hashed word bins of the lexical bags
+
+
+def distance_buckets(T: int, device: torch.device | None = None) -> torch.Tensor:
+    """(T, T) bucket of ``t - j`` (``floor(log2(t - j))``, clamped), 0 on and above the diagonal."""
+    pos = torch.arange(T, device=device)
+    d = (pos[:, None] - pos[None, :]).clamp_min(1).float()
+    return torch.log2(d).floor().long().clamp(max=BUCKETS - 1)
+
+
+def _is_word_byte(b: int) -> bool:
+    return b >= 0x80 or 48 <= b <= 57 or 65 <= b <= 90 or 97 <= b <= 122
+
+
+def _word_forms(word: bytes) -> list[bytes]:
+    """A word and, for a Korean word, the word without its last syllable (its particle)."""
+    word = word.lower()
+    if len(word) == 1:  # a lone letter (the s of "Mina's") says nothing
+        return []
+    forms = [word]
+    if word[0] >= 0xE0 and len(word) >= 6:
+        forms.append(word[:-3])
+    return forms
+
+
+def sentence_words(ids: list[int]) -> list[list[bytes]]:
+    """For each position of byte ids, the words of its sentence so far (``.``, ``!`` and a
+    newline end a sentence; ``?`` does not, so an answer shares its question's words). The
+    word being typed counts as far as it goes."""
+    out, done, current = [], [], b""
+    for t in ids:
+        if 0 <= t < 256 and _is_word_byte(t):
+            current += bytes([t])
+        else:
+            if current:
+                done.extend(_word_forms(current))
+                current = b""
+            if t in (46, 33, 10) or not 0 <= t < 256:
+                done = []
+        out.append(done + (_word_forms(current) if current else []))
+    return out
+
+
+class PointerHead(nn.Module):
+    """A pointer over the model's own context, installed with ``core.set_memory_layer``.
+
+    It passes the residual stream through unchanged and keeps the hidden states: of the
+    whole sequence in training (and any forward of more than one token), appended to in
+    one-token cached decoding, so generation reads every earlier position without a
+    second forward pass.
+
+    Pointer logits of query t over keys j < t (the value of key j is the token after j)::
+
+        exp(log_scale) * cos(q_t, k_j) + recency[log2(t - j)] + exp(log_lexical) * overlap(t, j)
+            [+ the induction prior: sum_n exp(log_match[n-1]) where the n tokens ending at j and t agree]
+
+    ``q``, ``k``: linear maps of the normed hidden state plus a local summary (attention
+    pooling over the last ``window`` positions); ``overlap``: rarity-weighted words shared
+    by the query's sentence and key j's (other sentences only). How the pointer's
+    distribution meets the model's is ``combine`` (see
+    [`combine_log_probs`][cortex_plugins.cognition._pointer_head.PointerHead.combine_log_probs]).
+    """
+
+    def __init__(self, dim: int, width: int, gate_bias: float = -1.0, window: int = 32, combine: str = "poe",
+                 eps: float = 0.05, beta: float = 1.0, min_entropy: float = 0.0, fold_case: bool = True,
+                 other_sentences: bool = False, match: int = 0) -> None:
+        super().__init__()
+        if combine not in ("poe", "gate"):
+            raise ValueError(f"combine must be 'poe' or 'gate', not {combine!r}")
+        self.window = window
+        self.combine, self.eps, self.beta, self.min_entropy = combine, eps, beta, min_entropy
+        # poe: a byte and its other ASCII case count as one in the pointer's factor (a value
+        # told as "apples" answers "Apples."; the model supplies the case, the pointer the word)
+        self.fold_case = fold_case
+        # read only keys in other sentences than the query's (a question's own "Gaeun-eun "
+        # is not the statement's)
+        self.other_sentences = other_sentences
+        # an induction prior: key j gains exp(log_match[n-1]) when the n tokens ending at j
+        # equal the n tokens ending at the query (n = 1..match), so once a value's first
+        # token is written the pointer steps along the told wording
+        self.match = match
+        if match:
+            self.log_match = nn.Parameter(torch.zeros(match))
+        self.norm = nn.RMSNorm(dim)
+        self.query = nn.Linear(dim, width, bias=False)
+        self.key = nn.Linear(dim, width, bias=False)
+        # the local summary: content score plus a learned bias per offset over the last
+        # `window` positions, a bag of what was said just before, wherever it sat
+        self.salience = nn.Linear(dim, 1, bias=False)
+        self.offset_bias = nn.Parameter(torch.zeros(window))
+        self.summary = nn.Linear(dim, width, bias=False)
+        self.query_summary = nn.Linear(width, width, bias=False)
+        self.key_summary = nn.Linear(width, width, bias=False)
+        # log-parametrised weights, so that Adam's small steps move them by a factor; q and
+        # k are unit vectors under a learned scale, so the learned match stays on the scale
+        # of the word overlap instead of outgrowing it
+        self.log_lexical = nn.Parameter(torch.tensor(math.log(2.0)))
+        self.log_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+        self.recency = nn.Parameter(torch.zeros(BUCKETS))
+        if combine == "gate":
+            self.gate = nn.Linear(dim, 1)
+            self.log_lexical_gate = nn.Parameter(torch.tensor(0.0))
+            nn.init.zeros_(self.gate.weight)
+            nn.init.constant_(self.gate.bias, gate_bias)
+        nn.init.normal_(self.query.weight, std=dim ** -0.5)
+        nn.init.normal_(self.key.weight, std=dim ** -0.5)
+        #: byte-level word -> rarity (0 for template words); set by the Reader
+        self.idf: Callable[[bytes], float] | None = None
+        self.hidden: torch.Tensor | None = None  # (B, T, dim) of the sequence so far
+        #: ``False`` turns the pointer off at inference (the model alone)
+        self.enabled = True
+
+    def forward(self, x: torch.Tensor, memory: Any = None) -> torch.Tensor:
+        if self.training or x.shape[1] > 1 or self.hidden is None or self.hidden.shape[0] != x.shape[0]:
+            self.hidden = x
+        else:  # one new token of cached decoding
+            self.hidden = torch.cat([self.hidden, x.detach()], dim=1)
+        return x
+
+    # -- the word overlap -------------------------------------------------------------
+
+    def bags(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, T, BINS): each position's sentence words, hashed, weighted by rarity."""
+        B, T = ids.shape
+        out = torch.zeros(B, T, BINS)
+        if self.idf is not None:
+            for b, row in enumerate(ids.tolist()):
+                for t, found in enumerate(sentence_words(row)):
+                    for w in set(found):
+                        out[b, t, zlib.crc32(w) % BINS] = self.idf(w)
+        return out.to(ids.device)
+
+    @staticmethod
+    def sentences(ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) sentence number of each position (``.``, ``!``, newline and non-byte tokens
+        close theirs; ``?`` does not)."""
+        ends = (ids == 46) | (ids == 33) | (ids == 10) | (ids >= 256) | (ids < 0)
+        return torch.cumsum(ends.long(), dim=1) - ends.long()  # a boundary closes its sentence
+
+    def same_sentence(self, ids: torch.Tensor, last: int | None = None) -> torch.Tensor | None:
+        """(B, Tq, T) True where key and query share a sentence (None unless ``other_sentences``)."""
+        if not self.other_sentences:
+            return None
+        sentence = self.sentences(ids)
+        qs = sentence if last is None else sentence[:, -last:]
+        return qs[:, :, None] == sentence[:, None, :]
+
+    def overlap(self, ids: torch.Tensor, last: int | None = None) -> torch.Tensor:
+        """(B, Tq, T) rarity-weighted word overlap of each query position's sentence (the
+        last ``last`` positions, default all) with each position's in *other* sentences
+        (a sentence trivially shares its own words)."""
+        bags = self.bags(ids)
+        sentence = self.sentences(ids)
+        q = bags if last is None else bags[:, -last:]
+        qs = sentence if last is None else sentence[:, -last:]
+        lex = torch.bmm(q, bags.transpose(1, 2))
+        return lex.masked_fill(qs[:, :, None] == sentence[:, None, :], 0.0)
+
+    # -- attention --------------------------------------------------------------------
+
+    def project(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Queries, keys (scaled) and the gate logit (None without a gate) of states ``h``."""
+        n = self.norm(h)
+        s = self.local_summary(n)
+        q = F.normalize(self.query(n) + self.query_summary(s), dim=-1) * self.log_scale.exp()
+        k = F.normalize(self.key(n) + self.key_summary(s), dim=-1)
+        return q, k, (self.gate(n).squeeze(-1) if self.combine == "gate" else None)
+
+    def local_summary(self, n: torch.Tensor) -> torch.Tensor:
+        """(B, T, width): for each position, a softmax-weighted sum of the projected states
+        of itself and the ``window - 1`` positions before it."""
+        W = self.window
+        v = F.pad(self.summary(n).float(), (0, 0, W - 1, 0)).unfold(1, W, 1)  # (B, T, width, W)
+        a = F.pad(self.salience(n).float()[..., 0], (W - 1, 0), value=float("-inf")).unfold(1, W, 1)  # (B, T, W)
+        a = torch.softmax(a + self.offset_bias.flip(0), dim=-1)  # window slot W-1 is offset 0
+        return torch.einsum("btrw,btw->btr", v, a)
+
+    def suffix_match(self, ids: torch.Tensor, last: int | None = None) -> torch.Tensor | None:
+        """(B, Tq, T) induction prior: sum over n <= ``match`` of exp(log_match[n-1]) where the
+        n tokens ending at the query equal the n tokens ending at the key (None without it)."""
+        if not self.match:
+            return None
+        eq = ids[:, :, None] == ids[:, None, :]  # (B, T, T): x_t == x_j
+        weights = self.log_match.exp()
+        run, out = eq, weights[0] * eq.float()
+        for n in range(1, self.match):
+            shifted = torch.zeros_like(eq)
+            shifted[:, n:, n:] = eq[:, :-n, :-n]  # x_{t-n} == x_{j-n}
+            run = run & shifted
+            out = out + weights[n] * run.float()
+        return out if last is None else out[:, -last:]
+
+    def scores(self, q: torch.Tensor, k: torch.Tensor, lex: torch.Tensor | None = None,
+               same: torch.Tensor | None = None, match: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention logits (B, Tq, Tk) of queries at the last Tq positions over all Tk keys,
+        strictly causal: position t sees keys j < t (their next token is known)."""
+        Tq, Tk = q.shape[1], k.shape[1]
+        logits = torch.einsum("bqr,bkr->bqk", q.float(), k.float())
+        logits = logits + self.recency[distance_buckets(Tk, q.device)[Tk - Tq:]]
+        if lex is not None:
+            logits = logits + self.log_lexical.exp() * lex
+        if match is not None:
+            logits = logits + match
+        if same is not None:
+            logits = logits.masked_fill(same, float("-inf"))
+        pos_q = torch.arange(Tk - Tq, Tk, device=q.device)[:, None]
+        pos_k = torch.arange(Tk, device=q.device)[None, :]
+        return logits.masked_fill(pos_k >= pos_q, float("-inf"))
+
+    def gate_logit(self, g: torch.Tensor, s: torch.Tensor, lex: torch.Tensor) -> torch.Tensor:
+        """combine: gate: the gate from the hidden state plus the overlap of the attended keys."""
+        best = (torch.softmax(s, dim=-1).nan_to_num(0.0) * lex).sum(-1)
+        return g.float() + self.log_lexical_gate.exp() * best
+
+    # -- combining with the model -----------------------------------------------------
+
+    def combine_log_probs(self, logp: torch.Tensor, p_ptr: torch.Tensor,
+                          g: torch.Tensor | None = None) -> torch.Tensor:
+        """Combined log-probabilities (..., vocab) of the model's ``logp`` and the pointer's
+        distribution ``p_ptr`` (..., vocab; all zeros where the pointer sees no key).
+
+        ``poe`` (product of experts): ``log p = log p_model + beta * log(eps + p_ptr) - log Z``.
+        The model supplies the template and the type (a city starts here), the pointer the
+        binding (which city); where the pointer has nothing the factor is a constant and the
+        model is unchanged. With ``min_entropy`` > 0 only positions where the model's own
+        entropy (nats) reaches it are combined. ``gate``: ``g p_ptr + (1 - g) p_model``.
+        """
+        if self.combine == "poe":
+            if self.fold_case and p_ptr.shape[-1] >= 128:
+                swap = torch.arange(p_ptr.shape[-1], device=p_ptr.device)
+                swap[65:91], swap[97:123] = swap[97:123].clone(), swap[65:91].clone()
+                p_ptr = p_ptr + p_ptr[..., swap] * (swap != torch.arange(len(swap), device=swap.device))
+            joint = torch.log_softmax(logp + self.beta * torch.log(self.eps + p_ptr), dim=-1)
+            if self.min_entropy > 0:
+                entropy = -(logp.exp() * logp).sum(-1, keepdim=True)
+                joint = torch.where(entropy >= self.min_entropy, joint, logp)
+            return joint
+        gate = torch.sigmoid(g.float())[..., None]
+        return torch.log((gate * p_ptr + (1 - gate) * logp.exp()).clamp_min(1e-12))
+
+    def _attend(self, ids: torch.Tensor, last: int | None = None):
+        q, k, g = self.project(self.hidden)
+        lex = self.overlap(ids, last)
+        if last is not None:
+            q = q[:, -last:]
+        s = self.scores(q, k, lex, self.same_sentence(ids, last), self.suffix_match(ids, last))
+        return torch.softmax(s, dim=-1).nan_to_num(0.0), s, lex, g  # row 0 sees nothing
+
+    def sequence_log_probs(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Combined log-probabilities (B, T, vocab) at every position of input ``ids`` (B, T)
+        from the kept states (teacher-forced: ``logits[:, t]`` predicts the token after t)."""
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        if self.hidden is None or self.hidden.shape[1] != ids.shape[1] or not self.enabled:
+            return logp
+        attn, s, lex, g = self._attend(ids)
+        values = F.pad(ids[:, 1:], (0, 1), value=-1)  # the token after each key (the last: unknown)
+        p_ptr = self._scatter(attn, values, logp.shape[-1])
+        if self.combine == "poe":
+            return self.combine_log_probs(logp, p_ptr)
+        seen = (torch.arange(ids.shape[1], device=ids.device) > 0).float()
+        gate = torch.sigmoid(self.gate_logit(g, s, lex)) * seen
+        return torch.log((gate[..., None] * p_ptr + (1 - gate[..., None]) * logp.exp()).clamp_min(1e-12))
+
+    @staticmethod
+    def _scatter(attn: torch.Tensor, values: torch.Tensor, vocab: int) -> torch.Tensor:
+        """(B, Tq, vocab) pointer distributions: attention mass on each key's value."""
+        index = values.clamp(0, vocab - 1)[:, None, :].expand(-1, attn.shape[1], -1)
+        return torch.zeros(*attn.shape[:2], vocab, device=attn.device).scatter_add_(
+            2, index, attn * (values >= 0)[:, None, :])
+
+    def mixture_log_probs(self, logits: torch.Tensor, values: torch.Tensor, targets: torch.Tensor,
+                          ids: torch.Tensor) -> torch.Tensor:
+        """log p(targets) (B, T) of the combined distribution over a whole sequence of input
+        ``ids`` (the training NLL); ``values[b, j]`` is the token after j."""
+        attn, s, lex, g = self._attend(ids)
+        if self.combine == "poe":
+            joint = self.combine_log_probs(torch.log_softmax(logits.float(), dim=-1),
+                                           self._scatter(attn, values, logits.shape[-1]))
+            return joint.gather(-1, targets.clamp_min(0)[..., None])[..., 0]
+        g = self.gate_logit(g, s, lex)
+        p_ptr = (attn * (values[:, None, :] == targets[:, :, None])).sum(-1)
+        seen = torch.arange(values.shape[1], device=values.device) > 0
+        log_g = F.logsigmoid(g).masked_fill(~seen, float("-inf"))
+        log_1g = F.logsigmoid(-g).masked_fill(~seen, 0.0)
+        lm = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.clamp_min(0)[..., None])[..., 0]
+        return torch.logaddexp(log_g + torch.log(p_ptr.clamp_min(1e-9)), log_1g + lm)
+
+    @torch.no_grad()
+    def mix_last(self, ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Combined log-probabilities (B, vocab) of the token after ``ids``, from the kept states."""
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        h = self.hidden
+        if h is None or h.shape[1] < 2 or not self.enabled:
+            return logp
+        T = min(h.shape[1], ids.shape[1])
+        if h.shape[1] > T:  # states of an earlier call before a one-token prompt
+            self.hidden = h[:, -T:]
+        ids = ids[:, -T:]
+        attn, s, lex, g = self._attend(ids, last=1)
+        attn = attn[:, 0, :-1]  # keys j < T-1: values ids[j+1]
+        p_ptr = torch.zeros_like(logp).scatter_add_(1, ids[:, 1:], attn)
+        gl = self.gate_logit(g[:, -1:], s, lex)[:, 0] if self.combine == "gate" else None
+        return self.combine_log_probs(logp, p_ptr, gl)

@@ -1,0 +1,207 @@
+"""The reader (``reader``): binding a name to what the context says is the read path's job.
+
+```yaml
+features:
+  - {type: reader}           # combine: poe, eps: 0.05, beta: 1, fold_case: true
+train:
+  data: {type: demo, settings: {updates: 0.3}}
+```
+
+Two parts:
+
+**A learned pointer over the model's own context.** After the last block a
+[`PointerHead`][cortex_plugins.cognition._pointer_head.PointerHead] turns each position's
+hidden state into a key; the token that followed the position is its value. The query of
+the current position attends over every earlier key, with a learned bias per
+log-distance bucket (the later of two matching statements can win) and a rarity-weighted
+word overlap between the query's sentence and the key's (names and values weigh, template
+words do not). The attention mass on each value is a next-token distribution, combined
+with the model's as a product of experts (``combine: poe``)::
+
+    p(w) ∝ p_model(w) · (eps + p_ptr(w))^beta
+
+The model supplies the template and the type of the answer, the pointer which one; where
+the pointer sees nothing the model is unchanged. (``combine: gate`` is the learned
+mixture ``g p_ptr + (1 - g) p_model`` it replaced; its gate learnt to stay shut.) Training
+adds the combined distribution's negative log-likelihood to the LM loss
+(``reader/pointer``), with gradients into the core.
+
+**Told text read by meaning.** ``model.remember``ed texts and chat prompts are kept per
+session (bounded, saved with the run). Before a prompt is answered, the told texts that
+share a rare word with it (rarity from the demo corpus; a relevance floor, so unrelated
+prompts read nothing) are put back before it, oldest first, and the pointer reads them
+like any fact in the prompt.
+
+The model consults the feature through the
+[`CognitiveFeature`][cortex.kernel.interfaces.CognitiveFeature] read path:
+``remember``, ``context_for`` and ``adjust_logits``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import Field
+
+from cortex import hookimpl
+from cortex.kernel.interfaces import CognitiveFeature, Settings
+from cortex.kernel.lazy import torch
+
+if TYPE_CHECKING:
+    from cortex import ModelHandle
+    from cortex_plugins.cognition._pointer_head import PointerHead
+
+_WORD = re.compile(r"[\w']+", re.UNICODE)
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased words; a possessive ``'s`` and Korean particles are cut so that
+    ``Mina's`` and ``민아는`` both give the name."""
+    out = []
+    for w in _WORD.findall(text.lower()):
+        if w.endswith("'s"):
+            w = w[:-2]
+        if w and "\uac00" <= w[0] <= "\ud7a3" and len(w) > 1:
+            out.append(w[:-1])  # 민아는 -> 민아, 부산에 -> 부산 (and the whole word too)
+        out.append(w)
+    return out
+
+
+class Reader(CognitiveFeature):
+    """The pointer read over the context and the told text that feeds it (module docs)."""
+
+    name = "reader"
+
+    class Settings(Settings):
+        dim: int = Field(64, gt=0, description="Width of the pointer's queries and keys.")
+        weight: float = Field(1.0, ge=0, description="Weight of the pointer loss beside the LM loss.")
+        combine: Literal["poe", "gate"] = Field(
+            "poe", description="How the pointer meets the model: `poe` (product of experts, "
+                               "p ∝ p_model (eps + p_ptr)^beta) or `gate` (a learned mixture gate).")
+        eps: float = Field(0.05, gt=0, description="poe: the floor of the pointer's factor.")
+        beta: float = Field(1.0, gt=0, description="poe: the exponent of the pointer's factor.")
+        min_entropy: float = Field(0.0, ge=0, description="poe: combine only where the model's entropy "
+                                                          "(nats) reaches this (0: everywhere).")
+        fold_case: bool = Field(True, description="poe: the pointer's factor counts a byte and its other "
+                                                   "ASCII case as one (told `apples` supports `Apples.`).")
+        other_sentences: bool = Field(False, description="The pointer reads only keys in other sentences "
+                                                         "than the query's.")
+        match: int = Field(0, ge=0, description="Induction prior: learned logit bonuses for keys whose last "
+                                                "1..match tokens equal the query's (0: none).")
+        gate_bias: float = Field(-1.0, description="combine: gate: the initial logit of the gate.")
+        recall: bool = Field(True, description="Put told texts relevant to a prompt back before it.")
+        max_texts: int = Field(256, gt=0, description="Told texts kept per session (the oldest dropped).")
+        top: int = Field(4, gt=0, description="Told texts put back before a prompt at most.")
+        min_idf: float = Field(3.0, ge=0, description="Relevance floor: a told text is read only when it "
+                                                     "shares with the prompt a word at least this rare (log "
+                                                     "inverse document frequency in the demo corpus).")
+        common_idf: float = Field(1.5, ge=0, description="Rarity subtracted from every word's in the "
+                                                          "pointer's word overlap (template words weigh 0).")
+        background: int = Field(4000, ge=0, description="Demo documents counted for word rarity.")
+
+    def __init__(self, settings: Settings, context: Any) -> None:
+        super().__init__(settings, context)
+        self.head: PointerHead | None = None
+        self.texts: dict[str, list[str]] = {}
+        self._df: Counter | None = None
+        self.counters = {"recalled": 0, "prompts": 0}
+
+    @hookimpl
+    def cortex_model_built(self, model: ModelHandle) -> None:
+        from cortex_plugins.cognition._pointer_head import PointerHead
+
+        core = model.core
+        last = core.config.layers - 1
+        if core.memory_layer(last) is not None:
+            raise ValueError("the reader sits after the last block, where another memory module already is")
+        st = self.settings
+        self.head = PointerHead(core.config.dim, st.dim, st.gate_bias, combine=st.combine, eps=st.eps,
+                                beta=st.beta, min_entropy=st.min_entropy, fold_case=st.fold_case,
+                                other_sentences=st.other_sentences, match=st.match)
+        self.head.to(next(core.parameters()).device)
+        self.head.idf = self.byte_idf
+        core.set_memory_layer(last, self.head)
+
+    @hookimpl
+    def cortex_extra_losses(self, model: ModelHandle, batch: torch.Tensor, logits: torch.Tensor):
+        if self.head is None or self.settings.weight == 0 or self.head.hidden is None:
+            return None
+        targets = batch[:, 1:]
+        logp = self.head.mixture_log_probs(logits, targets, targets, batch[:, :-1])
+        valid = targets >= 0
+        loss = -(logp * valid).sum() / valid.sum().clamp_min(1)
+        return {"reader/pointer": self.settings.weight * loss}
+
+    # -- the read path (called by the model) ----------------------------------------------
+
+    def remember(self, text: str, session: str) -> int:
+        kept = self.texts.setdefault(session, [])
+        kept.append(text.strip())
+        del kept[: -self.settings.max_texts]
+        return 1
+
+    def context_for(self, prompt: str, session: str) -> str:
+        """``prompt`` with the relevant told texts before it (the prompt itself unchanged)."""
+        self.counters["prompts"] += 1
+        found = self.recall(prompt, session) if self.settings.recall else []
+        if not found:
+            return prompt
+        self.counters["recalled"] += 1
+        return " ".join(found) + "\n" + prompt
+
+    def adjust_logits(self, ids: torch.Tensor, logits: torch.Tensor, session: str) -> torch.Tensor:
+        """The pointer combined with ``logits``: log-probabilities of the same shape."""
+        if self.head is None:
+            return logits
+        if logits.dim() == 2:
+            return self.head.mix_last(ids, logits)
+        with torch.no_grad():
+            return self.head.sequence_log_probs(logits, ids)
+
+    # -- told text ----------------------------------------------------------------------
+
+    def idf(self, word: str) -> float:
+        """log((N + 1) / (df + 0.5)) over a background sample of the demo corpus: template
+        words are common, names and values rarer, a never-seen word the rarest."""
+        if self._df is None:
+            from cortex_plugins.data.demo import demo_documents
+
+            self._df = Counter()
+            for doc in demo_documents(self.settings.background, seed=12345):
+                self._df.update(set(words(doc.text)))
+        return math.log((self.settings.background + 1) / (self._df.get(word, 0) + 0.5))
+
+    def byte_idf(self, word: bytes) -> float:
+        """Rarity of a byte-level word (see ``idf``); words common in the corpus weigh 0."""
+        return max(0.0, self.idf(word.decode("utf-8", errors="replace")) - self.settings.common_idf)
+
+    def recall(self, prompt: str, session: str) -> list[str]:
+        """Told texts of ``session`` relevant to ``prompt``, oldest first."""
+        kept = self.texts.get(session, [])
+        asked = set(words(prompt))
+        scored = []
+        for i, text in enumerate(kept):
+            if text in prompt:
+                continue
+            rare = [self.idf(w) for w in asked & set(words(text))]
+            if rare and max(rare) >= self.settings.min_idf:
+                scored.append((sum(rare), i))
+        best = sorted(scored, reverse=True)[: self.settings.top]
+        return [kept[i] for _, i in sorted(best, key=lambda s: s[1])]
+
+    def stats(self) -> dict[str, Any]:
+        return {**self.counters, "sessions": len(self.texts), "texts": sum(map(len, self.texts.values()))}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"texts": {k: list(v) for k, v in self.texts.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.texts = {k: list(v) for k, v in state.get("texts", {}).items()}
+
+
+@hookimpl
+def cortex_register_components(register):
+    register(Reader)

@@ -1,0 +1,264 @@
+"""The reader: pointer over the context, word overlap, told-text recall, demo updates, and
+how the model consults it (``remember``, ``context_for``, ``adjust_logits``)."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+
+import pytest
+import torch
+
+from cortex import CortexError
+from cortex.kernel.interfaces import CognitiveFeature
+from cortex_plugins.cognition._pointer_head import PointerHead, sentence_words
+from cortex_plugins.cognition.reader import Reader
+from cortex_plugins.data.demo import demo_documents, make_world
+from tests.conftest import tiny_manifest
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+
+def test_sentence_words_keep_the_question_with_its_answer():
+    text = "Bora lives in Daejeon. Tom's job.\nWhere does Bora live? Dae"
+    w = sentence_words(list(text.encode()))
+    assert w[13] == [b"bora", b"lives", b"in"]
+    assert w[-1] == [b"where", b"does", b"bora", b"live", b"dae"]
+    assert b"s" not in w[text.index("job")]  # the s of a possessive is not a word
+    ko = sentence_words(list("민아는 부산에 산다.".encode()))[-2]
+    assert "민아".encode() in ko  # the particle cut, next to 민아는
+
+
+def _head(dim=16, width=8, **options):
+    torch.manual_seed(0)
+    head = PointerHead(dim, width, gate_bias=0.0, window=4, **options)
+    head.idf = lambda w: 1.0
+    return head
+
+
+def test_pointer_is_strictly_causal_and_a_distribution():
+    head = _head()
+    ids = torch.randint(97, 123, (2, 12))
+    head(torch.randn(2, 12, 16))
+    q, k, _ = head.project(head.hidden)
+    a = torch.softmax(head.scores(q, k, head.overlap(ids)), -1).nan_to_num(0.0)
+    assert torch.all(a.triu() == 0)  # key j only for j < t
+    assert torch.allclose(a[:, 1:].sum(-1), torch.ones(2, 11))
+
+
+def test_mixture_with_closed_gate_is_the_model():
+    head = _head(combine="gate")
+    torch.nn.init.constant_(head.gate.bias, -30.0)
+    head.log_lexical_gate.data.fill_(-30.0)
+    ids = torch.randint(97, 123, (1, 10))
+    logits = torch.randn(1, 10, 256)
+    head(torch.randn(1, 10, 16))
+    targets = torch.randint(97, 123, (1, 10))
+    lm = torch.log_softmax(logits, -1)
+    assert torch.allclose(head.mixture_log_probs(logits, targets, targets, ids),
+                          lm.gather(-1, targets[..., None])[..., 0], atol=1e-4)
+    assert torch.allclose(head.sequence_log_probs(logits, ids), lm, atol=1e-4)
+
+
+def test_word_overlap_points_at_the_named_statement():
+    head = _head()
+    text = "Bora lives in Daejeon. Tom lives in Tokyo.\nWhere does Bora live? "
+    ids = torch.tensor([list(text.encode())])
+    lex = head.overlap(ids, last=1)[0, 0]
+    assert lex[text.index("Daejeon") - 1] > lex[text.index("Tokyo") - 1]
+
+
+def test_generation_mixes_the_pointer_from_cached_states():
+    head = _head().eval()
+    ids = torch.randint(97, 123, (1, 9))
+    head(torch.randn(1, 8, 16))  # prefill of 8 positions
+    head(torch.randn(1, 1, 16))  # one decoded token
+    assert head.hidden.shape[1] == 9
+    out = head.mix_last(ids, torch.randn(1, 256))
+    assert torch.allclose(out.exp().sum(-1), torch.ones(1), atol=1e-4)
+
+
+def test_product_of_experts_binds_within_the_models_type_and_has_no_gate():
+    head = _head(combine="poe", eps=0.05, beta=1.0, fold_case=True)
+    assert not [n for n, _ in head.named_parameters() if "gate" in n]
+    logp = torch.log_softmax(torch.randn(1, 260), -1)
+    # no pointer mass: the model unchanged
+    assert torch.allclose(head.combine_log_probs(logp, torch.zeros(1, 260)), logp, atol=1e-6)
+    # the model spreads over "cities" (B, D, T), the pointer says D: D wins
+    model = torch.full((1, 260), -20.0)
+    model[0, [ord("B"), ord("D"), ord("T")]] = 0.0
+    ptr = torch.zeros(1, 260)
+    ptr[0, ord("D")] = 0.9
+    ptr[0, ord("x")] = 0.1  # a byte the model rules out stays out
+    out = head.combine_log_probs(torch.log_softmax(model, -1), ptr)
+    assert int(out.argmax()) == ord("D") and float(out[0, ord("x")].exp()) < 1e-6
+    # case folding: a told "apples" supports the model's "A" of "Apples."
+    model[0, [ord("A"), ord("B")]] = 0.0
+    ptr = torch.zeros(1, 260)
+    ptr[0, ord("a")] = 1.0
+    assert int(head.combine_log_probs(torch.log_softmax(model, -1), ptr).argmax()) == ord("A")
+    # the training NLL is a normalised distribution over the vocabulary
+    ids = torch.randint(97, 123, (1, 9))
+    head(torch.randn(1, 8, 16))
+    logits = torch.randn(1, 8, 260)
+    total = sum(head.mixture_log_probs(logits, ids[:, 1:], torch.full((1, 8), v), ids[:, :-1]).exp()
+                for v in range(260))
+    assert torch.allclose(total, torch.ones(1, 8), atol=1e-4)
+
+
+def test_induction_prior_rewards_keys_whose_last_tokens_match_the_querys():
+    head = _head(match=2)
+    ids = torch.tensor([list(b"abXab")])
+    prior = head.suffix_match(ids, last=1)[0, 0]  # query: the last "b", after "a"
+    assert prior.tolist() == [0.0, 2.0, 0.0, 0.0, 2.0]  # "ab" at 1 (and the query itself, masked later)
+    assert _head().suffix_match(ids) is None
+
+
+def test_the_defaults_are_the_best_measured_setting():
+    s = Reader.Settings()
+    assert (s.combine, s.eps, s.beta, s.fold_case, s.match) == ("poe", 0.05, 1.0, True, 0)
+
+
+# -- told text -------------------------------------------------------------------------
+
+def _reader(**settings):
+    return Reader(Reader.Settings(background=300, **settings), context=None)
+
+
+def test_recall_reads_a_told_name_and_nothing_unrelated():
+    r = _reader()
+    r.remember("Aris lives in Busan.", "s")
+    r.remember("Bexa is a teacher.", "s")
+    assert r.recall("Where does Aris live?", "s") == ["Aris lives in Busan."]
+    assert r.recall("Where does Mina live?", "s") == []  # specificity: a never-told name
+    assert r.recall("What is Gaeun's locker number?", "s") == []
+    assert r.recall("Where does Aris live?", "other") == []  # sessions are separate
+
+
+def test_recall_keeps_told_order_so_the_later_statement_is_nearer():
+    r = _reader()
+    r.remember("Aris lives in Busan.", "s")
+    r.remember("Aris moved to Rome.", "s")
+    assert r.context_for("Where does Aris live?", "s") == (
+        "Aris lives in Busan. Aris moved to Rome.\nWhere does Aris live?")
+
+
+def test_told_texts_are_bounded_and_saved():
+    r = _reader(max_texts=2)
+    for i in range(3):
+        r.remember(f"Text {i}.", "s")
+    assert r.texts["s"] == ["Text 1.", "Text 2."]
+    other = _reader()
+    other.load_state_dict(r.state_dict())
+    assert other.texts == r.texts
+
+
+# -- the demo corpus's updates -----------------------------------------------------------
+
+def test_demo_default_corpus_is_unchanged_by_the_updates_setting():
+    text = "\x00".join(d.text for d in demo_documents(500))
+    # the first 500 documents as generated before `updates` existed
+    assert hashlib.sha256(text.encode()).hexdigest() == (
+        "bce34ff9c27edf2bd3c8f0a0c1bfc3cd4a63f13aa7e3010cbccfed6f2fadd05a")
+
+
+def test_demo_updates_ask_the_later_city():
+    rng = random.Random(3)
+    for _ in range(40):
+        world = make_world(rng, korean=False, kind="facts", updates=1.0)
+        body = world.text.split("\n")[0]
+        moved = [s for s in body.split(". ") if "moved to" in s or "lives in" in s]
+        asked = [a.rstrip(".") for q, a in world.qa if q.startswith("Where does")]
+        assert asked and len(moved) >= 2
+        name = next(q for q, _ in world.qa if q.startswith("Where does")).split()[2]
+        told = [s for s in moved if s.startswith(name) or s.startswith(f"Correction: {name}")]
+        if len(told) >= 2:  # the person told twice: the question asks the later city
+            assert any(told[-1].rstrip(".").endswith(a) for a in asked)
+
+
+# -- the model consults the reader -------------------------------------------------------
+
+@pytest.fixture
+def reader_model(build_model):
+    model = build_model(tiny_manifest(dim=32, layers=2, context=96, seed=0,
+                                      features=[{"type": "reader", "settings": {"background": 200}}]))
+    return model.eval()
+
+
+def _reader_of(model) -> Reader:
+    return next(f for f in model.features if isinstance(f, Reader))
+
+
+def test_the_reader_is_a_cognitive_feature_the_model_consults():
+    assert Reader.adjust_logits is not CognitiveFeature.adjust_logits
+    assert Reader.context_for is not CognitiveFeature.context_for
+
+
+def test_pointer_on_binds_the_asked_name_in_an_untrained_model(reader_model):
+    """No weights set by hand: the word overlap alone sends the pointer to the statement
+    about the asked name, and the product of experts then prefers its value."""
+    prompt = "Zorblat lives in Qwixburg. Mina lives in Seoul.\nWhere does Zorblat live? "
+    head = _reader_of(reader_model).head
+
+    def confidences():
+        return [reader_model.confidence(prompt, answer) for answer in ("Qwixburg.", "Seoul.")]
+
+    asked, other = confidences()
+    head.enabled = False
+    asked_off, other_off = confidences()
+    head.enabled = True
+    assert asked > 3 * other  # the asked person's city, not the other's
+    assert asked > 3 * asked_off  # the pointer changes what the model expects
+    assert 0.5 < asked_off / other_off < 2  # the untrained core alone cannot tell them apart
+
+
+def test_where_the_pointer_sees_nothing_the_model_is_unchanged(reader_model):
+    reader = _reader_of(reader_model)
+    ids = torch.tensor([list(b"Hello there, a few words.")])
+    logits, _ = reader_model.core(ids)
+    combined = reader.adjust_logits(ids, logits, "self")
+    model = torch.log_softmax(logits.float(), -1)
+    assert torch.allclose(combined[:, 0], model[:, 0], atol=1e-5)  # position 0: no key
+    assert not torch.allclose(combined[:, 5:], model[:, 5:], atol=1e-3)  # later: the pointer reads
+    reader.head.enabled = False
+    assert torch.allclose(reader.adjust_logits(ids, logits, "self"), model, atol=1e-5)
+
+
+def test_told_text_is_put_before_a_related_prompt(reader_model):
+    reader = _reader_of(reader_model)
+    assert reader_model.remember("Zorblat lives in Qwixburg.", session="s") == 1  # no tiers: the reader kept it
+    reader_model.generate_text("Where does Zorblat live?", session="s", max_new_tokens=2)
+    reader_model.generate_text("What is the weather like?", session="s", max_new_tokens=2)
+    assert reader.counters == {"recalled": 1, "prompts": 2}
+    reader_model.interact("Gorplex likes apples.", session="s", max_new_tokens=2)
+    assert reader.texts["s"] == ["Zorblat lives in Qwixburg.", "Gorplex likes apples."]
+    assert reader_model.plugin_state()[reader.key] == {"texts": reader.texts}
+
+
+def test_remember_without_tiers_or_a_reader_is_still_an_error(build_model):
+    with pytest.raises(CortexError, match="no memory tiers"):
+        build_model(tiny_manifest()).remember("Mina lives in Busan.")
+
+
+def test_training_adds_the_pointer_loss_with_gradients_into_the_core(reader_model):
+    reader_model.train()
+    batch = torch.tensor([list(b"Bora lives in Daejeon. Where does Bora live? Daejeon.")])
+    logits, loss = reader_model(batch[:, :-1], batch[:, 1:])
+    losses = [r for r in reader_model.pm.hook.cortex_extra_losses(model=reader_model, batch=batch, logits=logits) if r]
+    pointer = losses[0]["reader/pointer"]
+    assert torch.isfinite(pointer)
+    (loss + pointer).backward()
+    head = _reader_of(reader_model).head
+    assert head.log_lexical.grad is not None and head.query.weight.grad.abs().sum() > 0
+    assert reader_model.core.blocks[0].attn.proj.weight.grad.abs().sum() > 0
+
+
+def test_the_reader_reads_before_knn_lm_with_memory_tiers(build_model):
+    model = build_model(tiny_manifest(dim=32, layers=2, context=96, memory=[{"type": "stm"}],
+                                      memory_system={"read": ["knn_lm"]},
+                                      features=[{"type": "reader", "settings": {"background": 200}}])).eval()
+    assert model.remember("Zorblat lives in Qwixburg.", session="s") > 1  # the tiers' entries
+    assert _reader_of(model).texts["s"] == ["Zorblat lives in Qwixburg."]
+    answer = model.generate_text("Where does Zorblat live?", session="s", max_new_tokens=4)
+    assert isinstance(answer, str)
+    assert 0 < model.confidence("Where does Zorblat live?", " Qwixburg.", session="s") <= 1

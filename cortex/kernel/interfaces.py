@@ -53,12 +53,8 @@ class TextTokenizer(Protocol):
 
 
 class ModelHandle(Protocol):
-    """The surface of a built model that hooks and components may use.
-
-    ``cortex.model.CortexModel`` implements it. Hooks receive it as ``model``; a component
-    reaches the model it was built into through [`Component.model`][cortex.kernel.interfaces.Component.model].
-    Anything else on the concrete model is private and may change.
-    """
+    """The surface of a built model (``cortex.model.CortexModel``) that hooks (as ``model``)
+    and components (as ``self.model``) may use; the rest of the concrete model is private."""
 
     #: the transformer core (an ``nn.Module`` with ``blocks``, ``hidden_states`` and ``generate``)
     core: Any
@@ -86,10 +82,9 @@ class ModelHandle(Protocol):
 
     def remember(self, text: str, session: str = "self") -> int: ...
 
-    def interact(self, prompt: str, *, session: str = "self", learn: bool = True, **generation: Any) -> str: ...
+    def interact(self, prompt: str, *, session: str = "self", **generation: Any) -> str: ...
 
-    def generate_text(self, prompt: str, *, session: str = "self", max_new_tokens: int = 64,
-                      **sampling: Any) -> str: ...
+    def generate_text(self, prompt: str, *, session: str = "self", **sampling: Any) -> str: ...
 
 
 def _cpu() -> Any:
@@ -320,21 +315,13 @@ class RuleSettings(Settings):
 class PlasticityRule(Component):
     """A non-gradient weight update on the modules matched by a glob ``target``.
 
-    The kernel selects modules by ``fnmatch`` over ``model.core.named_modules()`` names.
-    Forward hooks are registered only when the subclass overrides
-    [`observe`][cortex.kernel.interfaces.PlasticityRule.observe]; they call it (under
-    ``torch.no_grad()``) while [`observing`][cortex.kernel.interfaces.PlasticityRule.observing] is
-    true and the module is in training mode, so evaluation and generation never feed a
-    rule. With no rule in a manifest nothing is hooked: zero cost.
-
-    At step end, after the optimiser update and every ``cortex_after_step`` implementation,
-    the model runs every rule's [`step_end`][cortex.kernel.interfaces.PlasticityRule.step_end]
-    in manifest order: ``apply`` for each target under ``torch.no_grad()`` with ``self.lr``
-    set from the schedule, then the ``max_norm`` bound.
-    Statistics a rule gathered from its rank's data must go through
-    [`reduce_mean_`][cortex.kernel.interfaces.PlasticityRule.reduce_mean_] before they change
-    weights, so DDP ranks never drift apart. State a rule returns from ``state_dict`` is
-    saved in run directories and checkpoints.
+    Targets are ``model.core.named_modules()`` names matched by ``fnmatch``. Only a rule
+    that overrides ``observe`` hooks them: it then sees forward passes in training mode
+    while ``observing``, under ``torch.no_grad()`` (no rule: nothing hooked, zero cost).
+    At step end, after every ``cortex_after_step`` implementation, the model runs each
+    rule's ``step_end`` in manifest order: ``apply`` per target with ``self.lr`` from the
+    schedule, then the ``max_norm`` bound. Statistics gathered on one DDP rank go through
+    ``reduce_mean_`` before they change weights, so ranks never drift apart.
     """
 
     kind: ClassVar[str] = "plasticity"
@@ -426,34 +413,27 @@ class CognitiveFeature(Component):
     kind: ClassVar[str] = "feature"
 
     def frozen(self) -> ContextManager[None]:
-        """A context in which this feature's state stays as it is: sleep replay runs in it,
-        so replayed text is not learnt as new experience. The default changes nothing."""
+        """A context in which this feature's state stays as it is (sleep replay runs in it)."""
         return contextlib.nullcontext()
 
     def replay_sequences(self, n: int, generator: Any = None) -> list[Any]:
-        """Up to ``n`` stored token sequences (1-D LongTensors) for offline replay, drawn
-        with ``generator``; features that keep experience (``sleep_wake``) offer them to
-        features that consolidate it (``cls``). The default offers none."""
+        """Up to ``n`` stored token sequences (1-D LongTensors) for offline replay: what
+        ``sleep_wake`` keeps, ``cls`` consolidates. The default offers none."""
         return []
 
     # -- the read path: the model calls these on every feature (no-ops by default) -------
 
     def remember(self, text: str, session: str) -> int:
-        """Keep ``text`` told to ``session`` (``model.remember`` and chat prompts); returns
-        how many entries were kept. The default keeps nothing (0)."""
+        """Keep ``text`` told to ``session``; returns how many entries were kept (default 0)."""
         return 0
 
     def context_for(self, prompt: str, session: str) -> str:
-        """The text the model reads for ``prompt`` in ``session`` (e.g. with recalled text
-        put before it). The default is ``prompt`` itself."""
+        """The text the model reads for ``prompt`` (e.g. recalled text put before it)."""
         return prompt
 
     def adjust_logits(self, ids: torch.Tensor, logits: torch.Tensor, session: str) -> torch.Tensor:
-        """Next-token scores after reading ``ids`` (B, T): ``logits`` (B, vocab) for the token
-        after ``ids`` (generation), or (B, T, vocab) for every position (teacher-forced).
-        Returns logits or log-probabilities of the same shape; the model applies every
-        feature's in manifest order, then kNN-LM. The default returns ``logits`` unchanged
-        (and the model skips features that do not override it)."""
+        """Next-token scores after ``ids`` (B, T): ``logits`` is (B, vocab) in generation,
+        (B, T, vocab) teacher-forced; same shape back. Applied in manifest order, then kNN-LM."""
         return logits
 
 

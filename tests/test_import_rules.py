@@ -143,3 +143,11 @@ def test_the_public_api_resolves_every_name():
             "assert not missing, missing\n"
             "assert callable(cortex.assemble) and cortex.load.__module__ == 'cortex.runtime.rundir'\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_kernel_and_the_transformer_read_in_one_sitting():
+    def lines(path: Path) -> int:
+        return len(path.read_text(encoding="utf-8").splitlines())
+
+    assert sum(lines(p) for p in (ROOT / "cortex" / "kernel").glob("*.py")) <= 1500
+    assert lines(ROOT / "cortex" / "core" / "transformer.py") <= 400  # the CPU kernels live beside it

@@ -106,17 +106,9 @@ def test_product_of_experts_binds_within_the_models_type_and_has_no_gate():
     assert torch.allclose(total, torch.ones(1, 8), atol=1e-4)
 
 
-def test_induction_prior_rewards_keys_whose_last_tokens_match_the_querys():
-    head = _head(match=2)
-    ids = torch.tensor([list(b"abXab")])
-    prior = head.suffix_match(ids, last=1)[0, 0]  # query: the last "b", after "a"
-    assert prior.tolist() == [0.0, 2.0, 0.0, 0.0, 2.0]  # "ab" at 1 (and the query itself, masked later)
-    assert _head().suffix_match(ids) is None
-
-
 def test_the_defaults_are_the_best_measured_setting():
     s = Reader.Settings()
-    assert (s.combine, s.eps, s.beta, s.fold_case, s.match) == ("poe", 0.05, 1.0, True, 0)
+    assert (s.combine, s.eps, s.beta, s.fold_case) == ("poe", 0.05, 1.0, True)
 
 
 # -- told text -------------------------------------------------------------------------

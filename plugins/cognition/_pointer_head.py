@@ -69,7 +69,6 @@ class PointerHead(nn.Module):
     Pointer logits of query t over keys j < t (the value of key j is the token after j)::
 
         exp(log_scale) * cos(q_t, k_j) + recency[log2(t - j)] + exp(log_lexical) * overlap(t, j)
-            [+ the induction prior: sum_n exp(log_match[n-1]) where the n tokens ending at j and t agree]
 
     ``q``, ``k``: linear maps of the normed hidden state plus a local summary (attention
     pooling over the last ``window`` positions); ``overlap``: rarity-weighted words shared
@@ -79,25 +78,15 @@ class PointerHead(nn.Module):
     """
 
     def __init__(self, dim: int, width: int, gate_bias: float = -1.0, window: int = 32, combine: str = "poe",
-                 eps: float = 0.05, beta: float = 1.0, min_entropy: float = 0.0, fold_case: bool = True,
-                 other_sentences: bool = False, match: int = 0) -> None:
+                 eps: float = 0.05, beta: float = 1.0, fold_case: bool = True) -> None:
         super().__init__()
         if combine not in ("poe", "gate"):
             raise ValueError(f"combine must be 'poe' or 'gate', not {combine!r}")
         self.window = window
-        self.combine, self.eps, self.beta, self.min_entropy = combine, eps, beta, min_entropy
+        self.combine, self.eps, self.beta = combine, eps, beta
         # poe: a byte and its other ASCII case count as one in the pointer's factor (a value
         # told as "apples" answers "Apples."; the model supplies the case, the pointer the word)
         self.fold_case = fold_case
-        # read only keys in other sentences than the query's (a question's own "Gaeun-eun "
-        # is not the statement's)
-        self.other_sentences = other_sentences
-        # an induction prior: key j gains exp(log_match[n-1]) when the n tokens ending at j
-        # equal the n tokens ending at the query (n = 1..match), so once a value's first
-        # token is written the pointer steps along the told wording
-        self.match = match
-        if match:
-            self.log_match = nn.Parameter(torch.zeros(match))
         self.norm = nn.RMSNorm(dim)
         self.query = nn.Linear(dim, width, bias=False)
         self.key = nn.Linear(dim, width, bias=False)
@@ -154,14 +143,6 @@ class PointerHead(nn.Module):
         ends = (ids == 46) | (ids == 33) | (ids == 10) | (ids >= 256) | (ids < 0)
         return torch.cumsum(ends.long(), dim=1) - ends.long()  # a boundary closes its sentence
 
-    def same_sentence(self, ids: torch.Tensor, last: int | None = None) -> torch.Tensor | None:
-        """(B, Tq, T) True where key and query share a sentence (None unless ``other_sentences``)."""
-        if not self.other_sentences:
-            return None
-        sentence = self.sentences(ids)
-        qs = sentence if last is None else sentence[:, -last:]
-        return qs[:, :, None] == sentence[:, None, :]
-
     def overlap(self, ids: torch.Tensor, last: int | None = None) -> torch.Tensor:
         """(B, Tq, T) rarity-weighted word overlap of each query position's sentence (the
         last ``last`` positions, default all) with each position's in *other* sentences
@@ -192,23 +173,7 @@ class PointerHead(nn.Module):
         a = torch.softmax(a + self.offset_bias.flip(0), dim=-1)  # window slot W-1 is offset 0
         return torch.einsum("btrw,btw->btr", v, a)
 
-    def suffix_match(self, ids: torch.Tensor, last: int | None = None) -> torch.Tensor | None:
-        """(B, Tq, T) induction prior: sum over n <= ``match`` of exp(log_match[n-1]) where the
-        n tokens ending at the query equal the n tokens ending at the key (None without it)."""
-        if not self.match:
-            return None
-        eq = ids[:, :, None] == ids[:, None, :]  # (B, T, T): x_t == x_j
-        weights = self.log_match.exp()
-        run, out = eq, weights[0] * eq.float()
-        for n in range(1, self.match):
-            shifted = torch.zeros_like(eq)
-            shifted[:, n:, n:] = eq[:, :-n, :-n]  # x_{t-n} == x_{j-n}
-            run = run & shifted
-            out = out + weights[n] * run.float()
-        return out if last is None else out[:, -last:]
-
-    def scores(self, q: torch.Tensor, k: torch.Tensor, lex: torch.Tensor | None = None,
-               same: torch.Tensor | None = None, match: torch.Tensor | None = None) -> torch.Tensor:
+    def scores(self, q: torch.Tensor, k: torch.Tensor, lex: torch.Tensor | None = None) -> torch.Tensor:
         """Attention logits (B, Tq, Tk) of queries at the last Tq positions over all Tk keys,
         strictly causal: position t sees keys j < t (their next token is known)."""
         Tq, Tk = q.shape[1], k.shape[1]
@@ -216,10 +181,6 @@ class PointerHead(nn.Module):
         logits = logits + self.recency[distance_buckets(Tk, q.device)[Tk - Tq:]]
         if lex is not None:
             logits = logits + self.log_lexical.exp() * lex
-        if match is not None:
-            logits = logits + match
-        if same is not None:
-            logits = logits.masked_fill(same, float("-inf"))
         pos_q = torch.arange(Tk - Tq, Tk, device=q.device)[:, None]
         pos_k = torch.arange(Tk, device=q.device)[None, :]
         return logits.masked_fill(pos_k >= pos_q, float("-inf"))
@@ -239,19 +200,14 @@ class PointerHead(nn.Module):
         ``poe`` (product of experts): ``log p = log p_model + beta * log(eps + p_ptr) - log Z``.
         The model supplies the template and the type (a city starts here), the pointer the
         binding (which city); where the pointer has nothing the factor is a constant and the
-        model is unchanged. With ``min_entropy`` > 0 only positions where the model's own
-        entropy (nats) reaches it are combined. ``gate``: ``g p_ptr + (1 - g) p_model``.
+        model is unchanged. ``gate``: ``g p_ptr + (1 - g) p_model``.
         """
         if self.combine == "poe":
             if self.fold_case and p_ptr.shape[-1] >= 128:
                 swap = torch.arange(p_ptr.shape[-1], device=p_ptr.device)
                 swap[65:91], swap[97:123] = swap[97:123].clone(), swap[65:91].clone()
                 p_ptr = p_ptr + p_ptr[..., swap] * (swap != torch.arange(len(swap), device=swap.device))
-            joint = torch.log_softmax(logp + self.beta * torch.log(self.eps + p_ptr), dim=-1)
-            if self.min_entropy > 0:
-                entropy = -(logp.exp() * logp).sum(-1, keepdim=True)
-                joint = torch.where(entropy >= self.min_entropy, joint, logp)
-            return joint
+            return torch.log_softmax(logp + self.beta * torch.log(self.eps + p_ptr), dim=-1)
         gate = torch.sigmoid(g.float())[..., None]
         return torch.log((gate * p_ptr + (1 - gate) * logp.exp()).clamp_min(1e-12))
 
@@ -260,7 +216,7 @@ class PointerHead(nn.Module):
         lex = self.overlap(ids, last)
         if last is not None:
             q = q[:, -last:]
-        s = self.scores(q, k, lex, self.same_sentence(ids, last), self.suffix_match(ids, last))
+        s = self.scores(q, k, lex)
         return torch.softmax(s, dim=-1).nan_to_num(0.0), s, lex, g  # row 0 sees nothing
 
     def sequence_log_probs(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -83,14 +83,8 @@ class Reader(CognitiveFeature):
                                "p ∝ p_model (eps + p_ptr)^beta) or `gate` (a learned mixture gate).")
         eps: float = Field(0.05, gt=0, description="poe: the floor of the pointer's factor.")
         beta: float = Field(1.0, gt=0, description="poe: the exponent of the pointer's factor.")
-        min_entropy: float = Field(0.0, ge=0, description="poe: combine only where the model's entropy "
-                                                          "(nats) reaches this (0: everywhere).")
         fold_case: bool = Field(True, description="poe: the pointer's factor counts a byte and its other "
                                                    "ASCII case as one (told `apples` supports `Apples.`).")
-        other_sentences: bool = Field(False, description="The pointer reads only keys in other sentences "
-                                                         "than the query's.")
-        match: int = Field(0, ge=0, description="Induction prior: learned logit bonuses for keys whose last "
-                                                "1..match tokens equal the query's (0: none).")
         gate_bias: float = Field(-1.0, description="combine: gate: the initial logit of the gate.")
         recall: bool = Field(True, description="Put told texts relevant to a prompt back before it.")
         max_texts: int = Field(256, gt=0, description="Told texts kept per session (the oldest dropped).")
@@ -119,8 +113,7 @@ class Reader(CognitiveFeature):
             raise ValueError("the reader sits after the last block, where another memory module already is")
         st = self.settings
         self.head = PointerHead(core.config.dim, st.dim, st.gate_bias, combine=st.combine, eps=st.eps,
-                                beta=st.beta, min_entropy=st.min_entropy, fold_case=st.fold_case,
-                                other_sentences=st.other_sentences, match=st.match)
+                                beta=st.beta, fold_case=st.fold_case)
         self.head.to(next(core.parameters()).device)
         self.head.idf = self.byte_idf
         core.set_memory_layer(last, self.head)

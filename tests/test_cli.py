@@ -129,3 +129,13 @@ def test_bench_throughput_compares_a_memory_manifest_with_the_plain_one(cortex_c
     assert f"{memory} bf16 vs {plain}" in names and f"{plain} bf16 core/reference" in names
     assert data["figures"][f"{memory}:fp32"]["vs_first_target"]["mean"] > 0
     assert data["figures"][f"{plain}:fp32"]["vs_first_target"]["mean"] == 1.0
+
+
+def test_tables_never_cut_names_when_the_output_is_not_a_terminal():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "cortex.cli.app", "plugins"], capture_output=True, text=True,
+                          env={**__import__("os").environ, "COLUMNS": "40"})
+    assert done.returncode == 0
+    assert "cognition_graph" in done.stdout and "…" not in done.stdout

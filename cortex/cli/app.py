@@ -18,8 +18,15 @@ from typer.core import TyperGroup
 from cortex.kernel import VERSION
 from cortex.kernel.errors import CortexError
 
-console = Console()
-err_console = Console(stderr=True)
+def _console(stderr: bool = False) -> Console:
+    """A console for stdout or stderr: as wide as the terminal, and on a file or pipe wide
+    enough that tables never cut a name (the reader's viewer wraps, not Cortex)."""
+    terminal = Console(stderr=stderr)
+    return terminal if terminal.is_terminal else Console(stderr=stderr, width=100_000)
+
+
+console = _console()
+err_console = _console(stderr=True)
 
 
 class _Group(TyperGroup):

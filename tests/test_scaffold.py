@@ -282,3 +282,17 @@ def test_plugin_new_then_the_tutorial_steps_in_a_fresh_virtual_environment(tmp_p
     assert tiers["memory.0.demo_tier.recent"]["entries"] > 0  # training wrote to the new tier
     assert "passed" in run("pytest demo_tier -p no:cacheprovider")
     assert "demo_tier" not in run("CORTEX_DISABLE_PLUGIN_AUTOLOAD=1 cortex plugins --json")
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("json", "would shadow the module 'json'"),
+    ("torch", "would shadow the module 'torch'"),
+    ("stm", "the name of a built-in Cortex plugin"),
+    ("cortex_extra", "try 'extra'"),
+    ("cortex", "Cortex's own packages are named cortex*"),
+    ("Bad-Name", "use a lower-case Python identifier"),
+])
+def test_plugin_new_refuses_names_that_would_shadow_or_double(cortex_cli, tmp_path, name, reason):
+    result = cortex_cli("plugin", "new", name, "-o", tmp_path)
+    assert result.exit_code == 1 and reason in result.stderr and "Traceback" not in result.output
+    assert not any(tmp_path.iterdir())

@@ -22,6 +22,7 @@ import keyword
 import os
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from functools import cache
@@ -165,12 +166,28 @@ PLUGIN_NAME = re.compile(r"^[a-z][a-z0-9_]{0,49}$")
 
 def check_plugin_name(name: str) -> str:
     """A plugin name is its Python package and its namespace: ``demo_tier``, ``hopfield``."""
-    if not PLUGIN_NAME.match(name) or keyword.iskeyword(name) or name in ("cortex", "cortex_plugins", "test", "tests"):
+    if not PLUGIN_NAME.fullmatch(name) or keyword.iskeyword(name):
         raise CortexError(
             f"{name!r} cannot name a plugin: use a lower-case Python identifier (letters, digits, '_'), "
             "e.g. demo_tier; it becomes the package name and the namespace of the plugin's components"
         )
+    if name in ("cortex", "cortex_plugins") or name.startswith("cortex_"):
+        raise CortexError(f"{name!r} cannot name a plugin: Cortex's own packages are named cortex*, and the "
+                          f"distribution is called cortex-<name> anyway — try {name.removeprefix('cortex_') or 'my_plugin'!r}")
+    if name in sys.stdlib_module_names or name in ("torch", "numpy", "faiss", "test", "tests"):
+        raise CortexError(f"{name!r} cannot name a plugin: a package of that name would shadow the module "
+                          f"{name!r} that Python or Cortex imports; choose a name of your own, e.g. my_{name}")
+    if _is_builtin_entry_point(name):
+        raise CortexError(f"{name!r} cannot name a plugin: it is the name of a built-in Cortex plugin; "
+                          f"choose another, e.g. my_{name}")
     return name
+
+
+def _is_builtin_entry_point(name: str) -> bool:
+    from importlib import metadata
+
+    return any(ep.name == name and ep.dist is not None and ep.dist.metadata["Name"].lower() == "cortex"
+               for ep in metadata.entry_points(group="cortex.plugins"))
 
 
 def distribution_name(name: str) -> str:

@@ -290,3 +290,14 @@ def test_training_prints_plain_progress_lines_when_the_output_is_not_a_terminal(
     assert [line.split()[1] for line in lines] == [f"{i}/8" for i in range(1, 9)]
     assert all("loss" in line and "tok/s" in line and "left" in line for line in lines)
     assert "train " not in result.stdout and "ETA" not in result.stdout  # no bar drawn into a file
+
+
+def test_a_build_that_fails_in_training_says_the_run_is_kept_and_how_to_go_on(cortex_cli, tmp_path):
+    manifest = tmp_path / "fails.yaml"
+    manifest.write_text(tiny_manifest("fails", train={"data": {"type": "jsonl", "settings": {"paths": ["gone.jsonl"]}},
+                                                      "tokens": 1024, "batch": 4}))
+    result = cortex_cli("build", manifest, "-o", tmp_path / "runs")
+    run = tmp_path / "runs" / "fails"
+    assert result.exit_code == 1 and "gone.jsonl" in result.stderr and "Traceback" not in result.output
+    assert f"the run directory {run} is kept" in result.stderr and f"cortex train {run} --resume auto" in result.stderr
+    assert (run / "manifest.yaml").is_file()  # loadable and resumable, not half-written

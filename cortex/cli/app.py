@@ -156,6 +156,9 @@ def _train_into(model: Any, path: Path, settings: Any, **options: Any) -> None:
     except KeyboardInterrupt:
         err_console.print(f"interrupted; continue with `cortex train {path} --resume auto`")
         raise typer.Exit(code=130) from None
+    except CortexError as exc:
+        raise CortexError(f"{exc}\nthe run directory {path} is kept, with its last checkpoint if any: fix the "
+                          f"cause, then `cortex train {path} --resume auto` (or build again with --overwrite)") from None
     from cortex.runtime.distributed import is_main
 
     if not is_main():

@@ -588,7 +588,7 @@ def data_prepare(
 
 @app.command()
 def bench(
-    suite: str = typer.Argument(..., help="Suite: throughput, memory, recall, facts, continual, ablate."),
+    suite: str = typer.Argument(..., help="Suite: throughput, memory, recall, facts, reads, continual, ablate."),
     targets: Optional[list[Path]] = typer.Argument(None, help="Manifests or run directories to measure."),
     quick: bool = typer.Option(False, "--quick", help="Small, fast settings (a few minutes at most)."),
     seeds: int = typer.Option(1, "--seeds", min=1, help="Repeat over this many seeds; mean ± std."),

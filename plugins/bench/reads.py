@@ -1,0 +1,167 @@
+"""``cortex bench reads``: does the model read what it is given?
+
+Three tasks in the demo corpus's own statement and question templates, English and Korean
+alternating, values drawn fresh per seed:
+
+- **binding** — 2 to 4 people in the prompt, one fact each (the same attribute, distinct
+  values), then the question about one of them: "Mina lives in Busan. Jun lives in Oslo.
+  Where does Mina live?" Names from the demo lists (``binding``) and names never seen in
+  training (``binding_new``).
+- **told** — a fact told once with ``remember``, then a fact about somebody else; asked in
+  other words (the demo question: ``other_words``) and with the told wording up to the
+  value (``told_wording``); ``locality``: an unrelated prompt continues as in an empty
+  session; ``specificity``: the question about a name never told does not get the told value.
+- **corrections** — one person's city told twice, each once ("lives in" then "moved to",
+  the reverse, or "Correction: ..."); the later statement must win.
+
+Every figure sits beside the same manifest untrained and a verbatim store (the told text,
+or the prompt's own statements, as a table from the last n tokens to the next; see
+[`_baselines`][cortex_plugins.bench._baselines]): only the margin over the better of them is
+the model's. Targets are issue 19's.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any, Callable
+
+from pydantic import Field
+
+from cortex import hookimpl
+from cortex.bench.harness import BenchSuite, Check, SuiteResult, load_target, median_and_spread
+from cortex.kernel.interfaces import Settings
+from cortex.kernel.lazy import torch
+from cortex_plugins.bench._baselines import VerbatimStore, best_verbatim, contribution, untrained_twin
+from cortex_plugins.data.demo import CITIES, COLOURS, FOODS, JOBS, NAMES, Person, _city_statement, _question, _statement
+
+TARGETS = {"binding": 0.9, "other_words": 0.8, "told_wording": 0.9, "locality": 0.95, "specificity": 0.95,
+           "corrections": 0.9}
+#: (English, Korean) names no training data uses
+NEW_NAMES = [("Aris", "가람"), ("Bexa", "누리"), ("Corin", "다온"), ("Dovi", "라온"), ("Elno", "벼리"),
+             ("Farel", "새론"), ("Gisa", "아라"), ("Halvo", "여울"), ("Irma", "초롱"), ("Joska", "한결"),
+             ("Kelmi", "은솔"), ("Lorn", "해찬"), ("Meru", "도담"), ("Nalo", "미르"), ("Orsa", "슬기"),
+             ("Quen", "온유"), ("Rafi", "윤슬"), ("Selo", "하람"), ("Tavi", "로운"), ("Vesna", "나래")]
+ATTRIBUTES = ("city", "job", "colour", "food", "locker", "age")
+COLUMNS = ("binding", "binding_new", "other_words", "told_wording", "locality", "specificity", "corrections")
+
+
+def _value(rng: random.Random, attr: str) -> Any:
+    pools = {"city": CITIES, "job": JOBS, "colour": COLOURS, "food": FOODS}
+    if attr in pools:
+        return rng.choice(pools[attr])
+    return rng.randint(100, 9999) if attr == "locker" else rng.randint(18, 79)
+
+
+def _distinct(rng: random.Random, attr: str, n: int) -> list[Any]:
+    values: list[Any] = []
+    while len(values) < n:
+        v = _value(rng, attr)
+        if v not in values:
+            values.append(v)
+    return values
+
+
+def _answers(subject: Any, prompt: str, answer: str, session: str, told: str = "") -> bool:
+    """Whether ``subject`` answers ``prompt`` with ``answer``; ``told`` is text before it
+    in the prompt (a verbatim store is told it instead, so it can look it up)."""
+    if isinstance(subject, VerbatimStore):
+        subject.remember(told, session=session)
+    elif told:
+        prompt = f"{told}\n{prompt}"
+    return subject.generate_text(prompt, session=session, max_new_tokens=24, temperature=0.0).strip().startswith(answer)
+
+
+def measure(subject: Any, seed: int, n: int) -> dict[str, float]:
+    """Every figure of the suite for ``subject`` (a model, or a stand-in with its real-time API)."""
+    rng = random.Random(f"reads:{seed}")
+    hits = dict.fromkeys(COLUMNS, 0)
+    for i in range(n):
+        ko, attr = i % 2 == 1, ATTRIBUTES[i % len(ATTRIBUTES)]
+        for column, names in (("binding", NAMES), ("binding_new", NEW_NAMES)):
+            k = rng.randint(2, 4)
+            people = [Person(name, {attr: v}) for name, v in zip(rng.sample(names, k), _distinct(rng, attr, k))]
+            question, answer = _question(rng.choice(people), attr, ko)
+            body = " ".join(_statement(p, attr, ko) for p in people)
+            hits[column] += _answers(subject, question, answer, f"reads-{seed}-{column}-{i}", told=body)
+        told, other, untold = [Person(name, {attr: v}) for name, v in zip(rng.sample(NEW_NAMES, 3),
+                                                                          _distinct(rng, attr, 3))]
+        session = f"reads-{seed}-told-{i}"
+        unrelated = _statement(Person(rng.choice(NAMES), {"age": rng.randint(18, 79)}), "age", ko)[:-4]
+        before = subject.generate_text(unrelated, session=f"{session}-empty", max_new_tokens=12, temperature=0.0)
+        fact = _statement(told, attr, ko)
+        subject.remember(fact, session=session)
+        subject.remember(_statement(other, attr, ko), session=session)
+        question, answer = _question(told, attr, ko)
+        hits["other_words"] += _answers(subject, question, answer, session)
+        value = answer.rstrip(".")
+        at = fact.lower().find(value.lower())
+        if at > 0:  # the told wording up to the value, which must follow as it was told
+            hits["told_wording"] += _answers(subject, fact[:at].rstrip(), fact[at:at + len(value)], session)
+        hits["locality"] += subject.generate_text(unrelated, session=session, max_new_tokens=12,
+                                                  temperature=0.0) == before
+        hits["specificity"] += not _answers(subject, _question(untold, attr, ko)[0], answer, session)
+        wordings = [("lives", "moved"), ("moved", "lives"), ("lives", "correction")][i % 3]
+        name, (old, new) = rng.choice(NEW_NAMES), rng.sample(CITIES, 2)
+        session = f"reads-{seed}-corrections-{i}"
+        for city, wording in zip((old, new), wordings):
+            subject.remember(_city_statement(name, city, wording, ko), session=session)
+        hits["corrections"] += _answers(subject, *_question(Person(name, {"city": new}), "city", ko), session)
+    return {column: count / n for column, count in hits.items()}
+
+
+class Reads(BenchSuite):
+    """Binding in the prompt, text told once read in other words, and corrections by recency."""
+
+    name = "reads"
+    default_targets = ("examples/reader.yaml",)
+
+    class Settings(Settings):
+        trials: int = Field(40, gt=0, description="Trials per task and seed.")
+
+    def run(self, targets: list[Path], *, quick: bool, seeds: list[int],
+            log: Callable[[str], None]) -> SuiteResult:
+        n = min(self.settings.trials, 6) if quick else self.settings.trials
+        result = SuiteResult()
+        rows = []
+        for target in targets:
+            scores: dict[str, list[float]] = {}
+            for seed in seeds:
+                torch.manual_seed(seed)
+                model = load_target(target).eval()
+                figures = {f"trained:{k}": v for k, v in measure(model, seed, n).items()}
+                twin = untrained_twin(target)
+                if twin is not None:
+                    figures.update({f"untrained:{k}": v for k, v in measure(twin, seed, n).items()})
+                figures.update({f"verbatim:{k}": v for k, v in best_verbatim(
+                    model.tokenizer, lambda store: measure(store, seed, n)).items() if not k.endswith("_n")})
+                for key, value in figures.items():
+                    scores.setdefault(key, []).append(value)
+                log(f"{target} seed {seed}: " + ", ".join(f"{c} {figures['trained:' + c]:.2f}" for c in COLUMNS))
+            stats = {key: median_and_spread(values) for key, values in scores.items()}
+            result.figures[str(target)] = {**stats, "trials": n}
+            for label, prefix in (("trained", "trained:"), ("same manifest untrained", "untrained:"),
+                                  ("verbatim store", "verbatim:")):
+                if any(k.startswith(prefix) for k in stats):
+                    rows.append([str(target), label, *(f"{stats[prefix + c]['mean']:.2f} ± {stats[prefix + c]['std']:.2f}"
+                                                       for c in COLUMNS)])
+            rows.append([str(target), "contribution", *(
+                f"{contribution(stats['trained:' + c]['mean'], *(stats[p + c]['mean'] for p in ('untrained:', 'verbatim:') if p + c in stats)):+.2f}"
+                for c in COLUMNS)])
+            for column, goal in TARGETS.items():
+                result.checks.append(Check(f"{target} {column}", stats[f"trained:{column}"]["mean"], goal))
+        result.tables.append(("Reading (mean ± std over seeds)", ["target", "model", *COLUMNS], rows))
+        result.notes.append(
+            "binding: the question about one of 2-4 people in the prompt (demo names / binding_new: names never "
+            "seen in training); other_words / told_wording: a fact told once with remember, then a fact about "
+            "somebody else, asked with the demo question / the told wording; locality: an unrelated prompt "
+            "continues as in an empty session; specificity: a never-told name does not get the told value; "
+            "corrections: a city told twice, the later must win. untrained: the run's manifest with no training "
+            "step; verbatim store: the told text (or the prompt's statements) as a table from the last n tokens "
+            "to the next, at its best n per figure. contribution: trained minus the better of the two.")
+        return result
+
+
+@hookimpl
+def cortex_register_components(register):
+    register(Reads)

@@ -18,15 +18,14 @@ from typer.core import TyperGroup
 from cortex.kernel import VERSION
 from cortex.kernel.errors import CortexError
 
-def _console(stderr: bool = False) -> Console:
-    """A console for stdout or stderr: as wide as the terminal, and on a file or pipe wide
-    enough that tables never cut a name (the reader's viewer wraps, not Cortex)."""
-    terminal = Console(stderr=stderr)
-    return terminal if terminal.is_terminal else Console(stderr=stderr, width=100_000)
+console = Console()
+err_console = Console(stderr=True)
 
 
-console = _console()
-err_console = _console(stderr=True)
+def _print_table(table: Table) -> None:
+    """Print ``table`` whole: on a file or pipe (80 columns by default) a table never cuts a
+    name; it is as wide as its content."""
+    (console if console.is_terminal else Console(file=console.file, width=10_000)).print(table)
 
 
 class _Group(TyperGroup):
@@ -383,7 +382,7 @@ def memory(
         table.add_column(label, no_wrap=True)
     for row in rows:
         table.add_row(*(f"{row.get(c, 0):.3f}" if c == "hit_rate" else str(row.get(c, "")) for c in columns))
-    console.print(table)
+    _print_table(table)
 
 
 @app.command()
@@ -440,7 +439,7 @@ def plugins(as_json: bool = typer.Option(False, "--json", help="Machine-readable
         table.add_column(column)
     for row in rows:
         table.add_row(*(str(v) for v in row.values()))
-    console.print(table)
+    _print_table(table)
     for problem in [*map(str, pm.load_errors), *pm.warnings]:
         err_console.print(Text.assemble(("warning: ", "yellow"), problem), highlight=False, soft_wrap=True)
 

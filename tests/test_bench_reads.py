@@ -7,7 +7,7 @@ import json
 import pytest
 
 from cortex import ByteTokenizer
-from cortex_plugins.bench._baselines import VerbatimStore, best_verbatim
+from cortex_plugins.bench._baselines import best_verbatim
 from cortex_plugins.bench.reads import COLUMNS, measure
 from tests.conftest import tiny_manifest
 

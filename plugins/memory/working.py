@@ -41,7 +41,6 @@ empties slots, ``frozen()`` reads without writing. The slots are saved with the 
 
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterator
 

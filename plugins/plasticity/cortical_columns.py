@@ -50,7 +50,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from cortex import hookimpl
-from cortex.kernel.interfaces import PlasticityRule, Settings, firing_rate
+from cortex.kernel.interfaces import PlasticityRule, Settings
 from cortex.kernel.lazy import F, nn, torch
 
 

@@ -56,14 +56,15 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
-import networkx as nx
 import numpy as np
 from pydantic import Field
 
 from cortex import hookimpl
 from cortex.kernel.errors import CortexError
 from cortex.kernel.interfaces import CognitiveFeature, Settings
-from cortex.kernel.lazy import torch
+from cortex.kernel.lazy import LazyModule, torch
+
+nx: Any = LazyModule("networkx")  # imported when a graph is built, not when the CLI starts
 
 if TYPE_CHECKING:
     from cortex import ModelHandle

@@ -269,11 +269,8 @@ def _exchange(asker: Person, p: Person, attr: str, ko: bool) -> list[str]:
     return [f"{a}: {ask}", f"{n}: {answer}"]
 
 
-def _towards(w: str) -> str:  # 부산으로 / 서울로 (ㄹ takes 로)
-    last = w[-1]
-    if "가" <= last <= "힣" and (ord(last) - 0xAC00) % 28 not in (0, 8):
-        return w + "으로"
-    return w + "로"
+def _towards(w: str) -> str:  # 부산으로 / 서울로 / 파리로: a final ㄹ (8) takes 로, as no final does
+    return w + ("으로" if has_final_consonant(w) and (ord(w[-1]) - 0xAC00) % 28 != 8 else "로")
 
 
 def _city_statement(name: tuple[str, str], city: tuple[str, str], wording: str, ko: bool) -> str:

@@ -20,6 +20,7 @@ from cortex.kernel.interfaces import (
     DataSource,
     Document,
     Entries,
+    Logger,
     MemoryTier,
     ModelHandle,
     PlasticityRule,
@@ -63,7 +64,7 @@ _LAZY = {
 
 __all__ = [
     "BuildContext", "CheckpointError", "CognitiveFeature", "Component", "CortexError", "DataError",
-    "DataSource", "Document", "Entries", "MemoryTier", "ModelHandle", "PlasticityRule", "PluginError",
+    "DataSource", "Document", "Entries", "Logger", "MemoryTier", "ModelHandle", "PlasticityRule", "PluginError",
     "Retrieval", "RuleSettings", "Settings", "__version__", "all_reduce_mean", "create_plugin_manager",
     "firing_rate", "hookimpl", "load_manifest", "load_manifest_text", *sorted(_LAZY),
 ]

@@ -168,7 +168,7 @@ def builtin_components() -> list[Any]:
 
 KIND_TITLES = {"memory": "Memory tiers (`memory:`)", "plasticity": "Plasticity rules (`plasticity:`)",
                "feature": "Cognitive features (`features:`)", "data": "Data sources (`train.data`)",
-               "bench": "Benchmark suites (`cortex bench SUITE`)"}
+               "logger": "Loggers (`train.loggers`, `--log NAME`)", "bench": "Benchmark suites (`cortex bench SUITE`)"}
 
 
 def manifest_reference() -> str:

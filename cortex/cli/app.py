@@ -113,6 +113,7 @@ def build(
     name: Optional[str] = typer.Option(None, "--name", help="Run name (default: the manifest's `name`)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run of the same name."),
     overrides: Optional[list[str]] = typer.Option(None, "--set", help="Change a manifest value: KEY.PATH=VALUE, e.g. train.tokens=1000000 (repeatable; recorded in the run's manifest)."),
+    log: Optional[list[str]] = typer.Option(None, "--log", help="Also log training to this logger, e.g. tensorboard or wandb (repeatable; adds to train.loggers)."),
 ) -> None:
     """Validate MANIFEST, assemble the model, print its summary and write a run directory.
 
@@ -126,7 +127,7 @@ def build(
     from cortex.runtime.rundir import run_lock, run_path, save_run
 
     _output_folder(output)
-    built = load_manifest(manifest, overrides=overrides or [])
+    built = load_manifest(manifest, overrides=overrides or [], loggers=log or [])
     dest = run_path(output, name or built.manifest.name)
     with run_lock(dest, "cortex build"):
         if dest.exists() and not overwrite:
@@ -181,6 +182,7 @@ def train_command(
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Optimiser steps (default: train.tokens / (batch x context))."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run built from the same manifest."),
     overrides: Optional[list[str]] = typer.Option(None, "--set", help="Change a value of MANIFEST: KEY.PATH=VALUE (repeatable; a new run only)."),
+    log: Optional[list[str]] = typer.Option(None, "--log", help="Also log training to this logger, e.g. tensorboard or wandb (repeatable; adds to train.loggers)."),
 ) -> None:
     """Train a run directory, or build MANIFEST into a new one and train it.
 
@@ -198,11 +200,11 @@ def train_command(
     else:
         raise CortexError(f"{target}: no such manifest file or run directory")
     with run_lock(run, "cortex train"):
-        _train_command(target, data, resume, output, steps, overwrite, overrides or [])
+        _train_command(target, data, resume, output, steps, overwrite, overrides or [], log or [])
 
 
 def _train_command(target: Path, data: str | None, resume: str | None, output: Path, steps: int | None,
-                   overwrite: bool, overrides: list[str]) -> None:
+                   overwrite: bool, overrides: list[str], log: list[str]) -> None:
     from cortex.assembly import assemble
     from cortex.kernel.manifest import TrainSection
     from cortex.runtime.manifests import load_manifest
@@ -213,12 +215,12 @@ def _train_command(target: Path, data: str | None, resume: str | None, output: P
         run = target
         if not (run / "manifest.yaml").is_file():
             raise CortexError(f"{run}: not a run directory (no manifest.yaml); pass a manifest or a run directory")
-        settings = load_manifest(run / "manifest.yaml").manifest.train or TrainSection()
+        settings = load_manifest(run / "manifest.yaml", loggers=log).manifest.train or TrainSection()
         model = load_run(run, device=str(resolve_device(settings.device)))
     elif target.is_file():
         from cortex.runtime import distributed
 
-        built = load_manifest(target, overrides=overrides)
+        built = load_manifest(target, overrides=overrides, loggers=log)
         settings = built.manifest.train or TrainSection()
         device = resolve_device(settings.device)
         main = distributed.init_from_env(device).main  # under torchrun only rank 0 writes the run

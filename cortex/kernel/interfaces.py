@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from cortex.kernel.errors import CortexError
 from cortex.kernel.lazy import torch
 
-KINDS = ("memory", "plasticity", "feature", "data", "bench")
+KINDS = ("memory", "plasticity", "feature", "data", "bench", "logger")
 
 
 class Settings(BaseModel):
@@ -48,7 +48,6 @@ class TextTokenizer(Protocol):
     eos_id: int
 
     def encode(self, text: str) -> list[int]: ...
-
     def decode(self, ids: Sequence[int]) -> str: ...
 
 
@@ -70,20 +69,13 @@ class ModelHandle(Protocol):
 
     @property
     def config(self) -> ModelShape: ...
-
     @property
     def components(self) -> list[Component]: ...
-
     def train(self, mode: bool = True) -> Any: ...
-
     def eval(self) -> Any: ...
-
     def parameters(self) -> Iterator[Any]: ...
-
     def remember(self, text: str, session: str = "self") -> int: ...
-
     def interact(self, prompt: str, *, session: str = "self", **generation: Any) -> str: ...
-
     def generate_text(self, prompt: str, *, session: str = "self", **sampling: Any) -> str: ...
 
 
@@ -443,6 +435,19 @@ class Document:
 
     text: str
     origin: str
+
+
+class Logger(Component):
+    """An experiment tracker (``train.loggers`` or ``--log NAME``), built when training starts
+    with ``context.run_dir``, inside which it writes. It is fed what ``metrics.jsonl`` gets."""
+
+    kind: ClassVar[str] = "logger"
+
+    def log(self, step: int, values: dict[str, float], texts: dict[str, str]) -> None:
+        """Record a ``metrics.jsonl`` line: its numbers and its texts (``sample``, ``rollback``)."""
+
+    def close(self) -> None:
+        """Flush and let go of files: training has ended (also when it failed)."""
 
 
 class DataSource(Component):

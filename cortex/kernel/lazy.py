@@ -18,9 +18,6 @@ T = TypeVar("T")
 class LazyModule(ModuleType):
     """A stand-in for module ``name`` that imports it at the first attribute access."""
 
-    def __init__(self, name: str) -> None:
-        super().__init__(name)
-
     def __getattr__(self, attr: str) -> Any:
         module = importlib.import_module(self.__name__)
         self.__dict__.update(module.__dict__)  # later lookups skip __getattr__

@@ -129,10 +129,15 @@ class TokenizerSection(_Section):
 
 
 class ComponentSpec(_Section):
-    """A registered component and its settings."""
+    """A registered component and its settings; a bare name (``stm``) stands for ``{type: stm}``."""
 
     type: str = Field(min_length=1, description="Registered component name, e.g. `stm` or `hopfield.hebbian`.")
     settings: dict[str, Any] = Field(default_factory=dict, description="The component's own settings.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value: Any) -> Any:
+        return {"type": value} if isinstance(value, str) else value
 
 
 class RuleSpec(ComponentSpec):
@@ -143,11 +148,6 @@ class RuleSpec(ComponentSpec):
 
 class DataSpec(ComponentSpec):
     """A data source: a registered name (``demo``) or a path to a prepared dataset."""
-
-    @model_validator(mode="before")
-    @classmethod
-    def _from_string(cls, value: Any) -> Any:
-        return {"type": value} if isinstance(value, str) else value
 
 
 class TrainSection(_Section):
@@ -187,6 +187,8 @@ class TrainSection(_Section):
     spike_window: int = Field(
         20, gt=0, description="Recent steps averaged for spike detection; no detection before that many steps.")
     max_rollbacks: int = Field(10, ge=0, description="Rollbacks allowed in one run before training stops.")
+    loggers: list[ComponentSpec] = Field(default_factory=list, description="Experiment trackers fed what "
+                                         "metrics.jsonl gets, e.g. `[tensorboard]` (also `--log NAME`).")
 
     @model_validator(mode="after")
     def _accumulation(self) -> TrainSection:
@@ -438,15 +440,20 @@ def _keys_at(model: Any, loc: tuple[Any, ...]) -> list[str]:
     return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
 
 
+def _entries(data: Any) -> list[tuple[str, str, int, Any]]:
+    """``(section, kind, index, item)`` of every component a manifest names, data and loggers too."""
+    raw = data if isinstance(data, dict) else {}
+    entries = [(section, kind, i, item) for section, kind in SECTIONS.items()
+               for i, item in enumerate(raw[section] if isinstance(raw.get(section), list) else [])]
+    train = raw.get("train") if isinstance(raw.get("train"), dict) else {}
+    if "data" in train:
+        entries.append(("train", "data", -1, train["data"]))
+    loggers = train.get("loggers") if isinstance(train.get("loggers"), list) else []
+    return entries + [("train", "logger", i, item) for i, item in enumerate(loggers)]
+
+
 def _referenced_namespaces(data: Any) -> set[str]:
-    names: list[Any] = []
-    if isinstance(data, dict):
-        for section in (*SECTIONS, "train"):
-            items = data.get(section)
-            if section == "train":
-                items = [items.get("data")] if isinstance(items, dict) else []
-            for item in items if isinstance(items, list) else []:
-                names.append(item.get("type") if isinstance(item, dict) else item)
+    names = [item.get("type") if isinstance(item, dict) else item for *_, item in _entries(data)]
     return {n.split(".", 1)[0] for n in names if isinstance(n, str) and "." in n and "/" not in n}
 
 
@@ -491,18 +498,9 @@ def validate(src: Source, path: Path | None = None, *, plugins: Any = None) -> V
     pm = plugins if plugins is not None else create_plugin_manager(_referenced_namespaces(src.data))
     components: list[ResolvedComponent] = []
     data_component = None
-    raw = src.data if isinstance(src.data, dict) else {}
-    entries: list[tuple[str, str, int, Any]] = []
-    for section, kind in SECTIONS.items():
-        items = raw.get(section)
-        for i, item in enumerate(items if isinstance(items, list) else []):
-            entries.append((section, kind, i, item))
-    train = raw.get("train")
-    if isinstance(train, dict) and "data" in train:
-        entries.append(("train", "data", -1, train["data"]))
-    for section, kind, i, item in entries:
+    for section, kind, i, item in _entries(src.data):
         spec_cls = RuleSpec if section == "plasticity" else DataSpec if kind == "data" else ComponentSpec
-        where: FieldPath = ("train", "data") if kind == "data" else (section, i)
+        where: FieldPath = {"data": ("train", "data"), "logger": ("train", "loggers", i)}.get(kind, (section, i))
         try:
             spec = spec_cls.model_validate(item)
         except ValidationError:
@@ -521,7 +519,7 @@ def validate(src: Source, path: Path | None = None, *, plugins: Any = None) -> V
         resolved = ResolvedComponent(section, i, spec, info, settings)
         if kind == "data":
             data_component = resolved
-        else:
+        elif kind != "logger":  # loggers are built by training, not into the model
             components.append(resolved)
     if manifest is not None:
         _cross_checks(src, manifest)

@@ -33,14 +33,17 @@ from cortex.kernel.manifest import (
 from cortex.kernel.plugins import create_plugin_manager
 
 
-def load_manifest(path: str | Path, *, plugins: Any = None, overrides: list[str] = ()) -> ValidatedManifest:
-    """Read ``path``, fill in ``${NAME}`` values, apply ``overrides`` and validate, reporting
-    every problem at once with its position (or its ``--set`` option)."""
+def load_manifest(path: str | Path, *, plugins: Any = None, overrides: list[str] = (),
+                  loggers: list[str] = ()) -> ValidatedManifest:
+    """Read ``path``, fill in ``${NAME}`` values, apply ``overrides``, add ``loggers`` (``--log``)
+    to ``train.loggers`` and validate, reporting every problem at once with its position (or
+    its option)."""
     src = read_source(path)
     changed = interpolate_environment(src)
     apply_overrides(src, list(overrides))
-    if (changed or overrides) and not src.problems:
-        given = "".join(f" --set {o}" for o in overrides)
+    add_loggers(src, list(loggers))
+    if (changed or overrides or loggers) and not src.problems:
+        given = "".join(f" --set {o}" for o in overrides) + "".join(f" --log {name}" for name in loggers)
         src.text = (f"# {path}{given}, with the environment's values filled in\n"
                     + yaml.safe_dump(src.data, sort_keys=False, allow_unicode=True))
     built = validate(src, Path(path), plugins=plugins)
@@ -124,6 +127,20 @@ def apply_overrides(src: Source, overrides: list[str]) -> None:
                 src.problems.append(Problem("--set", 0, 0, dotted(path), "no such list item or section"))
                 continue
             src.overridden.add(path)
+
+
+def add_loggers(src: Source, names: list[str]) -> None:
+    """Add the loggers ``names`` (``--log NAME``) to ``train.loggers``, each once."""
+    if not names or not isinstance(src.data, dict):
+        return
+    train = src.data.get("train")
+    if not isinstance(train, dict):
+        src.problems.append(Problem("--log", 0, 0, "", "the manifest has no `train:` section, so nothing is "
+                                                       "trained or logged; add one"))
+        return
+    given = train.get("loggers") if isinstance(train.get("loggers"), list) else []
+    present = {item.get("type") if isinstance(item, dict) else item for item in given}
+    train["loggers"] = given + [name for name in dict.fromkeys(names) if name not in present]
 
 
 def fits_this_machine(src: Source, m: Manifest, components: list[ResolvedComponent]) -> None:

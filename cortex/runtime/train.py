@@ -289,11 +289,13 @@ def _finite(value: Any) -> Any:
 
 
 class _Metrics:
-    """``RUN/metrics.jsonl``, one JSON object per line, appended and flushed (rank 0 only)."""
+    """``RUN/metrics.jsonl``, one JSON object per line, appended and flushed (rank 0 only);
+    each line also goes to the ``loggers``: its numbers and its texts."""
 
-    def __init__(self, path: Path, enabled: bool) -> None:
+    def __init__(self, path: Path, enabled: bool, loggers: list[Any] = ()) -> None:
         self.path = path
         self.enabled = enabled
+        self.loggers = list(loggers)
 
     def truncate(self, step: int) -> None:
         """Drop step lines after ``step`` (a resume or rollback replays them); keep events."""
@@ -316,9 +318,39 @@ class _Metrics:
     def write(self, obj: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        line = json.dumps({k: _finite(v) for k, v in obj.items()}, ensure_ascii=False)
+        obj = {k: _finite(v) for k, v in obj.items()}
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
+            f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        values = {k: v for k, v in obj.items()
+                  if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and "event" not in obj}
+        text = obj.get("text", obj.get("reason"))
+        texts = {obj["event"]: text} if "event" in obj and isinstance(text, str) else {}
+        for logger in self.loggers:
+            logger.log(obj["step"], values, texts)
+
+    def close(self) -> None:
+        for logger in self.loggers:
+            logger.close()
+
+
+def _build_loggers(model: Any, run_dir: Path, specs: list[Any]) -> list[Any]:
+    """The ``train.loggers`` of a manifest (``--log`` adds to them), built for ``run_dir``."""
+    loggers = []
+    for spec in specs:
+        info = model.pm.registry.get("logger", spec.type)
+        if info is None:
+            known = ", ".join(model.pm.registry.names("logger")) or "none"
+            raise CortexError(f"train.loggers: no logger {spec.type!r} (known: {known})")
+        try:
+            settings = info.cls.Settings.model_validate(spec.settings)
+        except ValidationError as exc:
+            raise CortexError(f"train.loggers: {spec.type}: {exc.errors()[0]['msg']}") from None
+        context = BuildContext(config=model.config, tokenizer=model.tokenizer, seed=model.manifest.seed,
+                               run_dir=Path(run_dir))
+        logger = info.cls(settings, context)
+        logger.key = f"train.loggers.{spec.type}"
+        loggers.append(logger)
+    return loggers
 
 
 @dataclass
@@ -504,7 +536,7 @@ def train(
         model.core.gradient_checkpointing = True
     min_lr = settings.min_lr if settings.min_lr is not None else settings.lr / 10
     fingerprint = model.tokenizer.fingerprint
-    metrics = _Metrics(run_dir / METRICS_FILE, main)
+    metrics = _Metrics(run_dir / METRICS_FILE, main, _build_loggers(model, run_dir, settings.loggers) if main else [])
 
     resume_path = None
     if resume is not None:  # fail fast, before any data is prepared
@@ -685,7 +717,8 @@ def train(
                     line["best"] = True
                     write_best()
             metrics.write(line)
-            if settings.sample_every and state.step % settings.sample_every == 0 and sample_prompt is not None:
+            sample = settings.sample_every and state.step % settings.sample_every == 0
+            if (sample or ("val_loss" in line and metrics.loggers)) and sample_prompt is not None:
                 text = _sample(model, sample_prompt, settings.sample_tokens, seed=model.manifest.seed + state.step)
                 metrics.write({"step": state.step, "event": "sample", "text": text})
                 if progress is not None:
@@ -696,6 +729,7 @@ def train(
             if final or state.step == stop or (settings.checkpoint_every and state.step % settings.checkpoint_every == 0):
                 checkpoint()
     finally:
+        metrics.close()
         if progress is not None:
             progress.stop()
     if state.step == total and not has_val:

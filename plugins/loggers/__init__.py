@@ -1,0 +1,1 @@
+"""Experiment trackers fed what ``metrics.jsonl`` gets (component kind ``logger``)."""

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import random
+from collections import Counter
 
 import networkx as nx
 import numpy as np
@@ -77,9 +79,41 @@ def test_planted_causal_chain_is_recovered_among_spurious_correlations(lag):
     assert not graph.effects("thunder_x") and not graph.effects("frequent") and not graph.causes("frequent")
 
 
+def structure_only(graph: CognitionGraph, a: str, b: str, c: str, d: str) -> float:
+    """The trivial baseline: pick among the nodes whose relations from ``c`` are those from
+    ``a`` to ``b`` (the same edge types), at random; its expected accuracy on one query."""
+    want = graph.relation(a, b)
+    tied = [n for n in graph.graph.nodes if n not in (a, b, c) and graph.relation(c, n) == want]
+    return 1 / len(tied) if d in tied else 0.0
+
+
+def accuracies(graph: CognitionGraph, queries: list[tuple[str, str, str, str]]) -> dict[str, float]:
+    """The graph's answers, the structure-only baseline and relation vectors alone."""
+    n = len(queries)
+    both = sum(graph.analogy(a, b, c) == d for a, b, c, d in queries) / n
+    structure = sum(structure_only(graph, *q) for q in queries) / n
+    settings, graph.settings = graph.settings, graph.settings.model_copy(update={"structure_weight": 0.0})
+    vectors = sum(graph.analogy(a, b, c) == d for a, b, c, d in queries) / n
+    graph.settings = settings
+    return {"graph": both, "structure only": structure, "vectors alone": vectors}
+
+
+def relation_vectors(nodes: int, relations: int, noise: float, seed: int = 0) -> tuple[dict, dict]:
+    """``x{i}`` and, per relation ``r``, ``y{r}_{i}`` = ``x{i}`` + the relation's offset + noise."""
+    rng = np.random.default_rng(seed)
+    offsets = [rng.normal(size=32) for _ in range(relations)]
+    vectors = {f"x{i}": rng.normal(size=32) for i in range(nodes)}
+    for r in range(relations):
+        for i in range(nodes):
+            vectors[f"y{r}_{i}"] = vectors[f"x{i}"] + offsets[r] + rng.normal(scale=noise, size=32)
+    return vectors, offsets
+
+
 def test_planted_analogies_are_answered():
     """Acceptance: A : B :: C : ? >= 0.9, (1) over an event stream of parallel cause -> effect
-    pairs, (2) over vectors with planted relation offsets plus typed relation edges."""
+    pairs, (2) over vectors with planted relation offsets plus typed relation edges. Both
+    sets are solved by structure alone (one candidate has the edge types): the figures of
+    the structure-only baseline and of relation vectors alone are printed beside them."""
     rng = random.Random(0)
     pairs = [(f"cause{i}", f"effect{i}") for i in range(10)]
     stream = [set() for _ in range(8002)]
@@ -94,30 +128,85 @@ def test_planted_analogies_are_answered():
                 stream[t].add(f"noise{n}")
     graph = CognitionGraph.from_events([[sorted(s) for s in stream]])
     queries = [(a, b, c, d) for a, b in pairs for c, d in pairs if a != c]
-    stream_acc = sum(graph.analogy(a, b, c) == d for a, b, c, d in queries) / len(queries)
+    on_stream = accuracies(graph, queries)
 
-    nrng = np.random.default_rng(0)
+    vectors, _ = relation_vectors(10, 3, noise=1.2)
     typed = CognitionGraph()
-    groups = []
-    for r in range(3):  # three relations, ten pairs each, noisy offsets
-        offset = nrng.normal(size=32)
-        group = []
+    typed.vectors = vectors
+    for r in range(3):  # three relations, ten pairs each, each its own edge type
         for i in range(10):
-            a, b = f"x{r}_{i}", f"y{r}_{i}"
-            typed.vectors[a] = nrng.normal(size=32)
-            typed.vectors[b] = typed.vectors[a] + offset + nrng.normal(scale=1.2, size=32)
-            typed.add_relation(a, b, f"relation{r}")
-            group.append((a, b))
-        groups.append(group)
-    typed_queries = [(a, b, c, d) for g in groups for a, b in g for c, d in g if a != c]
-    typed_acc = sum(typed.analogy(a, b, c) == d for a, b, c, d in typed_queries) / len(typed_queries)
-    typed.settings = GraphSettings(structure_weight=0.0)
-    vector_acc = sum(typed.analogy(a, b, c) == d for a, b, c, d in typed_queries) / len(typed_queries)
-    print(f"analogies: stream {stream_acc:.3f}, vectors + relations {typed_acc:.3f} (vectors alone {vector_acc:.3f})")
-    assert stream_acc >= 0.9 and typed_acc >= 0.9
-    assert vector_acc < typed_acc  # the graph structure adds to the relation vectors
+            typed.add_relation(f"x{i}", f"y{r}_{i}", f"relation{r}")
+    typed_queries = [(f"x{j}", f"y{r}_{j}", f"x{i}", f"y{r}_{i}") for r in range(3) for i in range(10)
+                     for j in range(10) if i != j]
+    on_typed = accuracies(typed, typed_queries)
+    print(f"analogies, stream: {on_stream}; typed relations: {on_typed}")
+    assert on_stream["graph"] >= 0.9 and on_typed["graph"] >= 0.9
+    assert on_typed["vectors alone"] < on_typed["graph"]  # the graph structure adds to the relation vectors
+    assert on_stream["structure only"] == on_typed["structure only"] == 1.0  # these sets do not need vectors
     ranked = graph.analogy("cause0", "effect0", "cause1", k=3)
     assert ranked[0][0] == "effect1" and len(ranked) == 3 and ranked[0][1] >= ranked[1][1]
+
+
+def test_analogies_where_structure_alone_is_ambiguous():
+    """Acceptance set where several candidates share the edge types: every ``x{i}`` has one
+    ``related`` edge to each of its three partners ``y{r}_{i}``, so only the relation
+    vector tells ``x3 : y1_3 :: x5 : ?`` apart; structure alone picks one of three."""
+    vectors, _ = relation_vectors(10, 3, noise=1.2)
+    graph = CognitionGraph()
+    graph.vectors = vectors
+    for r in range(3):
+        for i in range(10):
+            graph.add_relation(f"x{i}", f"y{r}_{i}", "related")
+    queries = [(f"x{j}", f"y{r}_{j}", f"x{i}", f"y{r}_{i}") for r in range(3) for i in range(10)
+               for j in range(10) if i != j]
+    scores = accuracies(graph, queries)
+    print(f"analogies, structure ambiguous: {scores}")
+    assert scores["structure only"] == pytest.approx(1 / 3)
+    assert scores["graph"] >= 0.9
+    assert scores["graph"] > scores["vectors alone"] and scores["graph"] > scores["structure only"] + 0.5
+
+
+def adjusted_rand_index(a: list, b: list) -> float:
+    """Hubert and Arabie's adjusted Rand index of two labelings (1: the same partition, ~0: chance)."""
+    pairs = lambda counts: sum(math.comb(n, 2) for n in counts)  # noqa: E731
+    index = pairs(Counter(zip(a, b)).values())
+    rows, cols = pairs(Counter(a).values()), pairs(Counter(b).values())
+    expected = rows * cols / math.comb(len(a), 2)
+    return (index - expected) / ((rows + cols) / 2 - expected)
+
+
+def test_adjusted_rand_index():
+    assert adjusted_rand_index([0, 0, 1, 1, 2, 2], ["b", "b", "a", "a", "c", "c"]) == 1.0
+    assert adjusted_rand_index([0, 0, 1, 1], [0, 1, 0, 1]) == pytest.approx(-0.5)  # below chance
+    rng = random.Random(0)
+    assert abs(adjusted_rand_index([rng.randrange(5) for _ in range(2000)],
+                                   [rng.randrange(5) for _ in range(2000)])) < 0.02
+
+
+def test_planted_clusters_of_memory_keys_are_recovered_as_concepts(build_model):
+    """Acceptance: keys around six planted centres, written to a model's long-term memory,
+    come back as six concepts with adjusted Rand index >= 0.9; random assignment scores ~0."""
+    from cortex.kernel.interfaces import Entries
+
+    model = build_model(tiny_manifest("concepts", memory=[{"type": "ltm", "settings": {"capacity": 1000}}]))
+    g = torch.Generator().manual_seed(0)
+    centres = torch.nn.functional.normalize(torch.randn(6, 32, generator=g), dim=-1)
+    planted = torch.arange(6).repeat_interleave(60)
+    keys = centres[planted] + 0.12 * torch.randn(len(planted), 32, generator=g)  # noise of norm ~0.7
+    model.memory[0].write(Entries(keys, keys, torch.zeros(len(keys), dtype=torch.long),
+                                  torch.zeros(len(keys), dtype=torch.long)))
+    graph = CognitionGraph.from_model(model, GraphSettings(concepts=6))
+    found = graph.concept_of(keys.numpy())
+    ari = adjusted_rand_index(planted.tolist(), found)
+    rng = random.Random(0)
+    chance = adjusted_rand_index(planted.tolist(), [rng.randrange(6) for _ in planted])
+    once = CognitionGraph.from_model(model, GraphSettings(concepts=6, restarts=1))
+    ari_once = adjusted_rand_index(planted.tolist(), once.concept_of(keys.numpy()))
+    print(f"concepts: ARI {ari:.3f} against planted clusters (one k-means run {ari_once:.3f}, "
+          f"random assignment {chance:.3f})")
+    assert graph.summary()["concepts"] == 6 and sorted(c["size"] for c in graph.concepts()) == [60] * 6
+    assert ari >= 0.9 and abs(chance) < 0.05
+    assert ari_once < 0.9  # this seed's single run merges two clusters and splits another
 
 
 @pytest.mark.parametrize("suffix", [".graphml", ".json"])

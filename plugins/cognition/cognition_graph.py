@@ -12,7 +12,7 @@ stream of events ([`from_events`][cortex_plugins.cognition.cognition_graph.Cogni
 
 - **Concepts**: the keys of every memory tier (STM slots, LTM entries, decoded archive
   entries) are clustered with spherical ``faiss.Kmeans`` into at most ``concepts``
-  clusters (at least ``min_concept_size`` entries each). A concept node ``c<i>`` carries its
+  clusters (at least ``min_concept_size`` entries each; the best of ``restarts`` runs). A concept node ``c<i>`` carries its
   size, the tiers its entries came from, the tokens that most often followed its entries,
   a few text snippets and its centroid (its vector).
 - **Event sequences**: each text a model stored (entries of one stream with the same
@@ -37,7 +37,7 @@ stream of events ([`from_events`][cortex_plugins.cognition.cognition_graph.Cogni
   agreement of the graph relations from C to D with those from A to B (edge kinds and
   directions, Jaccard).
 
-Queries: ``concepts()``, ``causes(x)`` (what causes x), ``effects(x)``,
+Queries: ``concepts()``, ``concept_of(keys)``, ``causes(x)`` (what causes x), ``effects(x)``,
 ``associations(x)``, ``analogy(a, b, c)``, ``summary()``. ``export(path)`` writes GraphML
 or node-link JSON (``load(path)`` reads either back with the same nodes and edges);
 ``draw(path)`` renders a PNG. On the command line: ``cortex graph RUN [--export FILE]
@@ -76,6 +76,7 @@ class GraphSettings(Settings):
     concepts: int = Field(16, ge=1, description="Most concepts (k-means clusters of memory keys).")
     min_concept_size: int = Field(4, ge=1, description="Least entries per concept on average (fewer clusters for small memories).")
     max_items: int = Field(50000, gt=0, description="Memory entries used at most (a seeded sample beyond).")
+    restarts: int = Field(5, ge=1, description="k-means runs from different seeds; the tightest clustering is kept.")
     lag: int = Field(1, ge=1, description="Steps after A in which B counts as following A.")
     min_count: int = Field(3, ge=1, description="Least joint occurrences (A, then B) of a causal candidate.")
     min_delta_p: float = Field(0.2, gt=0, le=1, description="Least contingency P(B|A) - P(B|not A) of a causal candidate.")
@@ -273,7 +274,7 @@ class CognitionGraph:
             items = {k: (v[keep] if isinstance(v, np.ndarray) else [v[i] for i in keep]) for k, v in items.items()}
             keys, n = items["keys"], s.max_items
         k = max(1, min(s.concepts, n // s.min_concept_size))
-        centroids, assign = _kmeans(keys, k, s.seed)
+        centroids, assign = _kmeans(keys, k, s.seed, s.restarts)
         k = centroids.shape[0]
         names = [f"c{i}" for i in range(k)]
         tok = model.tokenizer
@@ -296,6 +297,18 @@ class CognitionGraph:
         self.graph.add_edge(a, b, key=kind, **attrs)
 
     # ------------------------------------------------------------------ queries
+
+    def concept_of(self, keys: Any) -> list[str]:
+        """The concept each of ``keys`` (N, d) belongs to: the nearest centroid by cosine,
+        as memory entries are assigned when the graph is built."""
+        names = [c["id"] for c in self.concepts() if c["id"] in self.vectors]
+        if not names:
+            raise CortexError("this graph has no concepts with centroids (build it from a model)")
+        cents = np.stack([self.vectors[n] for n in names]).astype(np.float64)
+        x = np.asarray(keys, dtype=np.float64).reshape(-1, cents.shape[1])
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        cents = cents / np.maximum(np.linalg.norm(cents, axis=1, keepdims=True), 1e-12)
+        return [names[i] for i in (x @ cents.T).argmax(1)]
 
     def concepts(self) -> list[dict[str, Any]]:
         """Concept nodes with their attributes, largest first."""
@@ -529,8 +542,9 @@ def _tier_entries(tier: Any) -> tuple[torch.Tensor, ...] | None:
     return None
 
 
-def _kmeans(keys: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Spherical k-means centroids (k, d) and assignments (N,); empty clusters are dropped."""
+def _kmeans(keys: np.ndarray, k: int, seed: int, restarts: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Spherical k-means centroids (k, d) and assignments (N,), the best of ``restarts`` runs
+    (one run can merge two clusters and split another); empty clusters are dropped."""
     import faiss
 
     x = np.ascontiguousarray(keys, dtype=np.float32)
@@ -538,7 +552,8 @@ def _kmeans(keys: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndarray
         c = x.mean(0, keepdims=True)
         c /= max(np.linalg.norm(c), 1e-12)
         return c, np.zeros(len(x), dtype=np.int64)
-    km = faiss.Kmeans(x.shape[1], k, niter=25, seed=seed, spherical=True, verbose=False, min_points_per_centroid=1)
+    km = faiss.Kmeans(x.shape[1], k, niter=25, seed=seed, spherical=True, verbose=False, min_points_per_centroid=1,
+                      nredo=restarts)
     km.train(x)
     _, assign = km.index.search(x, 1)
     assign = assign.ravel()

@@ -168,14 +168,17 @@ class CortexModel(nn.Module):
     @torch.no_grad()
     def confidence(self, prompt: str, answer: str, *, session: str = "self") -> float:
         """Mean probability the model (with ``session``'s memory) gives ``answer``'s tokens
-        after ``prompt``, teacher-forced, read as generation reads it (features, kNN-LM).
-        Looking does not strengthen any memory."""
+        after ``prompt``, teacher-forced, read as generation reads it: told text put back,
+        kNN-attention, the features' ``adjust_logits``, kNN-LM. Looking strengthens no memory."""
         prompt = self._read_prompt(prompt, session)
         p_ids, a_ids = self.tokenizer.encode(prompt), self.tokenizer.encode(answer)
         ids = torch.tensor([(p_ids + a_ids)[-(self.config.context + 1):]], dtype=torch.long)
         n = min(len(a_ids), ids.shape[1] - 1)
         inputs, targets = ids[:, :-1], ids[:, 1:]
-        logits, _ = self.core(inputs)
+        read = None
+        if self.memory_system is not None:
+            read = MemoryRead(torch.full((1,), session_stream(session)), touch=False)
+        logits, _ = self.core(inputs, memory=read)
         logits = self._adjust(inputs, logits, session, touch=False)
         logp = torch.log_softmax(logits.float(), dim=-1)[0, -n:].gather(1, targets[0, -n:, None])
         return float(logp.exp().mean())

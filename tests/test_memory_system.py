@@ -263,3 +263,24 @@ def test_a_cue_asked_alone_compares_only_the_offsets_it_has(build_model):
     unrelated = torch.nn.functional.normalize(torch.randn(1, 64), dim=-1)
     _, lam = ms.knn_distribution(unrelated, 0, vocab=32, touch=False, coverage=coverage[4:5])
     assert lam[0] == 0
+
+
+def test_confidence_reads_knn_attention_and_strengthens_nothing(build_model):
+    torch.manual_seed(0)
+    model = build_model(manifest(read=["knn_attention"], layers=[0])).eval()
+    reader = model.core.blocks[0].memory
+    torch.nn.init.normal_(reader.out.weight, std=1.0)  # untrained, the read is faint: make it visible
+    with torch.no_grad():
+        reader.gate.fill_(5.0)
+    cue, answer = "Mina's locker number is", " 3817."
+    empty = model.confidence(cue, answer, session="empty")
+    model.remember("Mina's locker number is 3817.", session="told")
+    stm = model.memory[0]
+    uses = stm.state_dict()["uses"].clone()
+    told = model.confidence(cue, answer, session="told")
+    assert abs(told / empty - 1) > 5e-3  # kNN-attention is read: a told session is not an empty one
+    assert torch.equal(stm.state_dict()["uses"], uses)  # looking strengthened nothing
+    with torch.no_grad():
+        reader.gate.fill_(-30.0)  # the read shut: the told session scores as the empty one
+    assert model.confidence(cue, answer, session="told") == pytest.approx(
+        model.confidence(cue, answer, session="empty"), abs=1e-6)

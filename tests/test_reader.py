@@ -11,7 +11,7 @@ import torch
 
 from cortex import CortexError
 from cortex.kernel.interfaces import CognitiveFeature
-from cortex_plugins.cognition._pointer_head import PointerHead, sentence_words
+from cortex_plugins.cognition._pointer_head import RANKS, PointerHead, match_lengths, sentence_words
 from cortex_plugins.cognition.reader import Reader
 from cortex_plugins.data.demo import demo_documents, make_world
 from tests.conftest import tiny_manifest
@@ -66,6 +66,41 @@ def test_word_overlap_points_at_the_named_statement():
     ids = torch.tensor([list(text.encode())])
     lex = head.overlap(ids, last=1)[0, 0]
     assert lex[text.index("Daejeon") - 1] > lex[text.index("Tokyo") - 1]
+
+
+def test_match_length_counts_the_equal_tokens_ending_at_query_and_key():
+    text = b"Tavi is a lawyer.\nTavi is "
+    ids = torch.tensor([list(text)])
+    n = match_lengths(ids)[0, -1]  # the query: the space after the second "is"
+    assert int(n[text.index(b"is ") + 2]) == 4  # "s is " ... agrees as far as counted
+    assert int(n[text.index(b"a ") + 1]) == 1  # another space: only the current token
+    assert int(n[text.index(b"lawyer")]) == 0
+    assert torch.equal(match_lengths(ids, last=3), match_lengths(ids)[:, -3:])  # decoding reads the same
+    # learned per length: weighting length 4 sends the pointer to the told wording's next token
+    head = _head()
+    head(torch.zeros(1, ids.shape[1], 16))
+    head.match.data[:] = 2.0  # 8 at length 4
+    attn = head._attend(ids, last=1)[0][0, 0].detach()
+    assert int(attn.argmax()) == text.index(b"is ") + 2 and float(attn.max()) > 0.9
+
+
+def test_sentence_rank_lets_the_later_of_two_statements_win():
+    text = "Farel lives in Lima. Jun is a pilot. Farel moved to Rome.\nWhere does Farel live? "
+    ids = torch.tensor([list(text.encode())])
+    head = _head()
+    head.idf = lambda w: 5.0 if w == b"farel" else 0.0  # only the name is rare
+    lex = head.overlap(ids, last=1)
+    ranks = head.sentence_ranks(ids, lex)[0, 0]
+    lima, rome, pilot = (text.index(w) - 1 for w in ("Lima", "Rome", "pilot"))
+    assert (int(ranks[rome]), int(ranks[lima])) == (0, 1)  # Jun's sentence shares nothing: not counted
+    assert int(ranks[pilot]) == 1 and RANKS > 2
+    # off (zero biases): the two statements' values weigh alike; a learned rank bias prefers the later
+    head(torch.zeros(1, ids.shape[1], 16))
+    attn = head._attend(ids, last=1)[0][0, 0].detach()
+    assert float(attn[rome]) == pytest.approx(float(attn[lima]), rel=0.3)
+    head.rank.data[0] = -4.0  # from the second latest on
+    attn = head._attend(ids, last=1)[0][0, 0].detach()
+    assert float(attn[rome]) > 20 * float(attn[lima])
 
 
 def test_generation_mixes_the_pointer_from_cached_states():
@@ -166,6 +201,27 @@ def test_demo_updates_ask_the_later_city():
         told = [s for s in moved if s.startswith(name) or s.startswith(f"Correction: {name}")]
         if len(told) >= 2:  # the person told twice: the question asks the later city
             assert any(told[-1].rstrip(".").endswith(a) for a in asked)
+
+
+def test_demo_restates_current_statements_word_for_word():
+    rng = random.Random(5)
+    restated = 0
+    for _ in range(60):
+        world = make_world(rng, korean=False, kind="facts", updates=0.5, restate=1.0)
+        body, *lines = world.text.split("\n")
+        questions = {f"{q} {a}" for q, a in world.qa}
+        extra = [line for line in lines if line not in questions]
+        assert 1 <= len(extra) <= 2 and all(line in body for line in extra)  # repeated as told
+        assert len(lines) == len(world.qa) + len(extra)
+        restated += len(extra)
+        cities = [s.split(" lives in ")[0].split(" moved to ")[0].removeprefix("Correction: ")
+                  for s in body.split(". ") if " lives in " in s or " moved to " in s]
+        twice = {n for n in cities if cities.count(n) > 1}
+        assert not any(line.startswith(n) and (" lives in " in line or " moved to " in line)
+                       for line in extra for n in twice)  # never a city told twice (one is stale)
+    assert restated > 60
+    assert "\x00".join(d.text for d in demo_documents(50)) == "\x00".join(
+        d.text for d in demo_documents(50, restate=0.0))
 
 
 # -- the model consults the reader -------------------------------------------------------

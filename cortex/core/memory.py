@@ -95,17 +95,18 @@ class MemoryAttention(nn.Module):
         for tier in tiers:
             slots = tier.dense_entries(memory.streams)
             if slots is not None:
-                read = self._dense(tier, slots, q, memory.streams, system.step)
+                read = self._dense(tier, slots, q, memory, system.step)
             else:
-                read = self._searched(tier, q, memory.streams, system.step)
+                read = self._searched(tier, q, memory, system.step)
             if read is not None:
                 mixed.append(read[0])
                 best.append(read[1])
         if not mixed:
             return x
         weights = tier_weights(torch.stack(best, dim=-1), self.settings.tier_temperature).to(q.dtype)
+        if memory.touch:
+            system.record_read(weights)
         memory = torch.einsum("btn,nbtd->btd", weights, torch.stack(mixed))
-        system.record_read(weights)
         out = self.out(self.value(memory))
         return x + self.settings.residual_weight * torch.sigmoid(self.gate) * out
 
@@ -120,7 +121,7 @@ class MemoryAttention(nn.Module):
             attn = torch.softmax(logits, dim=-1)
         return attn.masked_fill(empty, 0.0)
 
-    def _dense(self, tier: MemoryTier, slots: tuple, q: torch.Tensor, streams: torch.Tensor, step: int):
+    def _dense(self, tier: MemoryTier, slots: tuple, q: torch.Tensor, read: MemoryRead, step: int):
         """Attend to the top-k of every slot of a small exact tier with batched matmuls."""
         keys, values, valid = slots
         if not bool(valid.any()):
@@ -131,14 +132,15 @@ class MemoryAttention(nn.Module):
         top = scores.topk(k, dim=-1)
         keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top.indices, True) & torch.isfinite(scores)
         found = torch.isfinite(top.values[..., 0])
-        tier.mark_used(streams, keep.any(dim=1), step=step, queries=found.numel(), hits=int(found.sum()))
+        if read.touch:
+            tier.mark_used(read.streams, keep.any(dim=1), step=step, queries=found.numel(), hits=int(found.sum()))
         logits = torch.bmm(q, keys.to(q.dtype).transpose(1, 2)) * self.log_scale.exp()
         attn = self._attend(logits, ~keep)
         return torch.bmm(attn, values.to(q.dtype)), top.values[..., 0]
 
-    def _searched(self, tier: MemoryTier, q: torch.Tensor, streams: torch.Tensor, step: int):
+    def _searched(self, tier: MemoryTier, q: torch.Tensor, read: MemoryRead, step: int):
         """Attend to the k nearest entries found by the tier's search."""
-        r = tier.read_batch(q.detach().float(), streams, self.settings.k, step=step)
+        r = tier.read_batch(q.detach().float(), read.streams, self.settings.k, step=step, touch=read.touch)
         scores = self._relevant(r.scores.float().masked_fill(r.ids < 0, float("-inf")))
         if not bool(torch.isfinite(scores).any()):
             return None
@@ -162,6 +164,8 @@ class MemoryRead:
     streams: torch.Tensor  # (B,) int64
     #: the residual stream entering the first reader, kept as what this pass writes as values
     value: torch.Tensor | None = None
+    #: ``False`` only looks: the read strengthens no entry and is not counted (``confidence``)
+    touch: bool = True
 
 
 class MemorySystem:

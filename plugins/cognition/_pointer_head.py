@@ -16,6 +16,8 @@ from torch.nn import functional as F
 
 BUCKETS = 12  # log2 distance buckets: 1, 2-3, 4-7, ... (the last holds everything further)
 BINS = 2048  # hashed word bins of the lexical bags
+MATCH = 5  # match-length buckets: 0, 1, 2, 3, 4+ equal tokens ending at the key and the query
+RANKS = 4  # sentence ranks: 0 = the latest sentence sharing a rare word with the query, ..., 3+
 
 
 def distance_buckets(T: int, device: torch.device | None = None) -> torch.Tensor:
@@ -23,6 +25,22 @@ def distance_buckets(T: int, device: torch.device | None = None) -> torch.Tensor
     pos = torch.arange(T, device=device)
     d = (pos[:, None] - pos[None, :]).clamp_min(1).float()
     return torch.log2(d).floor().long().clamp(max=BUCKETS - 1)
+
+
+def match_lengths(ids: torch.Tensor, last: int | None = None) -> torch.Tensor:
+    """(B, Tq, T) how many tokens, up to ``MATCH - 1``, end equally at each key ``j`` and query
+    ``t`` (``ids[t - i] == ids[j - i]`` for ``i < n``): 1 where only the current tokens agree,
+    more where what led to them agrees too (an induction head's signal)."""
+    B, T = ids.shape
+    Tq = T if last is None else last
+    eq = ids[:, :, None] == ids[:, None, :]  # (B, T, T)
+    run = torch.ones(B, Tq, T, dtype=torch.bool, device=ids.device)
+    out = torch.zeros(B, Tq, T, dtype=torch.long, device=ids.device)
+    for i in range(MATCH - 1):  # eq shifted by i along both axes: the i-th tokens back agree
+        shifted = F.pad(eq[:, : T - i, : T - i], (i, 0, i, 0))[:, T - Tq:]
+        run &= shifted
+        out += run
+    return out
 
 
 def _is_word_byte(b: int) -> bool:
@@ -69,10 +87,15 @@ class PointerHead(nn.Module):
     Pointer logits of query t over keys j < t (the value of key j is the token after j)::
 
         exp(log_scale) * cos(q_t, k_j) + recency[log2(t - j)] + exp(log_lexical) * overlap(t, j)
+            + sum(match[:n(t, j)]) + sum(rank[:r(t, j)])
 
     ``q``, ``k``: linear maps of the normed hidden state plus a local summary (attention
     pooling over the last ``window`` positions); ``overlap``: rarity-weighted words shared
-    by the query's sentence and key j's (other sentences only). How the pointer's
+    by the query's sentence and key j's (other sentences only); ``n``: how many tokens end
+    equally at t and j (see [`match_lengths`][cortex_plugins.cognition._pointer_head.match_lengths]),
+    so that a told wording is continued as told; ``r``: how many later sentences also share a
+    rare word with the query's, so that the later of two statements can win however far
+    apart they are. How the pointer's
     distribution meets the model's is ``combine`` (see
     [`combine_log_probs`][cortex_plugins.cognition._pointer_head.PointerHead.combine_log_probs]).
     """
@@ -103,6 +126,10 @@ class PointerHead(nn.Module):
         self.log_lexical = nn.Parameter(torch.tensor(math.log(2.0)))
         self.log_scale = nn.Parameter(torch.tensor(math.log(10.0)))
         self.recency = nn.Parameter(torch.zeros(BUCKETS))
+        # increments: a key gains match[i] for its (i+1)-th equal token and rank[i] for its
+        # (i+1)-th later sharing sentence (cheap masks, where a table lookup's backward is slow)
+        self.match = nn.Parameter(torch.zeros(MATCH - 1))
+        self.rank = nn.Parameter(torch.zeros(RANKS - 1))
         if combine == "gate":
             self.gate = nn.Linear(dim, 1)
             self.log_lexical_gate = nn.Parameter(torch.tensor(0.0))
@@ -173,17 +200,38 @@ class PointerHead(nn.Module):
         a = torch.softmax(a + self.offset_bias.flip(0), dim=-1)  # window slot W-1 is offset 0
         return torch.einsum("btrw,btw->btr", v, a)
 
-    def scores(self, q: torch.Tensor, k: torch.Tensor, lex: torch.Tensor | None = None) -> torch.Tensor:
+    def scores(self, q: torch.Tensor, k: torch.Tensor, lex: torch.Tensor | None = None,
+               ids: torch.Tensor | None = None) -> torch.Tensor:
         """Attention logits (B, Tq, Tk) of queries at the last Tq positions over all Tk keys,
-        strictly causal: position t sees keys j < t (their next token is known)."""
+        strictly causal: position t sees keys j < t (their next token is known). The token
+        match and the sentence rank need the input ``ids`` (and ``lex``)."""
         Tq, Tk = q.shape[1], k.shape[1]
         logits = torch.einsum("bqr,bkr->bqk", q.float(), k.float())
         logits = logits + self.recency[distance_buckets(Tk, q.device)[Tk - Tq:]]
-        if lex is not None:
-            logits = logits + self.log_lexical.exp() * lex
         pos_q = torch.arange(Tk - Tq, Tk, device=q.device)[:, None]
         pos_k = torch.arange(Tk, device=q.device)[None, :]
-        return logits.masked_fill(pos_k >= pos_q, float("-inf"))
+        causal = pos_k < pos_q
+        if lex is not None:
+            logits = logits + self.log_lexical.exp() * lex
+        if ids is not None:
+            n = match_lengths(ids, Tq)
+            r = self.sentence_ranks(ids, lex * causal) if lex is not None else torch.zeros_like(n)
+            for i, w in enumerate(self.match):
+                logits = logits + w * (n > i)
+            for i, w in enumerate(self.rank):
+                logits = logits + w * (r > i)
+        return logits.masked_fill(~causal, float("-inf"))
+
+    def sentence_ranks(self, ids: torch.Tensor, lex: torch.Tensor) -> torch.Tensor:
+        """(B, Tq, T) for each key, how many later sentences (before the query, up to
+        ``RANKS - 1``) share a rare word with the query's sentence (``lex`` > 0 somewhere in them)."""
+        sentence = self.sentences(ids)  # (B, T), numbered from 0
+        B, Tq, T = lex.shape
+        index = sentence[:, None, :].expand(B, Tq, T)
+        shares = torch.zeros(B, Tq, T, device=lex.device).scatter_reduce(
+            2, index, (lex > 0).float(), reduce="amax")  # (B, Tq, sentence)
+        later = shares.flip(-1).cumsum(-1).flip(-1) - shares  # sharing sentences after each one
+        return later.gather(2, index).long().clamp(max=RANKS - 1)
 
     def gate_logit(self, g: torch.Tensor, s: torch.Tensor, lex: torch.Tensor) -> torch.Tensor:
         """combine: gate: the gate from the hidden state plus the overlap of the attended keys."""
@@ -216,7 +264,7 @@ class PointerHead(nn.Module):
         lex = self.overlap(ids, last)
         if last is not None:
             q = q[:, -last:]
-        s = self.scores(q, k, lex)
+        s = self.scores(q, k, lex, ids)
         return torch.softmax(s, dim=-1).nan_to_num(0.0), s, lex, g  # row 0 sees nothing
 
     def sequence_log_probs(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -304,11 +304,14 @@ def _update(rng: random.Random, people: list[Person], korean: bool, parts: list[
     return p, "city"
 
 
-def make_world(rng: random.Random, korean: bool, kind: str | None = None, updates: float = 0.0) -> DemoWorld:
+def make_world(rng: random.Random, korean: bool, kind: str | None = None, updates: float = 0.0,
+               restate: float = 0.0) -> DemoWorld:
     """Draw one world from ``rng``: its people and facts, told as ``"facts"`` or ``"dialogue"``.
 
     With ``updates`` > 0 that share of ``"facts"`` worlds tells one person's city twice (a
-    move or a correction) and asks for it: the later statement wins."""
+    move or a correction) and asks for it: the later statement wins. With ``restate`` > 0 that
+    share of them also repeats one or two of its statements word for word on lines of their
+    own among the questions (a told text read back in its own wording)."""
     if kind is None:
         kind = "facts" if rng.random() < 0.6 else "dialogue"
     people = _draw_people(rng)
@@ -340,20 +343,27 @@ def make_world(rng: random.Random, korean: bool, kind: str | None = None, update
     if updated is not None and updated not in asked:
         asked[-1] = updated
     qa = [_question(p, a, korean) for p, a in asked]
-    text = body + "\n" + "\n".join(f"{q} {a}" for q, a in qa)
+    lines = [f"{q} {a}" for q, a in qa]
+    if kind == "facts" and restate > 0 and rng.random() < restate:
+        current = [_statement(p, a, korean) for p, a in told if (p, a) != updated]  # as told, once
+        for line in rng.sample(current, min(len(current), rng.randint(1, 2))):
+            lines.insert(rng.randint(0, len(lines)), line)
+    text = body + "\n" + "\n".join(lines)
     return DemoWorld(korean, kind, people, qa, text)
 
 
-def demo_worlds(n: int, seed: int = 0, korean: float = 0.5, updates: float = 0.0) -> Iterator[DemoWorld]:
+def demo_worlds(n: int, seed: int = 0, korean: float = 0.5, updates: float = 0.0,
+                restate: float = 0.0) -> Iterator[DemoWorld]:
     """The first ``n`` worlds of ``seed``; a share ``korean`` of them in Korean."""
     for i in range(n):
         rng = random.Random(f"cortex-demo:{seed}:{i}")
-        yield make_world(rng, rng.random() < korean, updates=updates)
+        yield make_world(rng, rng.random() < korean, updates=updates, restate=restate)
 
 
-def demo_documents(n: int, seed: int = 0, korean: float = 0.5, updates: float = 0.0) -> Iterator[Document]:
+def demo_documents(n: int, seed: int = 0, korean: float = 0.5, updates: float = 0.0,
+                   restate: float = 0.0) -> Iterator[Document]:
     """The demo corpus as [`Document`][cortex.kernel.interfaces.Document]s with origin ``demo:SEED:INDEX``."""
-    for i, world in enumerate(demo_worlds(n, seed, korean, updates)):
+    for i, world in enumerate(demo_worlds(n, seed, korean, updates, restate)):
         yield Document(world.text, f"demo:{seed}:{i}")
 
 
@@ -369,10 +379,13 @@ class DemoSource(DataSource):
         updates: float = Field(0.0, ge=0.0, le=1.0, description="Share of fact documents that tell a "
                                                                 "city twice (a move or a correction); "
                                                                 "the later statement is the answer.")
+        restate: float = Field(0.0, ge=0.0, le=1.0, description="Share of fact documents that repeat one "
+                                                                "or two statements word for word on lines "
+                                                                "among the questions.")
 
     def documents(self) -> Iterator[Document]:
         s = self.settings
-        return demo_documents(s.documents, s.seed, s.korean, s.updates)
+        return demo_documents(s.documents, s.seed, s.korean, s.updates, s.restate)
 
 
 @hookimpl

@@ -8,7 +8,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -66,6 +67,11 @@ class CortexModel(nn.Module):
         #: the generation token of the weights in the run directory this model was loaded
         #: from or last written to; its saved memory state records it (see ``runtime.rundir``)
         self.weights_generation: str | None = None
+        #: the run directory this model was loaded from or last saved as: where ``save()`` writes
+        self.run_dir: Path | None = None
+        #: writes a run directory, ``(model, path or None) -> path``; set by ``cortex.runtime.rundir``
+        #: when it loads or saves the model (the model cannot import the runtime: it is a layer below)
+        self.run_writer: Callable[[Any, Path | None], Path] | None = None
         if self.memory:
             self.memory_system = MemorySystem(self.manifest.memory_system, self.memory, core)
             pm.register(self.memory_system, name="memory_system")
@@ -144,6 +150,23 @@ class CortexModel(nn.Module):
         answer = self.interact(text, session=session, learn=learn, **generation)
         confidence = self.confidence(text, answer, session=session) if answer else 0.0
         return Reply(answer, confidence, detect_language(answer or text))
+
+    def save(self, path: str | Path | None = None) -> Path:
+        """Write this model — weights, memory and every plugin's state, manifest, tokenizer — as
+        a run directory, and return it; ``cortex.load`` reads it back.
+
+        ``path`` ``None`` (or the run itself) rewrites the run the model was loaded from, in
+        place: weights and state are replaced as one set (see ``cortex.runtime.rundir.write_into``)
+        while the run's lock is held, so ``cortex chat`` or training on the same run refuses
+        to start meanwhile, and the reverse. Another ``path`` becomes a new run directory, written
+        in a temporary folder and renamed into place (an existing one is refused); later saves
+        go there. A model assembled in Python is saved the first time with
+        ``cortex.save_run(model, OUT_DIR)``.
+        """
+        if self.run_writer is None:
+            raise CortexError("this model was assembled in Python and never saved: write it once with "
+                              "cortex.save_run(model, OUT_DIR); after that model.save() rewrites it")
+        return self.run_writer(self, None if path is None else Path(path))
 
     def stats(self) -> dict[str, Any]:
         """Memory use per tier, consolidation counts and every component's figures."""

@@ -216,11 +216,40 @@ def environment() -> dict[str, Any]:
 
 
 def save_run(model: Any, out_dir: Path, *, name: str | None = None, overwrite: bool = False) -> Path:
-    """Write ``model`` (a [`CortexModel`][cortex.model.CortexModel]) as a run directory."""
+    """Write ``model`` (a [`CortexModel`][cortex.model.CortexModel]) as a run directory; from then
+    on ``model.save()`` rewrites it."""
     dest = run_path(out_dir, name or model.manifest.name)
     with staged_directory(dest, overwrite=overwrite) as tmp:
         write_into(model, tmp)
+    _bind_run(model, dest)
     return dest
+
+
+def save_model_run(model: Any, path: Path | None) -> Path:
+    """What [`CortexModel.save`][cortex.model.CortexModel.save] does: rewrite the model's own run
+    directory in place (``path`` ``None`` or that run), holding the run's lock, or write a
+    new run directory ``path`` (staged and renamed into place; an existing one is refused)."""
+    own = Path(model.run_dir).resolve() if model.run_dir is not None else None
+    path = own if path is None else Path(path).expanduser().resolve()
+    if path is None:
+        raise CortexError("this model has no run directory yet: give save a path, e.g. model.save('runs/my-model')")
+    if path == own:
+        with run_lock(path, "model.save"):
+            write_into(model, path)
+        return path
+    if path.exists():
+        raise CortexError(f"{path} already exists and is not the run this model was loaded from; "
+                          "choose a new path (or load that run to change it)")
+    with run_lock(path, "model.save"), staged_directory(path) as tmp:
+        write_into(model, tmp)
+    _bind_run(model, path)
+    return path
+
+
+def _bind_run(model: Any, path: Path) -> None:
+    """Make ``path`` the run ``model.save()`` writes, with this module as its writer."""
+    model.run_dir = Path(path)
+    model.run_writer = save_model_run
 
 
 def write_into(model: Any, directory: Path) -> None:
@@ -324,4 +353,5 @@ def load_run(path: Path, *, device: str = "cpu") -> Any:
     except (SafetensorError, OSError, ValueError, KeyError, RecursionError) as exc:
         raise CheckpointError(f"{path}: plugin state cannot be read: {str(exc)[:300]}") from None
     model.load_plugin_state(state, where=str(path / "state.safetensors"))
+    _bind_run(model, path)
     return model

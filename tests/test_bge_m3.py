@@ -374,6 +374,29 @@ class _ExtraTests:
         assert [t for t, _ in after] == [t for t, _ in before] and after[0][0] == CORPUS[2]
         assert all(math.isclose(a[1], b[1], abs_tol=1e-5) for a, b in zip(after, before))
 
+    def test_the_model_reads_told_text_through_bge_m3_above_the_floor_only(self, weights, build_model):
+        """The tiny random encoder has no sense of meaning, so the floor is set between the
+        scores it gives; what is checked is the read path: told, scored, floored, put back."""
+        model = build_model(manifest(weights))
+        bge = BgeM3.of(model)
+        assert model.remember(CORPUS[1], session="ana") == 1 and model.remember(CORPUS[3], session="ana") == 1
+        assert bge.texts_of("ana") == [CORPUS[1], CORPUS[3]] and bge.meta[0]["source"] == "told"
+        question = "what happened to the mailman?"
+        (best, high), (other, low) = [(h.text, h.score) for h in bge.search(question, k=2, session="ana", touch=False)]
+        assert high > low
+        bge.settings.min_score = (high + low) / 2
+        read = bge.context_for(question, session="ana")
+        assert read == f"{best}\n{question}" and other not in read.replace(question, "")
+        assert model._read_prompt(question, session="ana") == read  # the model consults it
+        assert bge.context_for(question, session="bob") == question  # another session: nothing
+        bge.settings.min_score = low - 0.01  # both: oldest first
+        assert bge.context_for(question, session="ana") == f"{CORPUS[1]} {CORPUS[3]}\n{question}"
+        uses = bge.uses.clone()
+        model.generate_text(question, session="ana", max_new_tokens=2)
+        assert torch.equal(bge.uses, uses)  # reading strengthened nothing
+        bge.settings.read = False
+        assert model._read_prompt(question, session="ana") == question
+
     def test_missing_or_unloadable_weights_are_clear_errors(self, weights, tmp_path):
         import shutil
 

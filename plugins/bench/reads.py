@@ -13,6 +13,9 @@ alternating, values drawn fresh per seed:
   session; ``specificity``: the question about a name never told does not get the told value.
 - **corrections** — one person's city told twice, each once ("lives in" then "moved to",
   the reverse, or "Correction: ..."); the later statement must win.
+- **about_me** — a user tells their name or a fact in the first person ("My name is Aris.",
+  "I live in Busan."), then two unrelated turns, then asks about themselves ("What is my
+  name?", "Where do I live?"), as in ``cortex chat``.
 
 Every figure sits beside the same manifest untrained and a verbatim store (the told text,
 or the prompt's own statements, as a table from the last n tokens to the next; see
@@ -33,7 +36,9 @@ from cortex.bench.harness import BenchSuite, Check, SuiteResult, load_target, me
 from cortex.kernel.interfaces import Settings
 from cortex.kernel.lazy import torch
 from cortex_plugins.bench._baselines import VerbatimStore, best_verbatim, contribution, untrained_twin
-from cortex_plugins.data.demo import CITIES, COLOURS, FOODS, JOBS, NAMES, Person, _city_statement, _question, _statement
+from cortex_plugins.data.demo import (
+    CITIES, COLOURS, FOODS, JOBS, NAMES, Person, _city_statement, _first_person, _question, _self_question, _statement,
+)
 
 TARGETS = {"binding": 0.9, "other_words": 0.8, "told_wording": 0.9, "locality": 0.95, "specificity": 0.95,
            "corrections": 0.9}
@@ -43,7 +48,11 @@ NEW_NAMES = [("Aris", "가람"), ("Bexa", "누리"), ("Corin", "다온"), ("Dovi
              ("Kelmi", "은솔"), ("Lorn", "해찬"), ("Meru", "도담"), ("Nalo", "미르"), ("Orsa", "슬기"),
              ("Quen", "온유"), ("Rafi", "윤슬"), ("Selo", "하람"), ("Tavi", "로운"), ("Vesna", "나래")]
 ATTRIBUTES = ("city", "job", "colour", "food", "locker", "age")
-COLUMNS = ("binding", "binding_new", "other_words", "told_wording", "locality", "specificity", "corrections")
+COLUMNS = ("binding", "binding_new", "other_words", "told_wording", "locality", "specificity", "corrections",
+           "about_me")
+#: unrelated chat turns between telling and asking (about_me)
+SMALL_TALK = [("What a nice day.", "날씨가 좋네."), ("Tell me a story.", "이야기 하나 해 줘."),
+              ("I am a bit tired today.", "오늘은 좀 피곤해.")]
 
 
 def _value(rng: random.Random, attr: str) -> Any:
@@ -107,6 +116,12 @@ def measure(subject: Any, seed: int, n: int) -> dict[str, float]:
         for city, wording in zip((old, new), wordings):
             subject.remember(_city_statement(name, city, wording, ko), session=session)
         hits["corrections"] += _answers(subject, *_question(Person(name, {"city": new}), "city", ko), session)
+        me = Person(rng.choice(NEW_NAMES), {attr: _value(rng, attr)})
+        about = rng.choice(["name", attr])
+        session = f"reads-{seed}-me-{i}"
+        for turn in (_first_person(me, about, ko), *(t[ko] for t in rng.sample(SMALL_TALK, 2))):
+            subject.remember(turn, session=session)
+        hits["about_me"] += _answers(subject, *_self_question(me, about, ko), session)
     return {column: count / n for column, count in hits.items()}
 
 
@@ -156,7 +171,8 @@ class Reads(BenchSuite):
             "seen in training); other_words / told_wording: a fact told once with remember, then a fact about "
             "somebody else, asked with the demo question / the told wording; locality: an unrelated prompt "
             "continues as in an empty session; specificity: a never-told name does not get the told value; "
-            "corrections: a city told twice, the later must win. untrained: the run's manifest with no training "
+            "corrections: a city told twice, the later must win; about_me: a user's name or fact told in the "
+            "first person, two unrelated turns, then asked ('What is my name?'). untrained: the run's manifest with no training "
             "step; verbatim store: the told text (or the prompt's statements) as a table from the last n tokens "
             "to the next, at its best n per figure. contribution: trained minus the better of the two.")
         return result

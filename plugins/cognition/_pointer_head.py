@@ -17,7 +17,6 @@ from torch.nn import functional as F
 BUCKETS = 12  # log2 distance buckets: 1, 2-3, 4-7, ... (the last holds everything further)
 BINS = 2048  # hashed word bins of the lexical bags
 MATCH = 5  # match-length buckets: 0, 1, 2, 3, 4+ equal tokens ending at the key and the query
-RANKS = 4  # sentence ranks: 0 = the latest sentence sharing a rare word with the query, ..., 3+
 
 
 def distance_buckets(T: int, device: torch.device | None = None) -> torch.Tensor:
@@ -41,6 +40,20 @@ def match_lengths(ids: torch.Tensor, last: int | None = None) -> torch.Tensor:
         run &= shifted
         out += run
     return out
+
+
+def continues_character(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """UTF-8 byte grammar of byte ids (B, T): whether each byte is a continuation byte, and
+    whether the byte after each position must be one (its character is not complete yet)."""
+    T = ids.shape[1]
+    cont = (ids >= 0x80) & (ids < 0xC0)
+    length = torch.ones_like(ids)  # bytes of the character a lead byte opens
+    length[(ids >= 0xC0) & (ids < 0xE0)] = 2
+    length[(ids >= 0xE0) & (ids < 0xF0)] = 3
+    length[(ids >= 0xF0) & (ids < 0xF8)] = 4
+    pos = torch.arange(T, device=ids.device).expand_as(ids)
+    lead = torch.where(cont, torch.zeros_like(pos), pos).cummax(dim=1).values  # last non-continuation
+    return cont, length.gather(1, lead) - 1 - (pos - lead) > 0
 
 
 def _is_word_byte(b: int) -> bool:
@@ -87,15 +100,16 @@ class PointerHead(nn.Module):
     Pointer logits of query t over keys j < t (the value of key j is the token after j)::
 
         exp(log_scale) * cos(q_t, k_j) + recency[log2(t - j)] + exp(log_lexical) * overlap(t, j)
-            + sum(match[:n(t, j)]) + sum(rank[:r(t, j)])
+            + sum(match[:n(t, j)]) + supersede * later(t, j)
 
     ``q``, ``k``: linear maps of the normed hidden state plus a local summary (attention
     pooling over the last ``window`` positions); ``overlap``: rarity-weighted words shared
     by the query's sentence and key j's (other sentences only); ``n``: how many tokens end
     equally at t and j (see [`match_lengths`][cortex_plugins.cognition._pointer_head.match_lengths]),
-    so that a told wording is continued as told; ``r``: how many later sentences also share a
-    rare word with the query's, so that the later of two statements can win however far
-    apart they are. How the pointer's
+    so that a told wording is continued as told; ``later``: how like key j (cosine of the
+    keys) the most similar key is that comes after it, before t, in a sentence sharing a rare
+    word with j's (see [`superseded`][cortex_plugins.cognition._pointer_head.PointerHead.superseded]):
+    the later of two statements of the same kind about the same name wins. How the pointer's
     distribution meets the model's is ``combine`` (see
     [`combine_log_probs`][cortex_plugins.cognition._pointer_head.PointerHead.combine_log_probs]).
     """
@@ -126,10 +140,11 @@ class PointerHead(nn.Module):
         self.log_lexical = nn.Parameter(torch.tensor(math.log(2.0)))
         self.log_scale = nn.Parameter(torch.tensor(math.log(10.0)))
         self.recency = nn.Parameter(torch.zeros(BUCKETS))
-        # increments: a key gains match[i] for its (i+1)-th equal token and rank[i] for its
-        # (i+1)-th later sharing sentence (cheap masks, where a table lookup's backward is slow)
-        self.match = nn.Parameter(torch.zeros(MATCH - 1))
-        self.rank = nn.Parameter(torch.zeros(RANKS - 1))
+        # learned from priors: a key gains match[i] for its (i+1)-th equal token (increments:
+        # cheap masks, where a table lookup's backward is slow), and loses to a later statement
+        # like it (supersede < 0)
+        self.match = nn.Parameter(torch.ones(MATCH - 1))
+        self.supersede = nn.Parameter(torch.tensor(-3.0))
         if combine == "gate":
             self.gate = nn.Linear(dim, 1)
             self.log_lexical_gate = nn.Parameter(torch.tensor(0.0))
@@ -139,6 +154,9 @@ class PointerHead(nn.Module):
         nn.init.normal_(self.key.weight, std=dim ** -0.5)
         #: byte-level word -> rarity (0 for template words); set by the Reader
         self.idf: Callable[[bytes], float] | None = None
+        #: ids are UTF-8 bytes: a key is read only where its value can come next (a character's
+        #: first byte where one starts, a continuation byte inside one); set by the Reader
+        self.utf8 = False
         self.hidden: torch.Tensor | None = None  # (B, T, dim) of the sequence so far
         #: ``False`` turns the pointer off at inference (the model alone)
         self.enabled = True
@@ -170,11 +188,11 @@ class PointerHead(nn.Module):
         ends = (ids == 46) | (ids == 33) | (ids == 10) | (ids >= 256) | (ids < 0)
         return torch.cumsum(ends.long(), dim=1) - ends.long()  # a boundary closes its sentence
 
-    def overlap(self, ids: torch.Tensor, last: int | None = None) -> torch.Tensor:
+    def overlap(self, ids: torch.Tensor, last: int | None = None, bags: torch.Tensor | None = None) -> torch.Tensor:
         """(B, Tq, T) rarity-weighted word overlap of each query position's sentence (the
         last ``last`` positions, default all) with each position's in *other* sentences
-        (a sentence trivially shares its own words)."""
-        bags = self.bags(ids)
+        (a sentence trivially shares its own words); ``bags``: ``self.bags(ids)`` if known."""
+        bags = self.bags(ids) if bags is None else bags
         sentence = self.sentences(ids)
         q = bags if last is None else bags[:, -last:]
         qs = sentence if last is None else sentence[:, -last:]
@@ -201,37 +219,48 @@ class PointerHead(nn.Module):
         return torch.einsum("btrw,btw->btr", v, a)
 
     def scores(self, q: torch.Tensor, k: torch.Tensor, lex: torch.Tensor | None = None,
-               ids: torch.Tensor | None = None) -> torch.Tensor:
+               ids: torch.Tensor | None = None, later: torch.Tensor | None = None) -> torch.Tensor:
         """Attention logits (B, Tq, Tk) of queries at the last Tq positions over all Tk keys,
         strictly causal: position t sees keys j < t (their next token is known). The token
-        match and the sentence rank need the input ``ids`` (and ``lex``)."""
+        match needs the input ``ids``; ``later`` is [`superseded`][cortex_plugins.cognition._pointer_head.PointerHead.superseded]."""
         Tq, Tk = q.shape[1], k.shape[1]
         logits = torch.einsum("bqr,bkr->bqk", q.float(), k.float())
         logits = logits + self.recency[distance_buckets(Tk, q.device)[Tk - Tq:]]
-        pos_q = torch.arange(Tk - Tq, Tk, device=q.device)[:, None]
-        pos_k = torch.arange(Tk, device=q.device)[None, :]
-        causal = pos_k < pos_q
         if lex is not None:
             logits = logits + self.log_lexical.exp() * lex
         if ids is not None:
             n = match_lengths(ids, Tq)
-            r = self.sentence_ranks(ids, lex * causal) if lex is not None else torch.zeros_like(n)
             for i, w in enumerate(self.match):
                 logits = logits + w * (n > i)
-            for i, w in enumerate(self.rank):
-                logits = logits + w * (r > i)
-        return logits.masked_fill(~causal, float("-inf"))
+        if later is not None:
+            logits = logits + self.supersede * later
+        pos_q = torch.arange(Tk - Tq, Tk, device=q.device)[:, None]
+        pos_k = torch.arange(Tk, device=q.device)[None, :]
+        blocked = pos_k >= pos_q
+        if self.utf8 and ids is not None:
+            cont, inside = continues_character(ids)
+            value_cont = F.pad(cont[:, 1:], (0, 1))  # the value of key j is the byte after it
+            blocked = blocked | (value_cont[:, None, :] != inside[:, -Tq:, None])
+        return logits.masked_fill(blocked, float("-inf"))
 
-    def sentence_ranks(self, ids: torch.Tensor, lex: torch.Tensor) -> torch.Tensor:
-        """(B, Tq, T) for each key, how many later sentences (before the query, up to
-        ``RANKS - 1``) share a rare word with the query's sentence (``lex`` > 0 somewhere in them)."""
-        sentence = self.sentences(ids)  # (B, T), numbered from 0
-        B, Tq, T = lex.shape
-        index = sentence[:, None, :].expand(B, Tq, T)
-        shares = torch.zeros(B, Tq, T, device=lex.device).scatter_reduce(
-            2, index, (lex > 0).float(), reduce="amax")  # (B, Tq, sentence)
-        later = shares.flip(-1).cumsum(-1).flip(-1) - shares  # sharing sentences after each one
-        return later.gather(2, index).long().clamp(max=RANKS - 1)
+    def superseded(self, ids: torch.Tensor, k: torch.Tensor, shared: torch.Tensor,
+                   last: int | None = None) -> torch.Tensor:
+        """(B, Tq, T) for query t and key j: the largest cosine ``k_j · k_j'`` over the keys j'
+        after j in sentences before t's that share a rare word with j's (``shared`` (B, T, T):
+        the key-to-key word overlap, 0 within a sentence), 0 where there is none."""
+        B, T = ids.shape
+        after = torch.ones(T, T, dtype=torch.bool, device=k.device).triu(1)  # j' > j
+        sim = torch.einsum("bjr,bkr->bjk", k.float(), k.float()).clamp_min(0)
+        sim = sim.masked_fill(~(after & (shared > 0)), 0.0)
+        best = F.pad(sim.cummax(dim=-1).values, (1, 0))  # best[j, 1 + t'] = max over j' <= t'
+        sentence = self.sentences(ids)
+        opens = torch.ones_like(sentence, dtype=torch.bool)
+        opens[:, 1:] = sentence[:, 1:] != sentence[:, :-1]
+        start = (torch.arange(T, device=ids.device) * opens).cummax(dim=1).values  # first position of t's sentence
+        if last is not None:
+            start = start[:, -last:]
+        # out[t, j] = best[j, start(t) - 1 + 1]: the keys j' before t's sentence
+        return best.gather(2, start[:, None, :].expand(B, T, -1)).transpose(1, 2)
 
     def gate_logit(self, g: torch.Tensor, s: torch.Tensor, lex: torch.Tensor) -> torch.Tensor:
         """combine: gate: the gate from the hidden state plus the overlap of the attended keys."""
@@ -261,10 +290,12 @@ class PointerHead(nn.Module):
 
     def _attend(self, ids: torch.Tensor, last: int | None = None):
         q, k, g = self.project(self.hidden)
-        lex = self.overlap(ids, last)
+        bags = self.bags(ids)
+        shared = self.overlap(ids, bags=bags)  # key to key
+        lex = shared if last is None else shared[:, -last:]
         if last is not None:
             q = q[:, -last:]
-        s = self.scores(q, k, lex, ids)
+        s = self.scores(q, k, lex, ids, self.superseded(ids, k, shared, last))
         return torch.softmax(s, dim=-1).nan_to_num(0.0), s, lex, g  # row 0 sees nothing
 
     def sequence_log_probs(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

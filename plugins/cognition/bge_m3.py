@@ -18,24 +18,24 @@ position, so each position saw the words that follow it).
 
 **Where texts come from.**
 
-- ``cortex_interaction``: every chat turn of ``model.interact``/``cortex chat`` is stored
-  in the turn's session (``record: prompt``, the default: the user's text; ``turn``: prompt
-  and answer together; ``none``: nothing);
+- ``remember``: what the model is told, through ``model.remember`` and every chat turn of
+  ``model.interact``/``cortex chat`` that learns, in its session;
+- ``cortex_interaction``: each chat turn's answer is noted with its prompt (``record:
+  prompt``, the default); ``turn`` also stores prompt and answer together as one text, and
+  ``none`` stores nothing more;
 - [`remember_text`][cortex_plugins.cognition.bge_m3.BgeM3.remember_text]``(text, session)`` stores
   any text, e.g. an episode's text from the ``episodic`` feature.
 
-**Reading.** [`search`][cortex_plugins.cognition.bge_m3.BgeM3.search]``(text, k, session)`` returns
-[`TextHit`][cortex_plugins.cognition.bge_m3.TextHit]s, most similar first;
+**Reading, in the model's read path** (``read: true``, the default). Texts the model is
+told (``model.remember``, every chat turn that learns) are stored; before the model
+answers a prompt, the stored texts of its session that score at least ``min_score`` (at
+most ``k``) are put in front of it, oldest first, so the model reads them in its context
+(the ``reader`` feature, listed after ``bge_m3``, then points into them). Unrelated prompts
+score below the floor and read nothing. By hand,
+[`search`][cortex_plugins.cognition.bge_m3.BgeM3.search]``(text, k, session)`` returns
+[`TextHit`][cortex_plugins.cognition.bge_m3.TextHit]s, most similar first, and
 [`recall_context`][cortex_plugins.cognition.bge_m3.BgeM3.recall_context]``(prompt, session)``
-formats the hits above ``min_score`` as lines a caller can put in front of a prompt:
-
-```python
-from cortex.kernel.lazy import F, torch
-from cortex_plugins.cognition.bge_m3 import BgeM3
-
-bge = BgeM3.of(model)
-answer = model.interact(bge.recall_context(question, session="ana") + question, session="ana")
-```
+the hits above ``min_score`` as lines.
 
 **Score.** Cosine similarity of the dense embeddings (BGE-M3's are unit length), plus
 ``sparse_weight`` times the lexical matching score (the sum over shared tokens of the
@@ -149,6 +149,8 @@ class BgeM3(CognitiveFeature):
         max_length: int = Field(512, gt=0, description="Tokens of a text that are embedded (longer texts are cut).")
         batch_size: int = Field(16, gt=0, description="Texts embedded per forward pass.")
         fp16: bool = Field(False, description="Half precision (only on a GPU; the CPU always runs float32).")
+        read: bool = Field(True, description="Put the session's stored texts scoring at least min_score (at "
+                                             "most k) in front of each prompt the model answers.")
 
         @model_validator(mode="after")
         def _available(self) -> BgeM3.Settings:
@@ -378,16 +380,41 @@ class BgeM3(CognitiveFeature):
         hits = self.search(prompt, k, session, min_score=floor)
         return "".join(f"{hit.text}\n" for hit in hits)
 
+    # ------------------------------------------------------------------ the model's read path
+
+    def remember(self, text: str, session: str) -> int:
+        """Store what the model is told (``model.remember``, a chat turn that learns)."""
+        if not text.strip():
+            return 0
+        self.remember_text(text, session, {"source": "told"})
+        return 1
+
+    def context_for(self, prompt: str, session: str) -> str:
+        """``prompt`` with the session's relevant stored texts in front of it, oldest first
+        (a lookup: it strengthens nothing); ``prompt`` itself when none scores ``min_score``."""
+        if not self.settings.read or session not in self.sessions:
+            return prompt
+        hits = [h for h in self.search(prompt, session=session, min_score=self.settings.min_score, touch=False)
+                if h.text not in prompt]
+        if not hits:
+            return prompt
+        return " ".join(h.text for h in sorted(hits, key=lambda h: h.id)) + "\n" + prompt
+
     # ------------------------------------------------------------------ lifecycle
 
     @hookimpl
     def cortex_interaction(self, model: ModelHandle, session: str, prompt: str, response: str) -> None:
         record = self.settings.record
-        if record == "none":
+        if record == "none" or not prompt.strip():
             return
-        text = prompt if record == "prompt" else f"{prompt}\n{response}"
-        if text.strip():
-            self.remember_text(text, session, {"source": "chat", "response": response})
+        meta = {"source": "chat", "response": response}
+        row = self._row(prompt, session)
+        if row is not None:  # stored this turn through ``remember``: note its answer
+            self.meta[row].update(meta)
+        elif record == "prompt":
+            self.remember_text(prompt, session, meta)
+        if record == "turn":
+            self.remember_text(f"{prompt}\n{response}", session, meta)
 
     # ------------------------------------------------------------------ state
 

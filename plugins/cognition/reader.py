@@ -55,15 +55,17 @@ if TYPE_CHECKING:
     from cortex_plugins.cognition._pointer_head import PointerHead
 
 _WORD = re.compile(r"[\w']+", re.UNICODE)
+_CLITIC = re.compile(r"'(s|m|re|ve|ll|d)$")
+#: the speaker of a chat session: told text in the first person is about whoever asks in it
+SELF_WORDS = frozenset({"i", "my", "me", "mine", "나", "내", "저", "제"})
 
 
 def words(text: str) -> list[str]:
-    """Lower-cased words; a possessive ``'s`` and Korean particles are cut so that
-    ``Mina's`` and ``민아는`` both give the name."""
+    """Lower-cased words; a possessive ``'s``, a contraction's ``'m`` and Korean particles
+    are cut, so that ``Mina's`` and ``민아는`` give the name and ``I'm`` gives ``i``."""
     out = []
     for w in _WORD.findall(text.lower()):
-        if w.endswith("'s"):
-            w = w[:-2]
+        w = _CLITIC.sub("", w)
         if w and "\uac00" <= w[0] <= "\ud7a3" and len(w) > 1:
             out.append(w[:-1])  # 민아는 -> 민아, 부산에 -> 부산 (and the whole word too)
         out.append(w)
@@ -105,6 +107,7 @@ class Reader(CognitiveFeature):
 
     @hookimpl
     def cortex_model_built(self, model: ModelHandle) -> None:
+        from cortex import ByteTokenizer
         from cortex_plugins.cognition._pointer_head import PointerHead
 
         core = model.core
@@ -116,6 +119,7 @@ class Reader(CognitiveFeature):
                                 beta=st.beta, fold_case=st.fold_case)
         self.head.to(next(core.parameters()).device)
         self.head.idf = self.byte_idf
+        self.head.utf8 = isinstance(model.tokenizer, ByteTokenizer)
         core.set_memory_layer(last, self.head)
 
     @hookimpl
@@ -172,14 +176,16 @@ class Reader(CognitiveFeature):
         return max(0.0, self.idf(word.decode("utf-8", errors="replace")) - self.settings.common_idf)
 
     def recall(self, prompt: str, session: str) -> list[str]:
-        """Told texts of ``session`` relevant to ``prompt``, oldest first."""
+        """Told texts of ``session`` relevant to ``prompt``, oldest first. A first-person word
+        shared by both (``SELF_WORDS``: "I live in Busan." and "Where do I live?") counts as
+        rare as the floor: in a session, both are about its speaker."""
         kept = self.texts.get(session, [])
         asked = set(words(prompt))
         scored = []
         for i, text in enumerate(kept):
             if text in prompt:
                 continue
-            rare = [self.idf(w) for w in asked & set(words(text))]
+            rare = [self.settings.min_idf if w in SELF_WORDS else self.idf(w) for w in asked & set(words(text))]
             if rare and max(rare) >= self.settings.min_idf:
                 scored.append((sum(rare), i))
         best = sorted(scored, reverse=True)[: self.settings.top]

@@ -162,7 +162,7 @@ class DemoWorld:
     """A generated document with its structure, for benchmarks that need the answers."""
 
     korean: bool
-    kind: str  # "facts" or "dialogue"
+    kind: str  # "facts", "dialogue" or "self"
     people: list[Person]
     #: (question, answer) pairs asked at the end, in order
     qa: list[tuple[str, str]]
@@ -239,34 +239,79 @@ def _question(p: Person, attr: str, ko: bool) -> tuple[str, str]:
     }[attr]()
 
 
+def _first_person(p: Person, attr: str, ko: bool) -> str:
+    """``p`` telling ``attr`` about themselves (``"name"`` too): "I live in Busan." / "나는 부산에 살아."."""
+    v = p.facts.get(attr)
+    if ko:
+        return {
+            "name": lambda: f"내 이름은 {_is_casual(p.name[1])}.",
+            "city": lambda: f"나는 {v[1]}에 살아.",
+            "job": lambda: f"나는 {_is_casual(v[1])}.",
+            "age": lambda: f"나는 {v}살이야.",
+            "colour": lambda: f"나는 {_object(v[1])} 좋아해.",
+            "pets": lambda: f"나는 {v[0][2]} {v[1]}마리를 키워.",
+            "food": lambda: f"나는 {_object(v[1])} 좋아해.",
+            "locker": lambda: f"내 사물함 번호는 {v}번이야.",
+        }[attr]()
+    pets = (v[0][0] if v[1] == 1 else v[0][1]) if attr == "pets" else ""
+    return {
+        "name": lambda: f"My name is {p.name[0]}.",
+        "city": lambda: f"I live in {v[0]}.",
+        "job": lambda: f"I'm {_article(v[0])}.",
+        "age": lambda: f"I'm {v} years old.",
+        "colour": lambda: f"My favourite colour is {v[0]}.",
+        "pets": lambda: f"I have {v[1]} {pets}.",
+        "food": lambda: f"I like {v[0]}.",
+        "locker": lambda: f"My locker number is {v}.",
+    }[attr]()
+
+
+def _self_question(p: Person, attr: str, ko: bool) -> tuple[str, str]:
+    """The speaker asking about themselves, with the answer: "Where do I live?" "Busan."."""
+    v = p.facts.get(attr)
+    if ko:
+        return {
+            "name": lambda: ("내 이름이 뭐야?", f"{p.name[1]}."),
+            "city": lambda: ("나는 어디에 살아?", f"{v[1]}."),
+            "job": lambda: ("나는 무슨 일을 해?", f"{v[1]}."),
+            "age": lambda: ("나는 몇 살이야?", f"{v}살."),
+            "colour": lambda: ("나는 무슨 색을 좋아해?", f"{v[1]}."),
+            "pets": lambda: (f"나는 {_object(v[0][2])} 몇 마리 키워?", f"{v[1]}마리."),
+            "food": lambda: ("나는 무슨 음식을 좋아해?", f"{v[1]}."),
+            "locker": lambda: ("내 사물함 번호는 뭐야?", f"{v}번."),
+        }[attr]()
+    return {
+        "name": lambda: ("What is my name?", f"{p.name[0]}."),
+        "city": lambda: ("Where do I live?", f"{v[0]}."),
+        "job": lambda: ("What do I do?", f"{_cap(_article(v[0]))}."),
+        "age": lambda: ("How old am I?", f"{v}."),
+        "colour": lambda: ("What is my favourite colour?", f"{_cap(v[0])}."),
+        "pets": lambda: (f"How many {v[0][1]} do I have?", f"{v[1]}."),
+        "food": lambda: ("What do I like to eat?", f"{_cap(v[0])}."),
+        "locker": lambda: ("What is my locker number?", f"{v}."),
+    }[attr]()
+
+
 def _exchange(asker: Person, p: Person, attr: str, ko: bool) -> list[str]:
     """Two dialogue turns: ``asker`` asks ``p`` about ``attr``, ``p`` answers in the first person."""
     v = p.facts[attr]
     if ko:
         a, n = asker.name[1], p.name[1]
         c = _call(n)
-        ask, answer = {
-            "city": lambda: (f"{c}, 어디에 살아?", f"나는 {v[1]}에 살아."),
-            "job": lambda: (f"{c}, 무슨 일을 해?", f"나는 {_is_casual(v[1])}."),
-            "age": lambda: (f"{c}, 몇 살이야?", f"나는 {v}살이야."),
-            "colour": lambda: (f"{c}, 무슨 색을 좋아해?", f"나는 {_object(v[1])} 좋아해."),
-            "pets": lambda: (f"{c}, {_object(v[0][2])} 몇 마리 키워?", f"나는 {v[0][2]} {v[1]}마리를 키워."),
-            "food": lambda: (f"{c}, 무슨 음식을 좋아해?", f"나는 {_object(v[1])} 좋아해."),
-            "locker": lambda: (f"{c}, 사물함 번호가 뭐야?", f"내 사물함 번호는 {v}번이야."),
+        ask = {
+            "city": lambda: f"{c}, 어디에 살아?", "job": lambda: f"{c}, 무슨 일을 해?",
+            "age": lambda: f"{c}, 몇 살이야?", "colour": lambda: f"{c}, 무슨 색을 좋아해?",
+            "pets": lambda: f"{c}, {_object(v[0][2])} 몇 마리 키워?", "food": lambda: f"{c}, 무슨 음식을 좋아해?",
+            "locker": lambda: f"{c}, 사물함 번호가 뭐야?",
         }[attr]()
     else:
         a, n = asker.name[0], p.name[0]
-        pets = v[0][0] if attr == "pets" and v[1] == 1 else (v[0][1] if attr == "pets" else "")
-        ask, answer = {
-            "city": lambda: (f"Where do you live, {n}?", f"I live in {v[0]}."),
-            "job": lambda: (f"What do you do, {n}?", f"I'm {_article(v[0])}."),
-            "age": lambda: (f"How old are you, {n}?", f"I'm {v} years old."),
-            "colour": lambda: (f"What's your favourite colour, {n}?", f"My favourite colour is {v[0]}."),
-            "pets": lambda: (f"Do you have any pets, {n}?", f"I have {v[1]} {pets}."),
-            "food": lambda: (f"What do you like to eat, {n}?", f"I like {v[0]}."),
-            "locker": lambda: (f"What's your locker number, {n}?", f"My locker number is {v}."),
-        }[attr]()
-    return [f"{a}: {ask}", f"{n}: {answer}"]
+        ask = {
+            "city": f"Where do you live, {n}?", "job": f"What do you do, {n}?", "age": f"How old are you, {n}?",
+            "colour": f"What's your favourite colour, {n}?", "pets": f"Do you have any pets, {n}?",
+            "food": f"What do you like to eat, {n}?", "locker": f"What's your locker number, {n}?",
+        }[attr]
+    return [f"{a}: {ask}", f"{n}: {_first_person(p, attr, ko)}"]
 
 
 def _towards(w: str) -> str:  # 부산으로 / 서울로 / 파리로: a final ㄹ (8) takes 로, as no final does
@@ -305,13 +350,18 @@ def _update(rng: random.Random, people: list[Person], korean: bool, parts: list[
 
 
 def make_world(rng: random.Random, korean: bool, kind: str | None = None, updates: float = 0.0,
-               restate: float = 0.0) -> DemoWorld:
-    """Draw one world from ``rng``: its people and facts, told as ``"facts"`` or ``"dialogue"``.
+               restate: float = 0.0, selves: float = 0.0) -> DemoWorld:
+    """Draw one world from ``rng``: its people and facts, told as ``"facts"``, ``"dialogue"``
+    or ``"self"`` (a share ``selves`` of worlds: a speaker tells their own name and facts in
+    the first person, among statements about others, then asks about themselves: "My name
+    is Aris. I live in Busan. ... Where do I live? Busan.").
 
     With ``updates`` > 0 that share of ``"facts"`` worlds tells one person's city twice (a
     move or a correction) and asks for it: the later statement wins. With ``restate`` > 0 that
     share of them also repeats one or two of its statements word for word on lines of their
     own among the questions (a told text read back in its own wording)."""
+    if kind is None:
+        kind = "self" if selves > 0 and rng.random() < selves else None
     if kind is None:
         kind = "facts" if rng.random() < 0.6 else "dialogue"
     people = _draw_people(rng)
@@ -337,12 +387,22 @@ def make_world(rng: random.Random, korean: bool, kind: str | None = None, update
             asker = people[1] if p is people[0] else people[0]
             turns.extend(_exchange(asker, p, a, korean))
         body = "\n".join(turns)
+    elif kind == "self":
+        me = people[0]
+        told = [(me, "name")] + told
+        rng.shuffle(told)
+        body = " ".join(_first_person(p, a, korean) if p is me else _statement(p, a, korean) for p, a in told)
     else:
-        raise ValueError(f"unknown world kind {kind!r}; use 'facts' or 'dialogue'")
+        raise ValueError(f"unknown world kind {kind!r}; use 'facts', 'dialogue' or 'self'")
     asked = rng.sample(told, min(len(told), rng.randint(2, 5)))
     if updated is not None and updated not in asked:
         asked[-1] = updated
-    qa = [_question(p, a, korean) for p, a in asked]
+    if kind == "self":  # mostly about the speaker
+        others = [(p, a) for p, a in asked if p is not people[0]]
+        asked = [(p, a) for p, a in told if p is people[0]][:rng.randint(2, 4)] + others[:rng.randint(0, 1)]
+        rng.shuffle(asked)
+    qa = [_self_question(p, a, korean) if kind == "self" and p is people[0] else _question(p, a, korean)
+          for p, a in asked]
     lines = [f"{q} {a}" for q, a in qa]
     if kind == "facts" and restate > 0 and rng.random() < restate:
         current = [_statement(p, a, korean) for p, a in told if (p, a) != updated]  # as told, once
@@ -353,17 +413,17 @@ def make_world(rng: random.Random, korean: bool, kind: str | None = None, update
 
 
 def demo_worlds(n: int, seed: int = 0, korean: float = 0.5, updates: float = 0.0,
-                restate: float = 0.0) -> Iterator[DemoWorld]:
+                restate: float = 0.0, selves: float = 0.0) -> Iterator[DemoWorld]:
     """The first ``n`` worlds of ``seed``; a share ``korean`` of them in Korean."""
     for i in range(n):
         rng = random.Random(f"cortex-demo:{seed}:{i}")
-        yield make_world(rng, rng.random() < korean, updates=updates, restate=restate)
+        yield make_world(rng, rng.random() < korean, updates=updates, restate=restate, selves=selves)
 
 
 def demo_documents(n: int, seed: int = 0, korean: float = 0.5, updates: float = 0.0,
-                   restate: float = 0.0) -> Iterator[Document]:
+                   restate: float = 0.0, selves: float = 0.0) -> Iterator[Document]:
     """The demo corpus as [`Document`][cortex.kernel.interfaces.Document]s with origin ``demo:SEED:INDEX``."""
-    for i, world in enumerate(demo_worlds(n, seed, korean, updates, restate)):
+    for i, world in enumerate(demo_worlds(n, seed, korean, updates, restate, selves)):
         yield Document(world.text, f"demo:{seed}:{i}")
 
 
@@ -382,10 +442,13 @@ class DemoSource(DataSource):
         restate: float = Field(0.0, ge=0.0, le=1.0, description="Share of fact documents that repeat one "
                                                                 "or two statements word for word on lines "
                                                                 "among the questions.")
+        selves: float = Field(0.0, ge=0.0, le=1.0, description="Share of documents in which a speaker "
+                                                               "tells their own name and facts in the first "
+                                                               "person and asks about themselves.")
 
     def documents(self) -> Iterator[Document]:
         s = self.settings
-        return demo_documents(s.documents, s.seed, s.korean, s.updates, s.restate)
+        return demo_documents(s.documents, s.seed, s.korean, s.updates, s.restate, s.selves)
 
 
 @hookimpl

@@ -174,12 +174,28 @@ class PointerHead(nn.Module):
         """(B, T, BINS): each position's sentence words, hashed, weighted by rarity."""
         B, T = ids.shape
         out = torch.zeros(B, T, BINS)
-        if self.idf is not None:
-            for b, row in enumerate(ids.tolist()):
-                for t, found in enumerate(sentence_words(row)):
-                    for w in set(found):
-                        out[b, t, zlib.crc32(w) % BINS] = self.idf(w)
+        if self.idf is None:
+            return out.to(ids.device)
+        index: list[int] = []
+        weight: list[float] = []
+        for b, row in enumerate(ids.tolist()):
+            for t, found in enumerate(sentence_words(row)):
+                for w in set(found):
+                    index.append((b * T + t) * BINS + self._bin(w))
+                    weight.append(self._rarity(w))
+        # words sharing a bin add up (the hashing trick)
+        out.view(-1).index_put_((torch.tensor(index, dtype=torch.long),), torch.tensor(weight), accumulate=True)
         return out.to(ids.device)
+
+    def _bin(self, word: bytes) -> int:
+        return zlib.crc32(word) % BINS
+
+    def _rarity(self, word: bytes) -> float:
+        """``idf(word)``, remembered per word (the Reader's rarity does not change)."""
+        cache = self.__dict__.setdefault("_rarities", {})
+        if word not in cache:
+            cache[word] = self.idf(word)
+        return cache[word]
 
     @staticmethod
     def sentences(ids: torch.Tensor) -> torch.Tensor:

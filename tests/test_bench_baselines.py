@@ -10,7 +10,8 @@ import torch
 
 from cortex import ByteTokenizer, assemble, load_manifest, save_run
 from cortex_plugins.bench._baselines import VerbatimStore, best_verbatim, contribution, untrained_twin
-from cortex_plugins.bench.facts import DISTRACTORS, Trial, make_facts, restarted
+from cortex_plugins.bench.facts import GROUPS, Trial, make_facts, restarted
+from cortex_plugins.bench.heldout_templates import DISTRACTORS
 from tests.conftest import tiny_manifest
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -19,11 +20,11 @@ TINY = tiny_manifest("baselines", context=96, memory_system={"read": ["knn_lm"]}
     {"type": "stm", "settings": {"capacity": 64}}, {"type": "ltm", "settings": {"capacity": 2048}}])
 
 
-def trial(n_facts: int = 8, seed: int = 0) -> Trial:
-    every = make_facts(40, seed)
-    rng = random.Random(seed)
+def trial(n_facts: int = 8, seed: int = 0, kind: str = "held-out", language: str = "en") -> Trial:
+    every = make_facts(40, seed, kind, language)
+    rng, sentences = random.Random(seed), DISTRACTORS[language]
     facts, untold = every[:n_facts], every[n_facts:n_facts + 8]
-    return Trial(facts, [(f, rng.choice(DISTRACTORS)) for f in facts], [(f, rng.choice(DISTRACTORS)) for f in untold],
+    return Trial(facts, [(f, rng.choice(sentences)) for f in facts], [(f, rng.choice(sentences)) for f in untold],
                  ["The weather was mild and the", "Jun likes to read books about"], f"trial-{seed}")
 
 
@@ -39,12 +40,19 @@ def test_verbatim_store_repeats_told_wording_only():
     assert short.generate_text("Leo's locker number is", max_new_tokens=5).startswith(" 3817")
 
 
-def test_the_verbatim_store_recalls_told_wording_and_scores_zero_on_paraphrases():
-    figures = best_verbatim(ByteTokenizer(), lambda store: trial().measure(store, lambda same: same))
+@pytest.mark.parametrize("kind,language", GROUPS)
+def test_the_verbatim_store_recalls_told_wording_and_scores_zero_on_paraphrases(kind, language):
+    """The facts suite's measurement of the verbatim store, on every wording group: it
+    completes the told wording and answers no question in other words."""
+    figures = best_verbatim(ByteTokenizer(), lambda store: trial(kind=kind, language=language).measure(
+        store, lambda same: same))
     assert figures["efficacy"] >= 0.5 and figures["efficacy"] == figures["efficacy_no_restart"]
     assert figures["paraphrase"] == 0.0  # a question in other words shares no told suffix
-    assert figures["locality"] == 1.0 and figures["specificity"] == 1.0  # at a long enough n
-    assert figures["specificity_n"] >= 8 and figures["efficacy_off"] == 0.0
+    assert figures["locality"] == 1.0
+    # at a long enough n it answers no untold name, but 32 bytes of Korean cue reach back
+    # only to a name's last syllable, which some names share (세온 / 다온)
+    assert figures["specificity"] == 1.0 if language == "en" else figures["specificity"] >= 0.5
+    assert figures["efficacy_off"] == 0.0
 
 
 def test_untrained_column_is_measured_on_a_fresh_build_of_the_runs_manifest(tmp_path):
@@ -71,7 +79,8 @@ def test_report_has_the_baseline_rows(cortex_cli, tmp_path):
     result = cortex_cli("bench", "facts", run, "--quick", "-o", tmp_path / "out")
     assert result.exit_code == 0, result.output
     figures = json.loads((tmp_path / "out" / "facts" / "results.json").read_text())["figures"][str(run)]
-    assert {"untrained:efficacy", "verbatim:efficacy", "verbatim:paraphrase"} <= set(figures)
+    assert {f"{kind}-{language}:{name}" for kind, language in GROUPS
+            for name in ("untrained:efficacy", "verbatim:efficacy", "verbatim:paraphrase")} <= set(figures)
     report = (tmp_path / "out" / "facts" / "report.md").read_text()
     assert "same manifest untrained" in report and "verbatim store" in report and "contribution" in report
 

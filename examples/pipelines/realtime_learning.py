@@ -21,9 +21,11 @@ from pathlib import Path
 
 import cortex
 from cortex.runtime.rundir import save_memory
-from cortex_plugins.bench.facts import DISTRACTORS, make_facts
+from cortex_plugins.bench.facts import make_facts
+from cortex_plugins.bench.heldout_templates import DISTRACTORS
 
 SESSION = "demo"
+SENTENCES = DISTRACTORS["en"]
 
 
 def teach(run: Path, work: Path, n: int, seed: int) -> list[dict]:
@@ -34,7 +36,7 @@ def teach(run: Path, work: Path, n: int, seed: int) -> list[dict]:
         fact["tellings"] = 1 + i % 3
         for telling in range(fact["tellings"]):
             model.remember(fact["statement"], session=SESSION)
-            model.remember(DISTRACTORS[(i + telling) % len(DISTRACTORS)], session=SESSION)
+            model.remember(SENTENCES[(i + telling) % len(SENTENCES)], session=SESSION)
     save_memory(model, work)
     return facts
 
@@ -43,7 +45,7 @@ def ask(work: Path, facts: list[dict]) -> dict:
     model = cortex.load(work)
     rows: dict[str, dict[str, list[float]]] = {}
     for i, fact in enumerate(facts):
-        prompt = f"{DISTRACTORS[(i + 1) % len(DISTRACTORS)]} {fact['cue']}"
+        prompt = f"{SENTENCES[(i + 1) % len(SENTENCES)]} {fact['cue']}"
         for memory, session in (("on", SESSION), ("off", "nobody")):
             answer = model.generate_text(prompt, session=session, max_new_tokens=6)
             row = rows.setdefault(f"{memory}:{fact['tellings']}", {"recall": [], "confidence": []})

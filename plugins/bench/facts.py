@@ -1,21 +1,26 @@
 """``cortex bench facts``: one-shot fact learning through the real-time API, scored like
 knowledge-editing work (ROME).
 
-Facts are generated offline from a seed ("Mina's locker number is 3817."), told once with
+Facts are generated offline from a seed ("Brisa's bike code is 3817."), told once with
 ``model.remember`` in a session, the process is "restarted" (the run is saved and loaded
-back), and then, with unrelated text before every cue:
+back), and then, with an unrelated sentence before every cue:
 
-- **efficacy**: the taught wording ("... Mina's locker number is") completes to the value;
-- **paraphrase**: a different question template ("What is Mina's locker number?");
+- **efficacy**: the taught wording ("... Brisa's bike code is") completes to the value;
+- **paraphrase**: the question of the same wording set ("Which code opens Brisa's bike lock?");
 - **locality**: unrelated prompts continue exactly as they did before anything was taught;
-- **specificity**: a taught wording about somebody never told of ("... Leo's badge id is")
+- **specificity**: a taught wording about somebody never told of ("... Cato's badge id is")
   does not complete to any taught value (a memory that answers every cue alike fails it).
+
+Four groups, each its own session and restart, are reported apart: the **held-out**
+wordings of [`heldout_templates`][cortex_plugins.bench.heldout_templates], which no training
+data source uses, and the **demo** corpus's own locker template ("{n}'s locker number is
+{v}." / "What is {n}'s locker number?"), each in English and in Korean. Names are never
+seen in training in any group; values, distractors and unrelated prompts come from seeds
+disjoint from the training data.
 
 Every figure sits beside memory off (the same weights, a session that was told nothing),
 the same manifest untrained and a verbatim store (see
-[`_baselines`][cortex_plugins.bench._baselines]). The values, distractors and unrelated
-prompts come from seeds disjoint from any training data; the wordings are the demo
-corpus's own templates.
+[`_baselines`][cortex_plugins.bench._baselines]).
 """
 
 from __future__ import annotations
@@ -33,40 +38,43 @@ from cortex.bench.harness import BenchSuite, Check, SuiteResult, load_target, me
 from cortex.kernel.interfaces import Settings
 from cortex.kernel.lazy import torch
 from cortex_plugins.bench._baselines import VERBATIM_ORDERS, VerbatimStore, best_verbatim, contribution, untrained_twin
+from cortex_plugins.bench.heldout_templates import DISTRACTORS, NAMES, WORDINGS
 
 EFFICACY_TARGET = 0.8
 LOCALITY_TARGET = 0.95
 
-NAMES = ["Mina", "Jisoo", "Daniel", "Hana", "Oliver", "Seojun", "Emma", "Minho", "Yuna", "Lucas",
-         "Sora", "Noah", "Jiwoo", "Grace", "Taeyang", "Chloe", "Haneul", "Ethan", "Bora", "Leo"]
-ATTRIBUTES = [  # (statement, question) templates; {n} name, {v} value
-    ("{n}'s locker number is {v}.", "What is {n}'s locker number?"),
-    ("{n}'s bike code is {v}.", "Which code opens {n}'s bike lock?"),
-    ("{n}'s room is number {v}.", "In which room does {n} stay?"),
-    ("{n}'s badge id is {v}.", "Tell me {n}'s badge id."),
-]
-DISTRACTORS = [
-    "We talked about the weather and the bus schedule for a while.",
-    "The cafeteria served noodles today and the line was long.",
-    "Somebody left an umbrella by the door of the library.",
-    "The meeting moved to the afternoon because of the rain.",
-]
+#: (wording set, language) of each reported group
+GROUPS = (("held-out", "en"), ("held-out", "ko"), ("demo", "en"), ("demo", "ko"))
 
 
-def make_facts(n: int, seed: int) -> list[dict[str, str]]:
-    """``n`` facts with distinct (name, attribute) pairs and 4-digit values."""
-    rng = random.Random(f"facts:{seed}")
-    pairs = [(name, attr) for name in NAMES for attr in ATTRIBUTES]
+def wordings(kind: str, language: str) -> list[Callable[[tuple[str, str], str], tuple[str, str]]]:
+    """Functions ``(name, value) -> (statement, question)`` of a wording set: ``held-out``
+    or ``demo`` (the demo corpus's own locker sentences, made by its generator)."""
+    ko = language == "ko"
+    if kind == "demo":
+        from cortex_plugins.data.demo import Person, _question, _statement
+
+        def locker(name: tuple[str, str], value: str) -> tuple[str, str]:
+            person = Person(name, {"locker": int(value)})
+            return _statement(person, "locker", ko), _question(person, "locker", ko)[0]
+
+        return [locker]
+    return [lambda name, value, s=s, q=q: (s.format(n=name[ko], v=value), q.format(n=name[ko]))
+            for s, q in WORDINGS[language]]
+
+
+def make_facts(n: int, seed: int, kind: str = "held-out", language: str = "en") -> list[dict[str, str]]:
+    """``n`` facts with distinct (name, wording) pairs and 4-digit values; the first ``n`` of
+    a seed do not depend on ``n``."""
+    rng = random.Random(f"facts:{seed}:{kind}:{language}")
+    pairs = [(name, wording) for name in NAMES for wording in wordings(kind, language)]
     rng.shuffle(pairs)
     facts = []
-    for name, (statement, question) in pairs[:n]:
+    for name, wording in pairs[:n]:
         value = str(rng.randint(1000, 9999))
-        facts.append({
-            "statement": statement.format(n=name, v=value),
-            "cue": statement.format(n=name, v="\0").split("\0")[0].rstrip(),
-            "question": question.format(n=name),
-            "value": value,
-        })
+        statement, question = wording(name, value)
+        facts.append({"statement": statement, "cue": statement[:statement.index(value)].rstrip(),
+                      "question": question, "value": value})
     return facts
 
 
@@ -85,15 +93,16 @@ def restarted(model):
 
 
 class Facts(BenchSuite):
-    """Efficacy, paraphrase and locality of facts told once."""
+    """Efficacy, paraphrase and locality of facts told once, in held-out and demo wordings."""
 
     name = "facts"
     default_targets = ("examples/quickstart.yaml",)
 
     class Settings(Settings):
-        facts: int = Field(50, gt=0, le=len(NAMES) * len(ATTRIBUTES), description="Facts taught per seed.")
-        unrelated: int = Field(40, gt=0, description="Unrelated prompts for locality.")
-        untold: int = Field(30, gt=0, description="Cues about untold (name, attribute) pairs for specificity.")
+        facts: int = Field(24, gt=0, le=len(NAMES) - 1, description="Facts taught per seed and group.")
+        unrelated: int = Field(20, gt=0, description="Unrelated prompts for locality, per group.")
+        untold: int = Field(16, gt=0, description="Cues about untold (name, wording) pairs for specificity, "
+                                                  "per group (fewer where the names run out).")
 
     def run(self, targets: list[Path], *, quick: bool, seeds: list[int],
             log: Callable[[str], None]) -> SuiteResult:
@@ -105,24 +114,31 @@ class Facts(BenchSuite):
         for target in targets:
             scores: dict[str, list[float]] = {}
             for seed in seeds:
-                for name, value in self._one_seed(target, seed, n_facts, n_unrelated, n_untold).items():
-                    scores.setdefault(name, []).append(value)
-                log(f"{target} seed {seed}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in scores.items()
-                                                          if ":" not in k))
+                for kind, language in GROUPS:
+                    group = f"{kind}-{language}"
+                    measured = self._one_group(target, seed, kind, language, n_facts, n_unrelated, n_untold)
+                    for name, value in measured.items():
+                        scores.setdefault(f"{group}:{name}", []).append(value)
+                    log(f"{target} seed {seed} {kind} {language}: " + ", ".join(
+                        f"{k} {v:.2f}" for k, v in measured.items() if ":" not in k and not k.endswith("_n")))
             figures = {name: median_and_spread(values) for name, values in scores.items()}
             result.figures[str(target)] = {**figures, "facts": n_facts, "unrelated": n_unrelated}
-            rows += _rows(str(target), figures)
-            if "locality" in figures:
-                result.checks.append(Check(f"{target} efficacy", figures["efficacy"]["mean"], EFFICACY_TARGET))
-                result.checks.append(Check(f"{target} locality", figures["locality"]["mean"], LOCALITY_TARGET))
+            for kind, language in GROUPS:
+                group = f"{kind}-{language}"
+                mine = {k[len(group) + 1:]: v for k, v in figures.items() if k.startswith(group + ":")}
+                rows += [[row[0], kind, language, *row[1:]] for row in _rows(str(target), mine)]
+                if "locality" in mine:
+                    for column, goal in (("efficacy", EFFICACY_TARGET), ("locality", LOCALITY_TARGET)):
+                        result.checks.append(Check(f"{target} {kind} {language} {column}", mine[column]["mean"], goal))
         result.tables.append(("One-shot facts after a restart (mean ± std over seeds)",
-                              ["target", "model", *_COLUMNS], rows))
+                              ["target", "wordings", "language", "model", *_COLUMNS], rows))
         result.notes.append(
-            "efficacy: the taught wording after a distractor sentence; paraphrase: a question template the "
-            "model was never told; locality: unrelated prompts continue exactly as before teaching; "
-            "specificity: the taught wording about an untold name completes to no taught value; "
-            "*_off: the same weights asked in a session that was told nothing (memory off); n/a: a model "
-            "without memory, or no untold pair left for specificity.")
+            "wordings: held-out = templates no training data source uses (cortex_plugins.bench.heldout_templates), "
+            "demo = the demo corpus's own locker sentences; names are never seen in training in either. "
+            "efficacy: the taught wording after a distractor sentence; paraphrase: the set's question, never "
+            "told; locality: unrelated prompts continue exactly as before teaching; specificity: the taught "
+            "wording about an untold name completes to no taught value; *_off: the same weights asked in a "
+            "session that was told nothing (memory off); n/a: a model without memory, or no untold pair left.")
         result.notes.append(
             "untrained: the run's manifest built with its seed and no training step (a manifest target is "
             "itself untrained). verbatim store: a table from the last n tokens of told text to the next token, "
@@ -132,17 +148,21 @@ class Facts(BenchSuite):
         return result
 
     @staticmethod
-    def _one_seed(target: Path, seed: int, n_facts: int, n_unrelated: int, n_untold: int) -> dict[str, float]:
+    def _one_group(target: Path, seed: int, kind: str, language: str, n_facts: int, n_unrelated: int,
+                   n_untold: int) -> dict[str, float]:
+        """Every figure of one seed and group: the model loaded afresh, its untrained twin, the verbatim store."""
         from cortex_plugins.data.demo import demo_documents
 
         torch.manual_seed(seed)
         model = load_target(target).eval()
-        every = make_facts(len(NAMES) * len(ATTRIBUTES), seed)
+        every = make_facts(len(NAMES) * len(WORDINGS[language]), seed, kind, language)
         facts, untold = every[:n_facts], every[n_facts:][:n_untold]
-        rng = random.Random(f"distractors:{seed}")
-        trial = Trial(facts, [(f, rng.choice(DISTRACTORS)) for f in facts],
-                      [(f, rng.choice(DISTRACTORS)) for f in untold],
-                      [d.text[:80] for d in demo_documents(n_unrelated, seed=1_000_000 + seed)], f"facts-{seed}")
+        rng = random.Random(f"distractors:{seed}:{kind}:{language}")
+        distractors = DISTRACTORS[language]
+        unrelated = demo_documents(n_unrelated, seed=1_000_000 + seed, korean=float(language == "ko"))
+        trial = Trial(facts, [(f, rng.choice(distractors)) for f in facts],
+                      [(f, rng.choice(distractors)) for f in untold],
+                      [d.text[:80] for d in unrelated], f"facts-{seed}-{kind}-{language}")
         out = trial.measure(model, restarted)
         twin = untrained_twin(target)
         if twin is not None:

@@ -7,10 +7,11 @@ import json
 import random
 
 import pytest
+import torch
 
 from cortex.core.tokenizer import ByteTokenizer
 from cortex_plugins.bench import continual as bench_continual
-from cortex_plugins.bench.continual import Continual, make_tasks, metrics_of, training_batch
+from cortex_plugins.bench.continual import Continual, Reservoir, make_tasks, metrics_of, training_batch
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -43,6 +44,20 @@ def test_metrics_follow_avalanche():
     assert m["bwt"] == pytest.approx(-m["forgetting"])
 
 
+def test_the_reservoir_is_a_uniform_sample_of_every_row_offered():
+    from cortex_plugins.cognition.sleep_wake import SleepWake
+
+    reservoir = Reservoir(SleepWake.Settings(buffer=100, record_rows=2, replay_batch=8), random.Random(0))
+    for step in range(1000):  # rows 0..1999, two offered per batch of three
+        reservoir.add(torch.tensor([[2 * step], [2 * step + 1], [-1]]))
+    kept = [int(row) for row in reservoir.kept]
+    assert len(kept) == 100 == len(set(kept)) and -1 not in kept
+    assert 600 < sum(kept) / len(kept) < 1400  # old and new alike (the mean row is 999.5)
+    assert sum(k < 1000 for k in kept) > 30 and sum(k >= 1000 for k in kept) > 30
+    batch = reservoir.sample()
+    assert batch.shape == (8, 1) and set(batch.flatten().tolist()) <= set(kept)
+
+
 def test_quick_report_has_the_matrix_and_the_metrics_of_every_configuration(cortex_cli, monkeypatch, tmp_path):
     class Tiny(Continual.Settings):
         quick_facts: int = 3
@@ -59,7 +74,11 @@ def test_quick_report_has_the_matrix_and_the_metrics_of_every_configuration(cort
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "continual" / "results.json").read_text())
     figures = data["figures"]["built-in base"]
-    assert set(figures) == {"plain", "sleep_wake", "cls", "sleep_wake+cls"}
+    assert set(figures) == {"plain", "sleep_wake", "cls", "sleep_wake+cls", "sleep_wake+cls (defaults)",
+                            "plain+replay"}
+    # the equal-compute baseline: as many extra steps as sleep_wake+cls, seed by seed
+    assert [r["extra_steps"] for r in figures["plain+replay"]["runs"]] == \
+        [r["extra_steps"] for r in figures["sleep_wake+cls"]["runs"]]
     for config, fig in figures.items():
         assert len(fig["R"]) == 2  # one matrix per seed
         assert all(len(R) == 4 and all(len(row) == 4 for row in R) for R in fig["R"])
@@ -69,7 +88,7 @@ def test_quick_report_has_the_matrix_and_the_metrics_of_every_configuration(cort
         assert fig["train_steps"] == 12
         assert (fig["extra_steps"] > 0) == (config != "plain")
     report = (tmp_path / "continual" / "report.md").read_text()
-    assert "forgetting" in report and "R[i, j] of sleep_wake+cls" in report
+    assert "forgetting" in report and "R[i, j] of sleep_wake+cls" in report and "at equal compute" in report
     assert data["seeds"] == [0, 1]
     checks = data["checks"]
     if figures["plain"]["forgetting"]["mean"] > 0:

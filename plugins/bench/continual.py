@@ -25,10 +25,20 @@ std over seeds.
 
 **Configurations**, each built from the base manifest (the targets, or a built-in tiny
 model) by adding features: ``plain`` (fine-tuning, the base as it is), ``sleep_wake``,
-``cls`` and ``sleep_wake+cls``, with the suite's settings for those features. Sleep
-replay and CLS updates are gradient steps *in addition* to the training steps; the report
-counts them. The target: sleep-wake + CLS forgets at least 30% less than plain
-fine-tuning (mean over seeds).
+``cls`` and ``sleep_wake+cls``, with the suite's settings for those features, and
+``sleep_wake+cls (defaults)``: the plugins' own defaults but for the sleep clock (a
+1,000-step wake would never sleep in this stream). Sleep replay and CLS updates are
+gradient steps *in addition* to the training steps; the report counts them.
+
+**The equal-compute baseline** ``plain+replay``: plain fine-tuning plus uniform experience
+replay — a reservoir of training rows like ``sleep_wake``'s (its ``buffer`` and
+``record_rows``), from which batches of its ``replay_batch`` rows, drawn uniformly, take
+extra steps of the training optimiser, spread evenly over the stream — given exactly as
+many extra steps as ``sleep_wake+cls`` took with the same seed. (CLS fast-path updates
+reuse the training step's gradient, so this baseline gets at least the same compute.)
+
+The target: sleep-wake + CLS forgets at least 30% less than plain fine-tuning (mean over
+seeds); the report puts it beside ``plain+replay``.
 """
 
 from __future__ import annotations
@@ -63,7 +73,11 @@ CONFIGS: dict[str, tuple[str, ...]] = {
     "sleep_wake": ("sleep_wake",),
     "cls": ("cls",),
     "sleep_wake+cls": ("cls", "sleep_wake"),
+    "sleep_wake+cls (defaults)": ("cls", "sleep_wake"),
+    "plain+replay": (),
 }
+#: the sleep_wake settings the ``(defaults)`` configuration keeps: the clock, scaled to the stream
+CLOCK = ("wake", "nrem", "rem", "cycle", "ratios")
 
 
 # --------------------------------------------------------------------------- the tasks
@@ -192,9 +206,11 @@ class Continual(BenchSuite):
             per_config: dict[str, dict[str, Any]] = {}
             for config, features in CONFIGS.items():
                 runs = []
-                for seed in seeds:
+                for i, seed in enumerate(seeds):
                     started = time.perf_counter()
-                    run = self._run(base_text, features, seed, facts, steps)
+                    replay = per_config["sleep_wake+cls"]["runs"][i]["extra_steps"] if config == "plain+replay" else 0
+                    run = self._run(base_text, features, seed, facts, steps, defaults=config.endswith("(defaults)"),
+                                    replay=replay)
                     run["seconds"] = time.perf_counter() - started
                     runs.append(run)
                     m = run["metrics"]
@@ -210,38 +226,54 @@ class Continual(BenchSuite):
             "Forgetting (Avalanche): R[j, j] - R[T-1, j] averaged over all tasks but the last; BWT = -forgetting; "
             "accuracy: mean of the last row. Reduction = 1 - forgetting(config) / forgetting(plain), of the means.",
             "Sleep replay and CLS updates are gradient steps on top of the training steps (same training steps for "
-            "every configuration); the `extra steps` column counts them per run.",
+            "every configuration); the `extra steps` column counts them per run. plain+replay is the equal-compute "
+            "baseline: plain fine-tuning plus as many extra steps of the training optimiser, on batches drawn "
+            "uniformly from a reservoir of training rows of sleep_wake's buffer size, as sleep_wake+cls took with "
+            "the same seed, spread evenly over the stream.",
+            "The suite's sleep_wake and cls settings are above; they differ from the plugin defaults because the "
+            "stream is a few hundred steps: the sleep clock is scaled to it (a default wake of 1,000 steps never "
+            "sleeps), and the learning rates, replay and consolidation amounts and cls keep / slow_share are set for "
+            "so short a stream. `sleep_wake+cls (defaults)` shows the plugins' defaults with the suite's clock.",
             f"torch ran on {s.threads} thread(s) during the suite (the `threads` above are the process default).",
         ]
         return result
 
     # ------------------------------------------------------------------ one run
 
-    def _manifest(self, base_text: str, features: tuple[str, ...], seed: int) -> str:
+    def _manifest(self, base_text: str, features: tuple[str, ...], seed: int, defaults: bool = False) -> str:
         data = yaml.safe_load(base_text)
         data["seed"] = int(data.get("seed", 0)) + seed
         data.pop("train", None)
         kept = [f for f in data.get("features") or [] if f.get("type") not in ("sleep_wake", "cls")]
         for name in features:
-            kept.append({"type": name, "settings": dict(getattr(self.settings, name))})
+            settings = dict(getattr(self.settings, name))
+            if defaults:
+                settings = {k: v for k, v in settings.items() if name == "sleep_wake" and k in CLOCK}
+            kept.append({"type": name, "settings": settings})
         data["features"] = kept
         return yaml.safe_dump(data, sort_keys=False)
 
-    def _run(self, base_text: str, features: tuple[str, ...], seed: int, facts: int, steps: int) -> dict[str, Any]:
+    def _run(self, base_text: str, features: tuple[str, ...], seed: int, facts: int, steps: int,
+             defaults: bool = False, replay: int = 0) -> dict[str, Any]:
+        """One configuration learning the stream of ``seed``; ``replay`` > 0: that many extra
+        steps of uniform experience replay, spread evenly over the stream."""
         from cortex.runtime.step import make_optimizer, train_step
 
         from cortex.assembly import assemble
         from cortex.kernel.manifest import load_manifest_text
+        from cortex_plugins.cognition.sleep_wake import SleepWake
 
         s = self.settings
-        model = assemble(load_manifest_text(self._manifest(base_text, features, seed), "continual.yaml"))
+        model = assemble(load_manifest_text(self._manifest(base_text, features, seed, defaults), "continual.yaml"))
         tok = model.tokenizer
         tasks = make_tasks(seed, s.tasks, facts)
         optimizer = make_optimizer(model, s.lr, weight_decay=0.0)
         length = model.config.context + 1
+        reservoir = Reservoir(SleepWake.Settings(**s.sleep_wake), random.Random(f"replay-{seed}"))
+        total = s.tasks * steps
         model.train()
         R: list[list[float]] = []
-        step = 0
+        step = done = 0
         for t, task in enumerate(tasks):
             rng = random.Random(f"train-{seed}-{t}")
             for _ in range(steps):
@@ -251,8 +283,13 @@ class Continual(BenchSuite):
                 batch = training_batch(tok, task, s.batch, length, rng)
                 train_step(model, optimizer, [batch], step=step, hook=model.pm.hook, precision="fp32")
                 step += 1
+                if replay and reservoir.capacity:
+                    reservoir.add(batch)
+                    while done < replay * step // total:  # the extra steps, evenly over the stream
+                        train_step(model, optimizer, [reservoir.sample()], step=step, precision="fp32")
+                        done += 1
             R.append([accuracy(model, tok, other) for other in tasks])
-        extra = 0
+        extra = done
         for feature in model.features:
             st = feature.stats()
             extra += int(st.get("replay_steps", 0)) + int(st.get("rem_steps", 0))
@@ -269,6 +306,7 @@ class Continual(BenchSuite):
             "extra_steps": statistics.fmean(r["extra_steps"] for r in runs),
             "train_steps": runs[0]["train_steps"],
             "seconds": statistics.fmean(r["seconds"] for r in runs),
+            "runs": [{"extra_steps": r["extra_steps"]} for r in runs],
         }
 
     def _report(self, base: str, per: dict[str, dict[str, Any]], result: SuiteResult) -> None:
@@ -292,6 +330,10 @@ class Continual(BenchSuite):
                 f"R[i, j] of {config} on {base} (mean over seeds): row = after task i, column = task j",
                 ["after task"] + [f"task {j + 1}" for j in range(T)],
                 [[f"task {i + 1}"] + [round(v, 3) for v in row] for i, row in enumerate(fig["R_mean"])]))
+        ours, replayed = per["sleep_wake+cls"], per["plain+replay"]
+        result.notes.append(
+            f"{base}: at equal compute ({round(replayed['extra_steps'])} extra steps), plain+replay forgets "
+            f"{_pm(replayed['forgetting'])} and sleep_wake+cls {_pm(ours['forgetting'])}.")
         if plain > 0:
             result.checks.append(Check(f"{base}: forgetting reduction of sleep_wake+cls vs plain",
                                        per["sleep_wake+cls"]["reduction_vs_plain"], TARGET_REDUCTION))
@@ -322,6 +364,29 @@ class Continual(BenchSuite):
             ax.set_yticks(range(len(R)), [str(i + 1) for i in range(len(R))])
         fig.tight_layout()
         return fig
+
+
+class Reservoir:
+    """A uniform sample of the training rows seen (reservoir sampling), as ``sleep_wake``
+    keeps: ``buffer`` rows at most, ``record_rows`` offered from each batch; batches of
+    ``replay_batch`` rows drawn uniformly from it."""
+
+    def __init__(self, settings: Any, rng: random.Random) -> None:
+        self.capacity, self.offered, self.rows = settings.buffer, settings.record_rows, settings.replay_batch
+        self.rng = rng
+        self.kept: list[torch.Tensor] = []
+        self.seen = 0
+
+    def add(self, batch: torch.Tensor) -> None:
+        for row in batch[: self.offered]:
+            self.seen += 1
+            if len(self.kept) < self.capacity:
+                self.kept.append(row.clone())
+            elif (at := self.rng.randrange(self.seen)) < self.capacity:
+                self.kept[at] = row.clone()
+
+    def sample(self) -> torch.Tensor:
+        return torch.stack(self.rng.sample(self.kept, min(self.rows, len(self.kept))))
 
 
 def _slug(text: str) -> str:

@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from cortex_plugins.bench.memory import INDEXES, TORCH_EXACT, MemoryBench, ivf_nlist, recall_at_k
+from cortex_plugins.bench.memory import (
+    FAISS_EXACT,
+    INDEXES,
+    SCALE_INDEX,
+    TORCH_EXACT,
+    MemoryBench,
+    clustered_keys,
+    ivf_nlist,
+    recall_at_k,
+    torch_exact,
+)
 from tests.conftest import tiny_manifest
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -25,6 +36,8 @@ class TinySettings(MemoryBench.Settings):
     batch: int = 32
     nprobe: list[int] = [2, 8]
     ef_search: list[int] = [16, 64]
+    shortlist: list[int] = [2, 8]
+    pq_m: int = 8
 
 
 @pytest.fixture
@@ -65,21 +78,34 @@ def test_bench_memory_quick_report_structure(cortex_cli, tmp_path, tiny_suite):
     assert fig["keys"]["unique_keys"] == 1500 and fig["keys"]["documents"] > 0
     for n in ("600", "1500"):
         per = fig["sizes"][n]
-        assert set(per) == {*INDEXES, TORCH_EXACT}
+        assert set(per) == {*INDEXES, FAISS_EXACT, TORCH_EXACT, "exact_1x"}
+        assert per["exact_1x"] in (FAISS_EXACT, TORCH_EXACT)
+        fastest = max(per[FAISS_EXACT]["best"]["qps"]["mean"], per[TORCH_EXACT]["best"]["qps"]["mean"])
+        assert per[per["exact_1x"]]["speedup_vs_exact"] == 1.0
+        for index in (FAISS_EXACT, TORCH_EXACT):  # both exact: the same top-10 as the ground truth
+            points = per[index]["points"]  # on every CPU and on one, the faster one counting
+            assert len(points) == len({os.cpu_count(), 1}) and all(p["recall"]["mean"] == 1.0 for p in points)
+            assert per[index]["best"]["qps"]["mean"] == max(p["qps"]["mean"] for p in points)
         for index in INDEXES:
             entry = per[index]
-            assert entry["build_s"] >= 0 and entry["bytes_per_entry"] > 0
+            assert entry["build_s"] >= 0 and entry["bytes_per_entry"] > 0 and entry["index_bytes_per_entry"] > 0
+            assert entry["peak_rss_bytes"] >= entry["rss_bytes"] > 0
+            assert entry["speedup_vs_exact"] == pytest.approx(entry["best"]["qps"]["mean"] / fastest)
             assert entry["stats"]["entries"] == int(n)
             for point in entry["points"]:
                 assert 0.0 <= point["recall"]["mean"] <= 1.0 and point["qps"]["mean"] > 0
-        assert per["ltm:flat"]["best"]["recall"]["mean"] == 1.0  # the ground truth itself
+        assert per["ltm:flat"]["best"]["recall"]["mean"] == 1.0  # exact as well
         assert len(per["ltm:ivf"]["points"]) == 2 and len(per["ltm:hnsw"]["points"]) == 2
+        assert len(per["ltm:ivfpq"]["points"]) == 4  # nprobe x shortlist
+        # 8 one-byte codes and an 8-byte id per key (plus codebooks), against 4 x 32 bytes for flat
+        assert per["ltm:ivfpq"]["index_bytes_per_entry"] < per["ltm:flat"]["index_bytes_per_entry"]
         assert per["archive"]["settings"]["pq_m"] == 8  # the manifest's own archive settings
         assert per["archive"]["settings"]["deepest_level_entries"] == int(n)
         assert per["archive"]["fp32_ratio"] < 1.0  # compressed
     names = [c["name"] for c in data["checks"]]
-    assert len(names) == 4
-    assert any("LTM @1,500" in c and "queries/s / Flat" in c for c in names)
+    assert len(names) == 6
+    assert any("LTM @1,500" in c and "queries/s / fastest exact" in c for c in names)
+    assert any("IVF-PQ index @1,500: index bytes/entry" in c for c in names)
     assert any("Archive @1,500" in c and "bytes/entry / fp32 tier" in c for c in names)
     assert all(isinstance(c["passed"], bool) for c in data["checks"])
     for png in ("memory_queries_per_s.png", "memory_recall.png"):
@@ -114,5 +140,57 @@ def test_bench_memory_reads_a_run_directory_without_memory(cortex_cli, tmp_path,
     assert Path(tmp_path / "out" / "memory" / "keys-plain.npy").is_file()
     hnsw = data["figures"][str(run)]["sizes"]["700"]["ltm:hnsw"]
     assert "hnsw_budget_s" in hnsw["skipped"] and hnsw["entries_built"] < 700
-    assert len(data["checks"]) == 4  # the LTM check falls back on IVF
+    assert len(data["checks"]) == 6  # the LTM check falls back on IVF and IVF-PQ
     assert "skipped" in (tmp_path / "out" / "memory" / "report.md").read_text()
+
+
+def test_torch_exact_in_chunks_equals_one_matmul(monkeypatch):
+    import cortex_plugins.bench.memory as bench
+
+    g = torch.Generator().manual_seed(0)
+    keys = torch.nn.functional.normalize(torch.randn(1000, 16, generator=g), dim=-1)
+    q = torch.randn(20, 16, generator=g)
+    whole = (torch.nn.functional.normalize(q, dim=-1) @ keys.T).topk(10, dim=1).indices
+    monkeypatch.setattr(bench, "CHUNK", 64)  # 16 chunks, the last one partial
+    assert torch.equal(torch_exact(keys, q, 10), whole)
+
+
+def test_clustered_keys_are_unit_seeded_and_clustered():
+    a, b = clustered_keys(3000, 32, 1), clustered_keys(3000, 32, 1)
+    assert np.array_equal(a, b) and not np.array_equal(a, clustered_keys(3000, 32, 2))
+    assert np.allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-5)
+
+    def nearest(x):  # each of the first 50 keys' nearest other key
+        return np.sort(x @ x[:50].T, axis=0)[-2].mean()
+
+    uniform = np.random.default_rng(0).standard_normal((3000, 32)).astype(np.float32)
+    uniform /= np.linalg.norm(uniform, axis=1, keepdims=True)
+    assert nearest(a) > nearest(uniform) + 0.2  # a close neighbour in its cluster
+    out = np.zeros((3000, 32), dtype=np.float32)
+    assert clustered_keys(3000, 32, 1, out) is out and np.array_equal(out, a)
+
+
+def test_bench_memory_above_tier_max_measures_ivfpq_on_memory_mapped_keys(cortex_cli, tmp_path, monkeypatch):
+    monkeypatch.setattr(MemoryBench, "Settings", TinySettings)
+    manifest = tmp_path / "tiny.yaml"
+    manifest.write_text(TINY, encoding="utf-8")
+    out = tmp_path / "out"
+    result = cortex_cli("bench", "memory", manifest, "--quick", "-o", out, "--set", "keys=clustered",
+                        "--set", "tier_max=1000", "--set", "quick_sizes=600,4e3", "--set", "nprobe=1,64")
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "memory" / "results.json").read_text())
+    fig = data["figures"][str(manifest)]
+    assert fig["keys"]["kind"] == "clustered" and (out / "memory" / "keys-clustered-32.npy").is_file()
+    assert set(fig["sizes"]["600"]) >= set(INDEXES) and SCALE_INDEX not in fig["sizes"]["600"]
+    big = fig["sizes"]["4000"]
+    assert set(big) == {FAISS_EXACT, TORCH_EXACT, "exact_1x", SCALE_INDEX}
+    scale = big[SCALE_INDEX]
+    assert scale["settings"]["full_keys"] == "memory-mapped from the keys file"
+    # per key 8 one-byte codes and an 8-byte id; shared: 256 x 32 floats of codebooks, the list centroids
+    shared = (256 * 32 * 4 + scale["settings"]["nlist"] * 32 * 4) / 4000
+    assert 16 + shared < scale["index_bytes_per_entry"] < 16 + shared + 1
+    recall = {p["setting"]: p["recall"]["mean"] for p in scale["points"]}
+    one, every = (max(v for k, v in recall.items() if f"nprobe {p}," in k) for p in (1, 64))
+    assert every > 0.9 and every > one  # more lists visited, more found; re-ranked exactly
+    bad = cortex_cli("bench", "memory", manifest, "--quick", "-o", out, "--set", "sizez=1")
+    assert bad.exit_code != 0 and "NAME one of" in bad.output and "Traceback" not in bad.output

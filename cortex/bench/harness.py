@@ -101,8 +101,34 @@ def render_report(suite: str, command: list[str], meta: dict[str, Any], result: 
     return "\n".join(out)
 
 
+def suite_settings(cls: Any, items: list[str]) -> Any:
+    """``cls.Settings`` with ``NAME=VALUE`` items applied (lists comma-separated; numbers such
+    as ``1e6`` are read as numbers); a bad item is a ``CortexError`` naming it."""
+    def value(text: str) -> Any:
+        for kind in (int, float):
+            try:
+                x = kind(text)
+                return int(x) if isinstance(x, float) and x.is_integer() else x
+            except ValueError:
+                pass
+        return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+
+    fields = cls.Settings.model_fields
+    given: dict[str, Any] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or name not in fields:
+            raise CortexError(f"--set {item}: use NAME=VALUE with NAME one of {', '.join(fields)}")
+        is_list = "list" in str(fields[name].annotation)
+        given[name] = [value(x) for x in text.split(",") if x] if is_list else value(text)
+    try:
+        return cls.Settings(**given)
+    except ValueError as e:
+        raise CortexError(f"--set {' '.join(items)}: {e}") from None
+
+
 def run_suite(suite: str, targets: list[Path], *, quick: bool, seeds: int, out_dir: Path,
-              command: list[str], console: Any = None) -> Path:
+              command: list[str], console: Any = None, settings: list[str] = ()) -> Path:
     """Run suite ``suite`` and write its report into ``out_dir``; return the report's path."""
     from cortex.kernel.plugins import create_plugin_manager
     from cortex.runtime.rundir import atomic_write, environment, write_json
@@ -114,7 +140,7 @@ def run_suite(suite: str, targets: list[Path], *, quick: bool, seeds: int, out_d
         hint = difflib.get_close_matches(suite, names, n=1)
         tip = f"did you mean {hint[0]!r}?" if hint else f"available: {', '.join(names) or 'none'}"
         raise CortexError(f"unknown bench suite {suite!r}; {tip}")
-    runner: BenchSuite = info.cls(info.cls.Settings(), BuildContext())
+    runner: BenchSuite = info.cls(suite_settings(info.cls, list(settings)), BuildContext())
     targets = targets or [Path(t) for t in runner.default_targets]
     for target in targets:
         if not target.exists():

@@ -594,13 +594,15 @@ def bench(
     quick: bool = typer.Option(False, "--quick", help="Small, fast settings (a few minutes at most)."),
     seeds: int = typer.Option(1, "--seeds", min=1, help="Repeat over this many seeds; mean ± std."),
     output: Path = typer.Option(Path("bench-out"), "-o", "--output", help="Report directory."),
+    settings: Optional[list[str]] = typer.Option(None, "--set", help="A setting of the suite, NAME=VALUE "
+                                                 "(lists comma-separated), e.g. --set sizes=1e6,3e6,1e7."),
 ) -> None:
     """Run a benchmark suite and write report.md, results.json and plots to the output directory."""
     from cortex.bench.harness import run_suite
 
     _output_folder(output)
     report = run_suite(suite, list(targets or []), quick=quick, seeds=seeds, out_dir=output,
-                       command=["cortex", *_invocation], console=console)
+                       command=["cortex", *_invocation], console=console, settings=settings or [])
     console.print(f"report: {report}")
 
 

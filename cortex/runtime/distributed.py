@@ -23,6 +23,10 @@ What stays consistent across ranks, and how:
   every rank's own plugin state and RNG: the ranks hand theirs to rank 0
   ([`gather_object`][cortex.runtime.distributed.gather_object]), which writes them beside its own,
   and each rank restores its own on resume (see [`cortex.runtime.checkpoint`][cortex.runtime.checkpoint]);
+* **memory shared across ranks** — each rank's tiers hold its own lanes' entries. To read
+  one memory sharded over ranks (or machines), every rank searches its own index with the
+  same queries and [`all_gather_topk`][cortex.runtime.distributed.all_gather_topk] merges the
+  ranks' top-k into the global top-k, the same on every rank (see the memory concepts page);
 * **files** — only rank 0 writes checkpoints, metrics and the run directory
   ([`is_main`][cortex.runtime.distributed.is_main]); the others wait at a
   [`barrier`][cortex.runtime.distributed.barrier] and read what it wrote.
@@ -42,6 +46,7 @@ from cortex.kernel.interfaces import all_reduce_mean
 
 __all__ = [
     "DistInfo",
+    "all_gather_topk",
     "all_reduce_floats",
     "all_reduce_mean",
     "barrier",
@@ -135,6 +140,32 @@ def gather_object(obj: Any) -> list[Any] | None:
     out = [None] * dist.get_world_size() if is_main() else None
     dist.gather_object(obj, out, dst=0)
     return out
+
+
+def all_gather_topk(scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global top-``k`` of every rank's own top-``k``: (scores, ids), each (Q, k).
+
+    Every rank passes its shard's best ``scores`` and ``ids`` (Q, k') for the same Q queries
+    (higher is better; ``-inf`` / -1 where a shard has fewer); ids must be unique across
+    ranks (e.g. an id range per rank). Equal scores are ordered by id, so the result is the
+    same on every rank and equals one search over all shards. A single process returns its
+    own best ``k``.
+    """
+    if is_distributed():
+        width = torch.tensor([scores.shape[1]], dtype=torch.long)
+        dist.all_reduce(width, op=dist.ReduceOp.MAX)  # shards may hold fewer than k entries
+        pad = int(width) - scores.shape[1]
+        scores = torch.cat([scores, scores.new_full((scores.shape[0], pad), -float("inf"))], 1)
+        ids = torch.cat([ids, ids.new_full((ids.shape[0], pad), -1)], 1)
+        parts_s = [torch.empty_like(scores) for _ in range(dist.get_world_size())]
+        parts_i = [torch.empty_like(ids) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts_s, scores.contiguous())
+        dist.all_gather(parts_i, ids.contiguous())
+        scores, ids = torch.cat(parts_s, 1), torch.cat(parts_i, 1)
+    by_id = torch.argsort(ids, dim=1, stable=True)  # ties: smaller id first
+    scores, ids = torch.gather(scores, 1, by_id), torch.gather(ids, 1, by_id)
+    order = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :k]
+    return torch.gather(scores, 1, order), torch.gather(ids, 1, order)
 
 
 def barrier() -> None:

@@ -7,7 +7,9 @@ FAISS is imported lazily (inside functions) so that importing a tier, and theref
   the lazy import and whether a GPU FAISS index can be used (CUDA present *and* a GPU
   build of FAISS with at least one GPU);
 - [`make_index`][cortex_plugins.memory._vector_index.make_index]: an inner-product index by name
-  (``flat``, ``ivf``, ``hnsw``) for normalised keys, so scores are cosine similarities;
+  (``flat``, ``ivf``, ``hnsw``, ``ivfpq``) for normalised keys, so scores are cosine similarities;
+- [`rerank_exact`][cortex_plugins.memory._vector_index.rerank_exact]: a shortlist found by a
+  compressed index re-ranked by exact cosine with the full keys (held in RAM or memory-mapped);
 - [`index_to_tensor`][cortex_plugins.memory._vector_index.index_to_tensor] /
   [`index_from_tensor`][cortex_plugins.memory._vector_index.index_from_tensor]: FAISS indexes as
   ``uint8`` tensors (``faiss.serialize_index``), which is how tiers put them in their state;
@@ -27,7 +29,7 @@ from typing import Any, Iterator
 from cortex.kernel.interfaces import Entries, Retrieval
 from cortex.kernel.lazy import F, torch
 
-INDEX_KINDS = ("flat", "ivf", "hnsw")
+INDEX_KINDS = ("flat", "ivf", "hnsw", "ivfpq")
 
 
 # --------------------------------------------------------------------------- FAISS
@@ -74,12 +76,15 @@ def faiss_threads(work: int) -> Iterator[None]:
         faiss.omp_set_num_threads(before)
 
 
-def make_index(kind: str, dim: int, *, nlist: int = 1, hnsw_m: int = 32, train_data=None):
+def make_index(kind: str, dim: int, *, nlist: int = 1, hnsw_m: int = 32, pq_m: int = 32, pq_bits: int = 8,
+               opq: bool = False, train_data=None):
     """A new inner-product index of ``kind`` over ``dim``-dimensional normalised keys.
 
     ``flat`` and ``hnsw`` are wrapped in ``IndexIDMap2`` (so they take and return our ids);
-    ``ivf`` is an ``IndexIVFFlat`` with ``nlist`` lists, which keeps ids itself and is
-    trained on ``train_data`` (a float32 array) when given.
+    ``ivf`` is an ``IndexIVFFlat`` with ``nlist`` lists, which keeps ids itself; ``ivfpq`` an
+    ``IndexIVFPQ`` (``pq_m`` codes of ``pq_bits`` bits per key, so ``pq_m * pq_bits / 8`` bytes
+    plus an 8-byte id), behind an ``OPQMatrix`` rotation when ``opq``. IVF kinds are trained on
+    ``train_data`` (a float32 array) when given.
     """
     faiss = faiss_module()
     ip = faiss.METRIC_INNER_PRODUCT
@@ -87,24 +92,64 @@ def make_index(kind: str, dim: int, *, nlist: int = 1, hnsw_m: int = 32, train_d
         return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
     if kind == "hnsw":
         return faiss.IndexIDMap2(faiss.IndexHNSWFlat(dim, hnsw_m, ip))
-    if kind == "ivf":
+    if kind in ("ivf", "ivfpq"):
         quantizer = faiss.IndexFlatIP(dim)
-        index = faiss.IndexIVFFlat(quantizer, dim, max(1, nlist), ip)
+        if kind == "ivf":
+            index = faiss.IndexIVFFlat(quantizer, dim, max(1, nlist), ip)
+        else:
+            index = faiss.IndexIVFPQ(quantizer, dim, max(1, nlist), pq_m, pq_bits, ip)
+            index.pq.cp.min_points_per_centroid = 1
         index.cp.min_points_per_centroid = 1  # we choose nlist from the data size ourselves
+        if kind == "ivfpq" and opq:
+            rotation = faiss.OPQMatrix(dim, pq_m)
+            rotation.pq = faiss.ProductQuantizer(dim, pq_m, 8)  # the PQ it trains against
+            rotation.pq.cp.min_points_per_centroid = 1
+            rotation.referenced_objects = [rotation.pq]  # keep it alive beside the C++ pointer
+            index = faiss.IndexPreTransform(rotation, index)
         if train_data is not None:
             index.train(train_data)
         return index
     raise ValueError(f"unknown index kind {kind!r}; use one of {', '.join(INDEX_KINDS)}")
 
 
-def set_search_params(index, *, nprobe: int | None = None, ef_search: int | None = None) -> None:
-    """Set ``nprobe`` (IVF) or ``efSearch`` (HNSW) on ``index`` or the index it wraps."""
+def ivf_of(index):
+    """The ``IndexIVF`` inside ``index`` (behind an ID map or a transform), or ``None``."""
     faiss = faiss_module()
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
+def set_search_params(index, *, nprobe: int | None = None, ef_search: int | None = None) -> None:
+    """Set ``nprobe`` (IVF kinds) or ``efSearch`` (HNSW) on ``index`` or the index it wraps."""
+    faiss = faiss_module()
+    ivf = ivf_of(index)
+    if nprobe is not None and ivf is not None:
+        ivf.nprobe = min(nprobe, ivf.nlist)
     inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
-    if nprobe is not None and isinstance(inner, faiss.IndexIVF):
-        inner.nprobe = min(nprobe, inner.nlist)
     if ef_search is not None and isinstance(inner, faiss.IndexHNSW):
         inner.hnsw.efSearch = ef_search
+
+
+def rerank_exact(q: torch.Tensor, found: torch.Tensor, keys, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best ``k`` of each query's shortlist ``found`` (Q, S) by exact cosine.
+
+    ``keys`` holds the full normalised keys by id: a tensor or a (memory-mapped) array;
+    ``q`` (Q, d) is normalised. Returns (scores, ids), both (Q, k), ``-inf`` / -1 where the
+    shortlist ran out.
+    """
+    ok = found >= 0
+    flat = found.clamp(min=0).reshape(-1)
+    if isinstance(keys, torch.Tensor):
+        cand = keys[flat]
+    else:  # a numpy array or memmap: read the rows in ascending order (fewer disk seeks)
+        uniq, inverse = torch.unique(flat, return_inverse=True)
+        cand = torch.from_numpy(keys[uniq.numpy()].astype("float32", copy=False))[inverse]
+    cand = cand.reshape(*found.shape, -1)
+    exact = torch.einsum("qd,qsd->qs", q, cand).masked_fill(~ok, -math.inf)
+    top, pos = exact.topk(min(k, found.shape[1]), dim=1)
+    return top, torch.gather(found, 1, pos).masked_fill(top == -math.inf, -1)
 
 
 def index_to_tensor(index) -> torch.Tensor:

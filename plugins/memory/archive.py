@@ -22,7 +22,7 @@ Values take the keys' codec when a level names one codec (``sq8`` means ``sq8/sq
 ``sq8`` under ``pq`` keys. The default deepest level, ``sq8/sq4``, spends the bytes on the
 keys, which decide what is found (recall), and fewer on the values, which are only read
 for the k found. `cortex bench memory` measures the deepest level on a run's own keys
-(a trained quickstart's: recall@10 0.92 at a million entries, 0.20 of the fp32 bytes);
+(recall@10 against exact search, bytes per entry; figures on the benchmarks page);
 ``tests/test_archive.py`` shows that the value codec does not change what is found and
 that 4-bit keys find less than 8-bit keys.
 

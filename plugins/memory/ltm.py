@@ -18,16 +18,20 @@ streams together).
 **Index kinds.** ``flat``: exact (``IndexIDMap2(IndexFlatIP)``). ``ivf``: a stream's
 index is exact (flat) until the stream holds ``train_after`` entries, then it is rebuilt
 as an ``IndexIVFFlat`` trained on them with ``min(nlist, n // 39)`` lists, searched with
-``nprobe``. ``hnsw``: ``IndexIDMap2(IndexHNSWFlat)`` searched with ``ef_search``; HNSW
+``nprobe``. ``ivfpq``: the same, as an ``IndexIVFPQ`` (``pq_m`` codes of ``pq_bits`` bits per
+key, behind an OPQ rotation with ``opq``), trained once the stream holds
+``max(train_after, 2**pq_bits)`` entries; each search fetches ``shortlist x k`` candidates and
+re-ranks them by exact cosine with the full keys the tier keeps in RAM, so scores are true
+cosines. ``hnsw``: ``IndexIDMap2(IndexHNSWFlat)`` searched with ``ef_search``; HNSW
 cannot remove ids, so a stream's HNSW index is rebuilt from its live entries whenever
 entries leave it (eviction, hand-over), which chunked eviction amortises.
 
 **Key projection.** ``key_dim`` smaller than the model width fits a PCA
 (``faiss.PCAMatrix``) once the tier holds ``max(train_after, key_dim + 1)`` entries, and
 every index is rebuilt over projected (renormalised) keys. Before that, search is exact in
-full dimension. Full keys are kept beside the index: projected searches fetch ``4k``
-candidates and re-rank them by exact cosine with the full keys (so scores are always true
-cosines), and hand-over passes full keys on to the archive.
+full dimension. Full keys are kept beside the index: projected searches fetch
+``shortlist x k`` candidates and re-rank them by exact cosine with the full keys (so scores
+are always true cosines), and hand-over passes full keys on to the archive.
 
 **Eviction.** When a write would exceed ``capacity``, the least recently used entries
 (oldest last access, then oldest id) are evicted in chunks of 5% of capacity, before the
@@ -60,6 +64,7 @@ from cortex_plugins.memory._vector_index import (
     lru_order,
     make_index,
     normalize,
+    rerank_exact,
     set_search_params,
     state_nbytes,
     to_numpy,
@@ -84,10 +89,14 @@ class LongTermMemory(TierCommon, MemoryTier):
 
     class Settings(Settings):
         capacity: int = Field(10000, gt=0, description="Most entries held, over all streams.")
-        index: Literal["flat", "ivf", "hnsw"] = Field("flat", description="FAISS index kind: exact flat, IVF (trained) or HNSW graph.")
+        index: Literal["flat", "ivf", "hnsw", "ivfpq"] = Field("flat", description="FAISS index kind: exact flat, IVF (trained), HNSW graph or IVF-PQ (trained, compressed, shortlist re-ranked exactly).")
         key_dim: int | None = Field(None, gt=0, description="Dimension keys are indexed in; None = the model width. Smaller fits a PCA projection once train_after entries exist (exact full-dimension search before).")
         nlist: int = Field(256, gt=0, description="IVF: number of inverted lists (capped at entries/39).")
         nprobe: int = Field(16, gt=0, description="IVF: lists visited per query.")
+        pq_m: int = Field(32, gt=0, description="ivfpq: codes per key (bytes per key at 8 bits); must divide the key dimension.")
+        pq_bits: int = Field(8, ge=4, le=12, description="ivfpq: bits per code.")
+        opq: bool = Field(False, description="ivfpq: learn an OPQ rotation before the codes (better recall, slower training).")
+        shortlist: int = Field(8, ge=1, description="ivfpq and projected keys: candidates fetched per result (shortlist x k), re-ranked by exact cosine with the full keys.")
         hnsw_m: int = Field(32, ge=4, description="HNSW: graph neighbours per node.")
         ef_search: int = Field(64, gt=0, description="HNSW: candidate list size while searching.")
         idle_steps: int = Field(1000, ge=0, description="Entries not accessed for this many steps are handed over to the next tier.")
@@ -102,6 +111,10 @@ class LongTermMemory(TierCommon, MemoryTier):
         if key_dim is not None and key_dim > self.dim:
             raise ValueError(f"ltm key_dim ({key_dim}) cannot exceed the model width ({self.dim})")
         self.key_dim = self.dim if key_dim is None else key_dim
+        if settings.index == "ivfpq" and self.key_dim % settings.pq_m:
+            divisors = [m for m in range(1, self.key_dim + 1) if self.key_dim % m == 0]
+            raise ValueError(f"ltm pq_m ({settings.pq_m}) must divide the key dimension ({self.key_dim}); "
+                             f"choose one of {divisors}")
         self.counters = Counters()
         self._reset()
 
@@ -188,16 +201,22 @@ class LongTermMemory(TierCommon, MemoryTier):
         s = self.settings
         x = self._space(self.keys[slots])
         kind = s.index
-        if kind == "ivf" and slots.numel() < s.train_after:
+        if kind in ("ivf", "ivfpq") and slots.numel() < self._train_size():
             kind = "flat"  # exact until enough entries to train the lists
         with faiss_threads(slots.numel()):
-            if kind == "ivf":
-                index = make_index("ivf", x.shape[1], nlist=min(s.nlist, max(1, slots.numel() // 39)), train_data=x)
+            if kind in ("ivf", "ivfpq"):
+                index = make_index(kind, x.shape[1], nlist=min(s.nlist, max(1, slots.numel() // 39)),
+                                   pq_m=s.pq_m, pq_bits=s.pq_bits, opq=s.opq, train_data=x)
             else:
                 index = make_index(kind, x.shape[1], hnsw_m=s.hnsw_m)
             set_search_params(index, nprobe=s.nprobe, ef_search=s.ef_search)
             index.add_with_ids(x, slots.numpy().astype("int64"))
         self.indexes[stream] = _StreamIndex(index, kind)
+
+    def _train_size(self) -> int:
+        """Entries a stream needs before its IVF (or IVF-PQ) index is trained."""
+        s = self.settings
+        return max(s.train_after, 2 ** s.pq_bits) if s.index == "ivfpq" else s.train_after
 
     # ------------------------------------------------------------------ write
 
@@ -240,7 +259,7 @@ class LongTermMemory(TierCommon, MemoryTier):
             if si is None:
                 self._rebuild(stream)
                 continue
-            if si.kind == "flat" and s.index == "ivf" and si.index.ntotal + mine.numel() >= s.train_after:
+            if si.kind == "flat" and s.index in ("ivf", "ivfpq") and si.index.ntotal + mine.numel() >= self._train_size():
                 self._rebuild(stream)  # enough entries: train the IVF lists
                 continue
             with faiss_threads(mine.numel()):
@@ -296,17 +315,13 @@ class LongTermMemory(TierCommon, MemoryTier):
             return scores, slots
         total = si.index.ntotal
         kk = min(k, total)
-        fetch = min(total, 4 * k) if self.projected else kk
+        rerank = self.projected or si.kind == "ivfpq"
+        fetch = min(total, self.settings.shortlist * k) if rerank else kk
         with faiss_threads(nq):
             dist, found = si.mirror.search(si.index, self._space(q), fetch)
         found = torch.from_numpy(found).long()
-        if self.projected:  # re-rank candidates by exact cosine on the full keys
-            ok = found >= 0
-            cand = self.keys[found.clamp(min=0)]  # (Q, fetch, d)
-            exact = torch.einsum("qd,qfd->qf", q, cand).masked_fill(~ok, -math.inf)
-            top, pos = exact.topk(kk, dim=1)
-            found = torch.gather(found, 1, pos).masked_fill(top == -math.inf, -1)
-            dist = top
+        if rerank:  # re-rank the shortlist by exact cosine on the full keys
+            dist, found = rerank_exact(q, found, self.keys, kk)
         else:
             dist = torch.from_numpy(dist).float()
         ok = found >= 0

@@ -98,6 +98,12 @@ def test_a_later_statement_like_an_earlier_one_supersedes_it():
     assert float(later[rome]) == 0.0 and float(later[oslo]) == 0.0  # nothing later / no shared name
     # causal: within Rome's own sentence, Lima is not yet superseded
     assert float(head.superseded(ids, k, shared)[0, text.index("Farel lives in Rome") + 3, lima].detach()) == 0.0
+    # a template word shared with another person's statement does not supersede it
+    head.idf = lambda w: {b"farel": 5.0, b"lives": 0.3}.get(w, 0.0)
+    head.min_shared = 1.0
+    shared = head.overlap(ids)
+    later = head.superseded(ids, k, shared, last=1)[0, 0].detach()
+    assert float(later[oslo]) == 0.0 and float(later[lima]) == pytest.approx(1.0, abs=1e-5)
     # off: the two statements weigh alike; on (the prior), the later wins
     head.supersede.data.fill_(0.0)
     attn = head._attend(ids, last=1)[0][0, 0].detach()
@@ -166,7 +172,7 @@ def test_product_of_experts_binds_within_the_models_type_and_has_no_gate():
 
 def test_the_defaults_are_the_best_measured_setting():
     s = Reader.Settings()
-    assert (s.combine, s.eps, s.beta, s.fold_case) == ("poe", 0.05, 1.0, True)
+    assert (s.combine, s.eps, s.read_eps, s.beta, s.fold_case) == ("poe", 0.05, 0.01, 1.0, True)
 
 
 # -- told text -------------------------------------------------------------------------

@@ -115,12 +115,13 @@ class PointerHead(nn.Module):
     """
 
     def __init__(self, dim: int, width: int, gate_bias: float = -1.0, window: int = 32, combine: str = "poe",
-                 eps: float = 0.05, beta: float = 1.0, fold_case: bool = True) -> None:
+                 eps: float = 0.05, beta: float = 1.0, fold_case: bool = True, read_eps: float | None = None) -> None:
         super().__init__()
         if combine not in ("poe", "gate"):
             raise ValueError(f"combine must be 'poe' or 'gate', not {combine!r}")
         self.window = window
         self.combine, self.eps, self.beta = combine, eps, beta
+        self.read_eps = eps if read_eps is None else read_eps  # the floor outside training
         # poe: a byte and its other ASCII case count as one in the pointer's factor (a value
         # told as "apples" answers "Apples."; the model supplies the case, the pointer the word)
         self.fold_case = fold_case
@@ -157,6 +158,9 @@ class PointerHead(nn.Module):
         #: ids are UTF-8 bytes: a key is read only where its value can come next (a character's
         #: first byte where one starts, a continuation byte inside one); set by the Reader
         self.utf8 = False
+        #: least word overlap between two key sentences for the later to supersede the earlier
+        #: (a shared name, not a shared template word); set by the Reader
+        self.min_shared = 0.0
         self.hidden: torch.Tensor | None = None  # (B, T, dim) of the sequence so far
         #: ``False`` turns the pointer off at inference (the model alone)
         self.enabled = True
@@ -263,11 +267,12 @@ class PointerHead(nn.Module):
                    last: int | None = None) -> torch.Tensor:
         """(B, Tq, T) for query t and key j: the largest cosine ``k_j · k_j'`` over the keys j'
         after j in sentences before t's that share a rare word with j's (``shared`` (B, T, T):
-        the key-to-key word overlap, 0 within a sentence), 0 where there is none."""
+        the key-to-key word overlap, 0 within a sentence; at least ``min_shared``), 0 where
+        there is none."""
         B, T = ids.shape
         after = torch.ones(T, T, dtype=torch.bool, device=k.device).triu(1)  # j' > j
         sim = torch.einsum("bjr,bkr->bjk", k.float(), k.float()).clamp_min(0)
-        sim = sim.masked_fill(~(after & (shared > 0)), 0.0)
+        sim = sim.masked_fill(~(after & (shared > 0) & (shared >= self.min_shared)), 0.0)
         best = F.pad(sim.cummax(dim=-1).values, (1, 0))  # best[j, 1 + t'] = max over j' <= t'
         sentence = self.sentences(ids)
         opens = torch.ones_like(sentence, dtype=torch.bool)
@@ -290,7 +295,8 @@ class PointerHead(nn.Module):
         """Combined log-probabilities (..., vocab) of the model's ``logp`` and the pointer's
         distribution ``p_ptr`` (..., vocab; all zeros where the pointer sees no key).
 
-        ``poe`` (product of experts): ``log p = log p_model + beta * log(eps + p_ptr) - log Z``.
+        ``poe`` (product of experts): ``log p = log p_model + beta * log(eps + p_ptr) - log Z``
+        (``read_eps`` in place of ``eps`` outside training).
         The model supplies the template and the type (a city starts here), the pointer the
         binding (which city); where the pointer has nothing the factor is a constant and the
         model is unchanged. ``gate``: ``g p_ptr + (1 - g) p_model``.
@@ -300,7 +306,8 @@ class PointerHead(nn.Module):
                 swap = torch.arange(p_ptr.shape[-1], device=p_ptr.device)
                 swap[65:91], swap[97:123] = swap[97:123].clone(), swap[65:91].clone()
                 p_ptr = p_ptr + p_ptr[..., swap] * (swap != torch.arange(len(swap), device=swap.device))
-            return torch.log_softmax(logp + self.beta * torch.log(self.eps + p_ptr), dim=-1)
+            eps = self.eps if self.training else self.read_eps
+            return torch.log_softmax(logp + self.beta * torch.log(eps + p_ptr), dim=-1)
         gate = torch.sigmoid(g.float())[..., None]
         return torch.log((gate * p_ptr + (1 - gate) * logp.exp()).clamp_min(1e-12))
 

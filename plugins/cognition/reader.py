@@ -2,7 +2,7 @@
 
 ```yaml
 features:
-  - {type: reader}           # combine: poe, eps: 0.05, beta: 1, fold_case: true
+  - {type: reader}           # combine: poe, eps: 0.05, read_eps: 0.01, beta: 1, fold_case: true
 train:
   data: {type: demo, settings: {updates: 0.3}}
 ```
@@ -13,12 +13,15 @@ Two parts:
 [`PointerHead`][cortex_plugins.cognition._pointer_head.PointerHead] turns each position's
 hidden state into a key; the token that followed the position is its value. The query of
 the current position attends over every earlier key, with a learned bias per
-log-distance bucket (the later of two matching statements can win) and a rarity-weighted
-word overlap between the query's sentence and the key's (names and values weigh, template
-words do not). The attention mass on each value is a next-token distribution, combined
-with the model's as a product of experts (``combine: poe``)::
+log-distance bucket, a rarity-weighted word overlap between the query's sentence and the
+key's (names and values weigh, template words do not), a learned bonus per token that
+ends equally at both (a told wording is continued as told) and a learned penalty where a
+later key like this one exists in a sentence about the same name (the later of two
+statements wins). With a byte tokenizer, UTF-8 keeps the pointer on values that can come
+next (a character's first byte where one starts). The attention mass on each value is a
+next-token distribution, combined with the model's as a product of experts (``combine: poe``)::
 
-    p(w) ∝ p_model(w) · (eps + p_ptr(w))^beta
+    p(w) ∝ p_model(w) · (eps + p_ptr(w))^beta      (read_eps in place of eps when reading)
 
 The model supplies the template and the type of the answer, the pointer which one; where
 the pointer sees nothing the model is unchanged. (``combine: gate`` is the learned
@@ -29,8 +32,10 @@ adds the combined distribution's negative log-likelihood to the LM loss
 **Told text read by meaning.** ``model.remember``ed texts and chat prompts are kept per
 session (bounded, saved with the run). Before a prompt is answered, the told texts that
 share a rare word with it (rarity from the demo corpus; a relevance floor, so unrelated
-prompts read nothing) are put back before it, oldest first, and the pointer reads them
-like any fact in the prompt.
+prompts read nothing; a first-person word counts as rare, since in a session "I" is its
+speaker) are put back before it, oldest first, and the pointer reads them like any fact
+in the prompt. A ``bge_m3`` feature listed before the reader adds the texts its dense
+embeddings find.
 
 The model consults the feature through the
 [`CognitiveFeature`][cortex.kernel.interfaces.CognitiveFeature] read path:
@@ -83,7 +88,10 @@ class Reader(CognitiveFeature):
         combine: Literal["poe", "gate"] = Field(
             "poe", description="How the pointer meets the model: `poe` (product of experts, "
                                "p ∝ p_model (eps + p_ptr)^beta) or `gate` (a learned mixture gate).")
-        eps: float = Field(0.05, gt=0, description="poe: the floor of the pointer's factor.")
+        eps: float = Field(0.05, gt=0, description="poe: the floor of the pointer's factor in training.")
+        read_eps: float = Field(0.01, gt=0, description="poe: the floor of the pointer's factor when reading "
+                                                        "(generation, confidence): lower lets the pointer "
+                                                        "overrule a confident model.")
         beta: float = Field(1.0, gt=0, description="poe: the exponent of the pointer's factor.")
         fold_case: bool = Field(True, description="poe: the pointer's factor counts a byte and its other "
                                                    "ASCII case as one (told `apples` supports `Apples.`).")
@@ -116,10 +124,11 @@ class Reader(CognitiveFeature):
             raise ValueError("the reader sits after the last block, where another memory module already is")
         st = self.settings
         self.head = PointerHead(core.config.dim, st.dim, st.gate_bias, combine=st.combine, eps=st.eps,
-                                beta=st.beta, fold_case=st.fold_case)
+                                beta=st.beta, fold_case=st.fold_case, read_eps=st.read_eps)
         self.head.to(next(core.parameters()).device)
         self.head.idf = self.byte_idf
         self.head.utf8 = isinstance(model.tokenizer, ByteTokenizer)
+        self.head.min_shared = st.min_idf - st.common_idf  # a word as rare as the relevance floor
         core.set_memory_layer(last, self.head)
 
     @hookimpl

@@ -108,7 +108,7 @@ class ExactTier(MemoryTier):
         self.keys = torch.cat([self.keys, entries.keys])[-self.capacity:]
         self.values = torch.cat([self.values, entries.values])[-self.capacity:]
 
-    def read(self, queries, k, *, stream=0, step=0):
+    def read(self, queries, k, *, stream=0, step=0, touch=True):
         scores = queries @ self.keys.T
         top = scores.topk(min(k, len(self)), dim=-1)
         return Retrieval(self.values[top.indices], torch.full_like(top.indices, -1), top.values, top.indices)

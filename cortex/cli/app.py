@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
+import traceback
 from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
@@ -29,14 +31,54 @@ def _print_table(table: Table) -> None:
 
 
 class _Group(TyperGroup):
-    """Turns a [`CortexError`][cortex.kernel.errors.CortexError] into a clean message and exit code 1."""
+    """Turns a [`CortexError`][cortex.kernel.errors.CortexError], and any exception raised inside a
+    component's method, into a clean message and exit code 1; the traceback only with
+    ``--traceback`` or ``CORTEX_DEBUG=1``."""
 
     def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
         except CortexError as exc:
-            err_console.print(Text.assemble(("error: ", "bold red"), str(exc)), highlight=False, soft_wrap=True)
-            raise typer.Exit(code=1) from None
+            _fail(exc, str(exc))
+        except Exception as exc:
+            message = component_failure(exc)
+            if message is None:
+                raise  # not a plugin's: a bug of Cortex itself, shown in full
+            _fail(exc, message + "\n(a bug in that plugin: report it to its authors; `cortex --traceback ...` "
+                                 "or CORTEX_DEBUG=1 shows the full traceback)")
+
+
+def _debugging() -> bool:
+    return _options.get("traceback", False) or os.environ.get("CORTEX_DEBUG", "").strip() not in ("", "0")
+
+
+def _fail(exc: BaseException, message: str) -> None:
+    if _debugging():
+        err_console.print("".join(traceback.format_exception(exc)), markup=False, highlight=False, soft_wrap=True)
+    err_console.print(Text.assemble(("error: ", "bold red"), message), highlight=False, soft_wrap=True)
+    raise typer.Exit(code=1) from None
+
+
+def component_failure(exc: BaseException) -> str | None:
+    """What failed when ``exc`` was raised inside a method of a component (the innermost one
+    on its traceback): its manifest entry, its package and version, and the method; ``None``
+    when no component's code was running."""
+    from cortex.kernel.interfaces import Component
+    from cortex.kernel.plugins import create_plugin_manager
+
+    found, tb = None, exc.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        if isinstance(owner, Component):
+            found = (owner, tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    if found is None:
+        return None
+    component, method = found
+    info = next((i for i in create_plugin_manager(strict=False).registry if i.cls is type(component)), None)
+    source = info.source.describe() if info is not None else f"module {type(component).__module__}"
+    return (f"{component.key}: {type(component).__qualname__}.{method} from {source} failed: "
+            f"{type(exc).__name__}: {exc}")
 
 
 def _typer(help: str) -> typer.Typer:
@@ -59,12 +101,18 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+_options: dict[str, bool] = {}
+
+
 @app.callback()
 def _main(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                  help="Print the version and exit."),
+    show_traceback: bool = typer.Option(False, "--traceback", help="On an error, print the full traceback too "
+                                                                   "(also CORTEX_DEBUG=1)."),
 ) -> None:
     """Build, train and measure small language models with brain-inspired memory."""
+    _options["traceback"] = show_traceback
 
 
 def _output_folder(path: Path) -> Path:

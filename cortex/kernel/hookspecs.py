@@ -27,9 +27,10 @@ hookimpl = pluggy.HookimplMarker("cortex")
 def cortex_register_components(register: Callable[[type], None]) -> None:
     """Hand the kernel this plugin's component classes.
 
-    :param register: call ``register(cls)`` once for each class. A class declares
-        ``kind`` (``"memory"``, ``"plasticity"``, ``"feature"``, ``"data"`` or ``"bench"``),
-        ``name`` and a pydantic ``Settings`` model.
+    :param register: call ``register(cls)`` once for each class. A class declares ``kind``
+        (``"memory"``, ``"plasticity"``, ``"feature"``, ``"data"``, ``"logger"`` or ``"bench"``),
+        ``name`` and a pydantic ``Settings`` model; its ``@hookimpl`` methods and the interface
+        methods it overrides are checked against the hooks and the interfaces here.
 
     Built-in components keep their plain name (``stm``); a third-party component is
     registered as ``<entry point name>.<name>`` (``hopfield.hebbian``), so it can never

@@ -79,17 +79,13 @@ class ModelHandle(Protocol):
     def generate_text(self, prompt: str, *, session: str = "self", **sampling: Any) -> str: ...
 
 
-def _cpu() -> Any:
-    return torch.device("cpu")
-
-
 @dataclass
 class BuildContext:
     """What a component may know about the model it is built into."""
 
     config: ModelShape | None = None
     tokenizer: TextTokenizer | None = None
-    device: Any = field(default_factory=_cpu)  # a torch.device
+    device: Any = field(default_factory=lambda: torch.device("cpu"))  # a torch.device
     seed: int = 0
     run_dir: Path | None = None
 

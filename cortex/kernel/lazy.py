@@ -23,9 +23,6 @@ class LazyModule(ModuleType):
         self.__dict__.update(module.__dict__)  # later lookups skip __getattr__
         return getattr(module, attr)
 
-    def __repr__(self) -> str:
-        return f"<lazy module {self.__name__!r}>"
-
 
 torch: Any = LazyModule("torch")
 nn: Any = LazyModule("torch.nn")

@@ -37,9 +37,8 @@ class MemorySettings(Settings):
     read: list[Literal["knn_attention", "knn_lm"]] = Field(
         default_factory=lambda: ["knn_lm"], description="Read modes in use.")
     k: int = Field(8, gt=0, description="Neighbours retrieved per tier and query.")
-    key_layer: int | None = Field(
-        None, ge=0, description="Block whose output gives memory keys (default: the first memory layer, "
-                                "else the last block).")
+    key_layer: int | None = Field(None, ge=0, description="Block whose output gives memory keys (default: "
+                                                          "the first memory layer, else the last block).")
     key_window: int = Field(32, ge=0, description="Tokens a key's hidden state sees (0: the full context).")
     key_offsets: list[int] = Field(
         default_factory=lambda: [0, 1, 2, 4, 8, 12, 16, 20, 24],
@@ -48,26 +47,25 @@ class MemorySettings(Settings):
     key_decay: float = Field(0.9, gt=0, le=1, description="Weight ratio of each further offset in a key.")
     tier_temperature: float = Field(1.0, gt=0, description="kNN-attention: softmax temperature over tiers' best scores "
                                                             "(kNN-LM pools every tier's neighbours instead).")
-    lm_lambda: float = Field(
-        0.8, ge=0, le=1, description="kNN-LM weight of memory at full strength; a match of strength s "
-                                     "(1 + its uses) weighs lm_lambda * s / (s + 1).")
+    lm_lambda: float = Field(0.8, ge=0, le=1, description="kNN-LM weight of memory at full strength; a match of "
+                                                          "strength s (1 + its uses) weighs lm_lambda * s / (s + 1).")
     lm_temperature: float = Field(0.001, gt=0, description="kNN-LM softmax temperature over cosine scores.")
     lm_min_score: float = Field(0.9, ge=-1, le=1, description="kNN-LM ignores neighbours below this cosine.")
     use_bonus: float = Field(1.0, ge=0, description="kNN-LM log-weight bonus per log(1 + uses): "
                                                      "repetition raises confidence.")
     read_temperature: float = Field(0.1, gt=0, description="Initial temperature of kNN-attention scores.")
-    read_min_score: float | None = Field(
-        None, ge=-1, le=1, description="Outside training, kNN-attention ignores entries below this cosine "
-                                       "and a position with none left reads nothing (None: every retrieved "
-                                       "entry is read). Training reads them all, so the read path keeps learning.")
+    read_min_score: float | None = Field(None, ge=-1, le=1, description=(
+        "Outside training, kNN-attention ignores entries below this cosine and a position with none left reads "
+        "nothing (None: every retrieved entry is read). Training reads them all, so the read path keeps learning."))
     gate_init: float = Field(-1.0, description="Initial logit of the kNN-attention gate.")
     residual_weight: float = Field(1.0, ge=0, description="Scale of the memory output added to the stream.")
     memory_dropout: float = Field(0.0, ge=0, lt=1, description="Share of retrieved slots dropped in training.")
     gumbel_temperature: float | None = Field(
         None, gt=0, description="Gumbel-softmax soft sparsity over slots in training (None: plain softmax).")
-    train_read_tiers: int = Field(
-        1, ge=1, description="Tiers kNN-attention reads in training (the first N; all at inference). "
-                             "Exact batched search of the first tier is cheap; FAISS per token is not.")
+    train_read_tiers: int = Field(1, ge=1, description="Tiers kNN-attention reads in training (the first N; all at "
+                                                       "inference). Exact batched search of the first tier is cheap; "
+                                                       "FAISS per token is not.")
+
     @model_validator(mode="after")
     def _offsets(self) -> MemorySettings:
         if not self.key_offsets or min(self.key_offsets) < 0 or 0 not in self.key_offsets:
@@ -78,9 +76,9 @@ class MemorySettings(Settings):
         "surprise", description="What to store: every position, or the most surprising (highest loss).")
     write_fraction: float = Field(0.25, gt=0, le=1, description="Share of positions stored with `surprise`.")
     write_in_training: bool = Field(True, description="Write each training segment to STM.")
-    spill: Literal["never", "inference", "always"] = Field(
-        "inference", description="When entries pushed out of a full tier move to the next one instead of "
-                                 "being forgotten: never, outside training (real-time use), or always.")
+    spill: Literal["never", "inference", "always"] = Field("inference", description=(
+        "When entries pushed out of a full tier move to the next one instead of being forgotten: never, outside "
+        "training (real-time use), or always."))
     consolidate: Literal["step", "sleep"] = Field(
         "step", description="Hand entries down the tiers at every step end, or only during sleep (NREM).")
 
@@ -99,9 +97,7 @@ class ModelSection(_Section):
     mlp_ratio: float = Field(4.0, gt=0, description="MLP hidden width as a multiple of `dim`.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout probability during training.")
     rope_base: float = Field(10000.0, gt=0, description="RoPE frequency base.")
-    memory_layers: list[int] = Field(
-        default_factory=list, description="Blocks after which the memory layer reads the tiers."
-    )
+    memory_layers: list[int] = Field(default_factory=list, description="Blocks after which the memory layer reads the tiers.")
 
     @model_validator(mode="after")
     def _shape(self) -> ModelSection:
@@ -162,19 +158,15 @@ class TrainSection(_Section):
     clip: float = Field(1.0, gt=0, description="Gradient-norm clipping threshold.")
     precision: Literal["fp32", "bf16", "auto"] = Field(
         "bf16", description="Autocast precision; `auto` picks bf16 where the device runs it fast, else fp32.")
-    min_lr: float | None = Field(
-        None, ge=0, description="Learning rate at the end of the cosine decay (default: `lr / 10`).")
+    min_lr: float | None = Field(None, ge=0, description="Learning rate at the end of the cosine decay (default: `lr / 10`).")
     micro_batch: int | None = Field(
         None, gt=0, description="Sequences per forward pass (per process under torchrun); the passes of a "
         "step are accumulated (default: from `grad_accum`, else picked for the device).")
-    grad_accum: int | None = Field(
-        None, gt=0, description="Micro-batches accumulated per step; `batch` must be a multiple of it.")
-    device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="Where to train; `auto` uses CUDA when present.")
+    grad_accum: int | None = Field(None, gt=0, description="Micro-batches accumulated per step; `batch` must be a multiple of it.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train; `auto` uses CUDA when present.")
     gradient_checkpointing: bool = Field(
         False, description="Recompute each block's activations in backward: less memory, more compute.")
-    val_fraction: float = Field(
-        0.05, ge=0, lt=0.5, description="Share of documents held out for validation when preparing data.")
+    val_fraction: float = Field(0.05, ge=0, lt=0.5, description="Share of documents held out for validation when preparing data.")
     eval_every: int = Field(200, ge=0, description="Validation loss every N steps (0: only at the end).")
     eval_batches: int = Field(8, gt=0, description="Micro-batches of the validation split per evaluation.")
     sample_every: int = Field(0, ge=0, description="Log a sample generation every N steps (0: never).")
@@ -459,7 +451,7 @@ def _referenced_namespaces(data: Any) -> set[str]:
 
 def _unknown(kind: str, name: str, pm: Any) -> str:
     registry = pm.registry
-    other = registry.kinds_of(name)
+    other = [info.kind for info in registry if info.name == name]
     if other:
         return f"{name!r} is a {other[0]} component, not a {kind} component"
     if "." in name:

@@ -102,6 +102,9 @@ class CortexPluginManager(pluggy.PluginManager):
         for cls in classes:
             trial.add(cls, source)  # raises on a clash or a malformed class, changing nothing
         try:
+            scratch = CortexPluginManager()
+            for cls in dict.fromkeys(classes):  # components' own @hookimpl methods, checked before any is built
+                scratch.register(cls, name=cls.__qualname__)
             self.register(plugin, name=f"{source.distribution}:{source.entry_point}")
         except (pluggy.PluginValidationError, ValueError) as exc:
             raise PluginError(f"plugin {source.describe()} is not compatible: {exc}") from exc
@@ -112,8 +115,7 @@ class CortexPluginManager(pluggy.PluginManager):
             self.installed_namespaces.add(source.entry_point)
 
     def _check_hook_names(self, plugin: Any, source: PluginSource, *, registered: bool) -> None:
-        """Warn about ``cortex_*`` functions that are no hook (never called) and about a
-        plugin that provides nothing."""
+        """Warn about ``cortex_*`` functions that are no hook and about a plugin providing nothing."""
         hooks = {name for name in dir(hookspecs) if name.startswith("cortex_")}
         defined = {name for name in dir(plugin) if name.startswith("cortex_") and callable(getattr(plugin, name))}
         for name in sorted(defined - hooks):
@@ -140,9 +142,7 @@ class CortexPluginManager(pluggy.PluginManager):
         return new
 
 
-def create_plugin_manager(
-    namespaces: Iterable[str] | None = None, *, strict: bool = True
-) -> CortexPluginManager:
+def create_plugin_manager(namespaces: Iterable[str] | None = None, *, strict: bool = True) -> CortexPluginManager:
     """Load the built-in plugins and the third-party ones allowed.
 
     ``namespaces`` limits third-party loading to those namespaces (``None``: all of them),
@@ -161,9 +161,8 @@ def create_plugin_manager(
             try:
                 plugin = entry.load()
             except Exception as exc:
-                raise PluginError(
-                    f"plugin {entry.source.describe()} failed to load: {type(exc).__name__}: {exc}"
-                ) from exc
+                raise PluginError(f"plugin {entry.source.describe()} failed to load: "
+                                  f"{type(exc).__name__}: {exc}") from exc
             pm.add_plugin(plugin, entry.source)
         except PluginError as err:
             if strict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -9,7 +10,7 @@ from typing import Any, Iterator
 from pydantic import BaseModel
 
 from cortex.kernel.errors import PluginError
-from cortex.kernel.interfaces import KINDS, Settings
+from cortex.kernel.interfaces import KINDS, Component, Settings
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,23 @@ class ComponentInfo:
     name: str
     cls: type
     source: PluginSource
+
+
+def _signature_problem(cls: type) -> str | None:
+    """How ``cls`` overrides an interface method so that the runtime's calls of it would fail."""
+    for base in [b for b in cls.__mro__ if b.__module__ == Component.__module__]:
+        for attr, spec in vars(base).items():
+            own = getattr(cls, attr)
+            if attr.startswith("_") or not inspect.isfunction(spec) or own is spec:
+                continue
+            params = list(inspect.signature(spec).parameters.values())[1:]
+            try:
+                inspect.signature(own).bind(None, *(p.name for p in params if p.kind == p.POSITIONAL_OR_KEYWORD),
+                                            **{p.name: None for p in params if p.kind == p.KEYWORD_ONLY})
+            except (TypeError, ValueError):
+                wanted = str(inspect.signature(spec)).replace("'", "")
+                return f"its method {attr} cannot be called as the runtime calls it: {attr}{wanted}"
+    return None
 
 
 class Registry:
@@ -61,6 +79,8 @@ class Registry:
                        "a name of its own (class attribute `name`)")
         elif kind == "memory" and "capacity" not in settings.model_fields:
             problem = "a memory tier's Settings needs a `capacity` field: the most entries the tier holds"
+        elif (unfit := _signature_problem(cls)) is not None:
+            problem = unfit
         if problem:
             raise PluginError(
                 f"component {getattr(cls, '__qualname__', cls)!r} from {source.describe()} "
@@ -92,9 +112,6 @@ class Registry:
             if settings is not None:
                 return info, settings
         return None
-
-    def kinds_of(self, name: str) -> list[str]:
-        return [k for k, n in self._items if n == name]
 
     def __iter__(self) -> Iterator[ComponentInfo]:
         return iter(sorted(self._items.values(), key=lambda i: (i.kind, i.name)))

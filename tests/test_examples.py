@@ -11,7 +11,9 @@ from cortex.kernel.manifest import load_manifest
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
-EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "examples").glob("*.yaml"))
+#: manifests that read the environment (full_bge.yaml needs BGE-M3 weights) are tested on their own
+EXAMPLES = sorted(p for p in (Path(__file__).resolve().parent.parent / "examples").glob("*.yaml")
+                  if "${" not in p.read_text(encoding="utf-8"))
 
 
 def test_examples_exist():

@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from cortex.kernel.manifest import (
+    FieldPath,
     Manifest,
     ManifestError,
     Problem,
@@ -40,6 +41,8 @@ def load_manifest(path: str | Path, *, plugins: Any = None, overrides: list[str]
     its option)."""
     src = read_source(path)
     changed = interpolate_environment(src)
+    if src.problems:  # an unset variable: what is checked with its ${NAME} left in would only confuse
+        raise ManifestError(src.problems)
     apply_overrides(src, list(overrides))
     add_loggers(src, list(loggers))
     if (changed or overrides or loggers) and not src.problems:
@@ -74,8 +77,9 @@ def interpolate_environment(src: Source) -> bool:
         def variable(match: re.Match[str]) -> str:
             name = match.group(1)
             if name not in os.environ:
+                note = comment_above(src, path)
                 src.problem(path, f"environment variable {name} is not set — set it (export {name}=...) "
-                                  "or write the value into the manifest")
+                                  "or write the value into the manifest" + (f"; the manifest says: {note}" if note else ""))
                 return match.group(0)
             return os.environ[name]
 
@@ -83,6 +87,18 @@ def interpolate_environment(src: Source) -> bool:
 
     src.data = walk(src.data, ())
     return found
+
+
+def comment_above(src: Source, path: FieldPath) -> str:
+    """The comment lines right above the line of ``path`` in the manifest, joined (how to get
+    a value, say), or ``""``."""
+    lines = src.text.splitlines()
+    above = []
+    for line in reversed(lines[: src.position(path)[0] - 1]):
+        if not line.strip().startswith("#"):
+            break
+        above.insert(0, line.strip().lstrip("#").strip())
+    return " ".join(part for part in above if part)
 
 
 def apply_overrides(src: Source, overrides: list[str]) -> None:

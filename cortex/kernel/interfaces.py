@@ -1,4 +1,4 @@
-"""The component interfaces: memory tiers, plasticity rules, cognitive features, data sources.
+"""The component interfaces: memory tiers, plasticity rules, cognitive features, data, loggers.
 
 Every component is a class with a ``kind``, a ``name`` and a pydantic ``Settings`` model
 (unknown keys rejected), constructed as ``cls(settings, context)``. Built instances are
@@ -140,20 +140,23 @@ class Component:
 class Entries:
     """A batch of ``N`` memory entries moving into, between or out of tiers.
 
-    ``keys`` are what queries are compared with (cosine similarity: tiers normalise);
-    ``values`` are the vectors kNN-attention mixes in; ``tokens`` the token that followed
-    the key's position (kNN-LM's value, -1 if none); ``streams`` the stream each entry
-    belongs to (a batch row in training, a session at inference); ``uses`` how often it
-    was strengthened or retrieved; ``steps`` the step it was last written or used.
+    Attributes:
+        keys: (N, key_dim) float32: what queries are compared with (cosine: tiers normalise).
+        values: (N, value_dim) float32: the vectors kNN-attention mixes in.
+        tokens: (N,) int64: the token that followed the key's position (kNN-LM's value), -1 if none.
+        streams: (N,) int64: each entry's stream (a batch row in training, a session at inference).
+        uses: (N,) int64: how often each was strengthened or retrieved; ``None``: zeros.
+        steps: (N,) int64: the step each was last written or used; ``None``: the writing step.
+        meta: one dict per entry, e.g. ``{"text": "...", "span": [a, b]}``, or ``None``.
     """
 
-    keys: torch.Tensor  # (N, key_dim) float32
-    values: torch.Tensor  # (N, value_dim) float32
-    tokens: torch.Tensor  # (N,) int64
-    streams: torch.Tensor  # (N,) int64
-    uses: torch.Tensor | None = None  # (N,) int64, zeros when None
-    steps: torch.Tensor | None = None  # (N,) int64, the writing step when None
-    meta: list[dict[str, Any]] | None = None  # e.g. {"text": "...", "span": [a, b]}
+    keys: torch.Tensor
+    values: torch.Tensor
+    tokens: torch.Tensor
+    streams: torch.Tensor
+    uses: torch.Tensor | None = None
+    steps: torch.Tensor | None = None
+    meta: list[dict[str, Any]] | None = None
 
     def __len__(self) -> int:
         return int(self.keys.shape[0])
@@ -161,18 +164,23 @@ class Entries:
 
 @dataclass
 class Retrieval:
-    """The top-``k`` result of a memory read for ``Q`` queries.
+    """The top-``k`` result of a memory read for ``Q`` queries (``(B, T, k, ...)`` from ``read_batch``).
 
-    Slots with no entry (fewer than ``k`` stored) have ``ids == -1``, ``scores == -inf``,
-    zero ``values`` and ``tokens == -1``.
+    Attributes:
+        values: (Q, k, value_dim) float32; zeros in a slot with no entry (fewer than ``k`` stored).
+        tokens: (Q, k) int64, the entries' next tokens; -1 in an empty slot.
+        scores: (Q, k) cosine similarity, descending; ``-inf`` in an empty slot.
+        ids: (Q, k) int64 tier-local entry ids; -1 in an empty slot.
+        keys: (Q, k, key_dim) the stored (normalised) keys, or ``None`` where the tier does not return them.
+        uses: (Q, k) int64 use counts (strength) of the entries, or ``None``.
     """
 
-    values: torch.Tensor  # (Q, k, value_dim)
-    tokens: torch.Tensor  # (Q, k) int64
-    scores: torch.Tensor  # (Q, k) cosine similarity, descending
-    ids: torch.Tensor  # (Q, k) int64, tier-local entry ids
-    keys: torch.Tensor | None = None  # (Q, k, key_dim) the stored (normalised) keys
-    uses: torch.Tensor | None = None  # (Q, k) int64 use counts (strength) of the entries
+    values: torch.Tensor
+    tokens: torch.Tensor
+    scores: torch.Tensor
+    ids: torch.Tensor
+    keys: torch.Tensor | None = None
+    uses: torch.Tensor | None = None
 
 
 class MemoryTier(Component):
@@ -258,12 +266,10 @@ class MemoryTier(Component):
 def firing_rate(activity: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
     """Cortex's one definition of a unit's firing rate, used by every rule and feature.
 
-    ``activity`` (..., units) is what a module outputs for a batch of tokens; a unit
-    *fires* on a token when its activation exceeds ``threshold``. Returns (units,) float32:
-    the fraction of tokens (every leading position) on which each unit fired. For an MLP's
-    ``fc`` output and ``threshold=0`` that is the share of tokens a hidden unit is in the
-    active (positive) half of its GELU.
-    """
+    ``activity`` (..., units) is what a module outputs for a batch of tokens; a unit *fires*
+    on a token when its activation exceeds ``threshold``. Returns (units,) float32: the share
+    of tokens (every leading position) on which each unit fired; for an MLP's ``fc`` output
+    and ``threshold=0``, in the active (positive) half of its GELU."""
     flat = activity.detach().reshape(-1, activity.shape[-1])
     return (flat > threshold).float().mean(0)
 
@@ -271,10 +277,8 @@ def firing_rate(activity: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
 def all_reduce_mean(tensor: Any) -> Any:
     """Replace ``tensor`` in place by its mean over all DDP ranks and return it.
 
-    For non-gradient state (plasticity updates, running statistics) that must stay
-    identical on every rank. Integer tensors are averaged in float64 and rounded back.
-    A no-op in a single process.
-    """
+    For non-gradient state (plasticity updates, running statistics) that must stay identical
+    on every rank. Integer tensors are averaged in float64 and rounded back. A no-op in one process."""
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return tensor

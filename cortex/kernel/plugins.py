@@ -2,12 +2,8 @@
 
 Plugins are modules (or objects) published in the ``cortex.plugins`` entry-point group.
 The built-ins come through that very group from the ``cortex`` distribution; every other
-distribution's entry point name is the namespace of its components.
-
-Environment:
-
-- ``CORTEX_DISABLE_PLUGIN_AUTOLOAD=1`` loads the built-ins only;
-- ``CORTEX_PLUGINS=ns1,ns2`` loads only these third-party namespaces.
+distribution's entry point name is the namespace of its components. Environment:
+``CORTEX_DISABLE_PLUGIN_AUTOLOAD=1`` loads the built-ins only, ``CORTEX_PLUGINS=ns1,ns2`` these namespaces only.
 """
 
 from __future__ import annotations

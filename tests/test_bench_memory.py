@@ -91,6 +91,7 @@ def test_bench_memory_quick_report_structure(cortex_cli, tmp_path, tiny_suite):
             assert entry["build_s"] >= 0 and entry["bytes_per_entry"] > 0 and entry["index_bytes_per_entry"] > 0
             assert entry["peak_rss_bytes"] >= entry["rss_bytes"] > 0
             assert entry["speedup_vs_exact"] == pytest.approx(entry["best"]["qps"]["mean"] / fastest)
+            assert all(p["cpu_qps"]["mean"] > 0 and p["cpu_speedup_vs_exact"] > 0 for p in entry["points"])
             assert entry["stats"]["entries"] == int(n)
             for point in entry["points"]:
                 assert 0.0 <= point["recall"]["mean"] <= 1.0 and point["qps"]["mean"] > 0
@@ -103,7 +104,7 @@ def test_bench_memory_quick_report_structure(cortex_cli, tmp_path, tiny_suite):
         assert per["archive"]["settings"]["deepest_level_entries"] == int(n)
         assert per["archive"]["fp32_ratio"] < 1.0  # compressed
     names = [c["name"] for c in data["checks"]]
-    assert len(names) == 6
+    assert len(names) == 7
     assert any("LTM @1,500" in c and "queries/s / fastest exact" in c for c in names)
     assert any("IVF-PQ index @1,500: index bytes/entry" in c for c in names)
     assert any("Archive @1,500" in c and "bytes/entry / fp32 tier" in c for c in names)
@@ -140,7 +141,7 @@ def test_bench_memory_reads_a_run_directory_without_memory(cortex_cli, tmp_path,
     assert Path(tmp_path / "out" / "memory" / "keys-plain.npy").is_file()
     hnsw = data["figures"][str(run)]["sizes"]["700"]["ltm:hnsw"]
     assert "hnsw_budget_s" in hnsw["skipped"] and hnsw["entries_built"] < 700
-    assert len(data["checks"]) == 6  # the LTM check falls back on IVF and IVF-PQ
+    assert len(data["checks"]) == 7  # the LTM checks fall back on IVF and IVF-PQ
     assert "skipped" in (tmp_path / "out" / "memory" / "report.md").read_text()
 
 

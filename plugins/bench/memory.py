@@ -383,7 +383,9 @@ class MemoryBench(BenchSuite):
             f"{s.batch} LTM queries searches on one thread.",
             f"`{FAISS_EXACT}` (FAISS `IndexFlatIP`, BLAS) and `{TORCH_EXACT}` (torch matmul + topk in chunks of "
             f"{CHUNK:,} keys) search every entry exactly; the faster of the two at each size is 1x, and "
-            f"`{FAISS_EXACT}`'s top-{s.k} is the ground truth of recall@{s.k}.",
+            f"`{FAISS_EXACT}`'s top-{s.k} is the ground truth of recall@{s.k}. Speed-ups are given by the wall "
+            "clock and by queries per CPU-second of this process (all its threads): on a shared machine the "
+            "wall clock also measures the other jobs, CPU time only the work done.",
             "Every tier holds one stream (stream 0) with all entries, written in one bulk write; values "
             "are the keys themselves (value bytes depend only on the width).",
             "Bytes/entry: `save_state` of the tier's state_dict, file sizes / entries, and its ratio to the "
@@ -468,16 +470,19 @@ class MemoryBench(BenchSuite):
                 log(f"  {index}: build {build_s:.1f} s, index {entry['index_bytes_per_entry']:.1f} bytes/entry, "
                     f"RSS {rss[0] / 2**30:.2f} GB (peak {rss[1] / 2**30:.2f})")
                 del tier
+            best_cpu = max(p["cpu_qps"]["mean"] for i in (FAISS_EXACT, TORCH_EXACT) for p in per[i]["points"])
             for index, entry in per.items():
                 if isinstance(entry, dict) and "best" in entry:
-                    entry["speedup_vs_exact"] = entry["best"]["qps"]["mean"] / best_exact
                     for p in entry["points"]:
                         p["speedup_vs_exact"] = p["qps"]["mean"] / best_exact
+                        p["cpu_speedup_vs_exact"] = p["cpu_qps"]["mean"] / best_cpu
+                    entry["speedup_vs_exact"] = entry["best"]["speedup_vs_exact"]
             rows += self._rows(n, per)
         result.tables.append((
             f"{name}: queries/s (batch {s.batch}) against the fastest exact search, recall@{s.k} against exact, "
             "bytes, RSS",
-            ["size", "index", "search setting", "build s", "queries/s", "vs exact", f"recall@{s.k}",
+            ["size", "index", "search setting", "build s", "queries/s", "vs exact", "vs exact (CPU time)",
+             f"recall@{s.k}",
              "bytes/entry", "vs fp32 tier", "index bytes/entry", "RSS GB (peak)", ""], rows,
         ))
         result.tables.append((f"Tier stats() of {name}", ["size", "index", *_STAT_COLUMNS], stat_rows))
@@ -494,25 +499,28 @@ class MemoryBench(BenchSuite):
             if not isinstance(entry, dict):
                 continue
             if "skipped" in entry:
-                rows.append([n, index, "skipped", _cell(entry.get("build_s")), "", "", "", "", "", "", "",
+                rows.append([n, index, "skipped", _cell(entry.get("build_s")), "", "", "", "", "", "", "", "",
                              entry["skipped"]])
                 continue
             rss = f"{entry['rss_bytes'] / 2**30:.2f} ({entry['peak_rss_bytes'] / 2**30:.2f})"
             for p in entry["points"]:
-                mark = "1x" if index == per["exact_1x"] else ("best" if p is entry["best"] else "")
+                mark = ("1x" if index == per["exact_1x"] else "best") if p is entry["best"] else ""
                 rows.append([n, index, p["setting"], round(entry["build_s"], 2), round(p["qps"]["mean"]),
-                             f"{p['speedup_vs_exact']:.2f}x", _pm(p["recall"]), _cell(entry.get("bytes_per_entry")),
+                             f"{p['speedup_vs_exact']:.2f}x", f"{p['cpu_speedup_vs_exact']:.2f}x", _pm(p["recall"]), _cell(entry.get("bytes_per_entry")),
                              _cell(entry.get("fp32_ratio")), _cell(entry.get("index_bytes_per_entry")), rss, mark])
         return rows
 
     def _point(self, label: str, search, queries: dict, exact: dict, rounds: int) -> dict[str, Any]:
-        """Queries/s and recall@k of one search setting over every query seed."""
-        qps, recalls = [], []
+        """Queries/s (wall clock and per CPU-second of this process) and recall@k of one search
+        setting over every query seed."""
+        qps, cpu, recalls = [], [], []
         for seed, q in queries.items():
-            rate, found = self._time_reads(search, q, rounds)
+            rate, cpu_rate, found = self._time_reads(search, q, rounds)
             qps.append(rate)
+            cpu.append(cpu_rate)
             recalls.append(recall_at_k(found, exact[seed], self.settings.k))
-        return {"setting": label, "qps": median_and_spread(qps), "recall": median_and_spread(recalls)}
+        return {"setting": label, "qps": median_and_spread(qps), "cpu_qps": median_and_spread(cpu),
+                "recall": median_and_spread(recalls)}
 
     def _exact(self, keys, queries: dict, rounds: int, per: dict, log) -> dict[int, torch.Tensor]:
         """Measure both exact searches over ``keys`` into ``per``; returns FAISS's ids per seed.
@@ -790,23 +798,25 @@ class MemoryBench(BenchSuite):
         else:
             yield f"{si.kind if si else 'empty'}", read
 
-    def _time_reads(self, search, queries: torch.Tensor, rounds: int) -> tuple[float, torch.Tensor]:
-        """Median queries/s of ``search`` over ``rounds`` passes and the ids found (first pass)."""
+    def _time_reads(self, search, queries: torch.Tensor, rounds: int) -> tuple[float, float, torch.Tensor]:
+        """Median queries/s of ``search`` over ``rounds`` passes, by the wall clock and per
+        CPU-second of this process (every thread), and the ids found (first pass)."""
         batches = list(torch.split(queries, self.settings.batch))
         search(batches[0][:WARM_UP])  # first-call costs (allocation, lazy GPU copies) stay out of the timing
-        rates, found = [], None
+        rates, cpu_rates, found = [], [], None
         spent = 0.0
         for r in range(rounds):
             if r and spent > self.settings.pass_budget_s:
                 break
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             ids = [search(q) for q in batches]
-            took = time.perf_counter() - start
+            took, cpu = time.perf_counter() - start, time.process_time() - cpu
             spent += took
             rates.append(queries.shape[0] / took)
+            cpu_rates.append(queries.shape[0] / max(cpu, 1e-9))
             if found is None:
                 found = torch.cat(ids)
-        return statistics.median(rates), found
+        return statistics.median(rates), statistics.median(cpu_rates), found
 
     @staticmethod
     def _index_bytes(tier, index: str) -> int:
@@ -827,12 +837,12 @@ class MemoryBench(BenchSuite):
 
     @staticmethod
     def _best(points: list[dict], index: str) -> dict:
-        """The fastest point with recall >= the index's target, else the most accurate."""
+        """The fastest point (per CPU-second) with recall >= the index's target, else the most accurate."""
         target = ARCHIVE_RECALL_TARGET if index == "archive" else LTM_RECALL_TARGET
         good = [p for p in points if p["recall"]["mean"] >= target]
         if good:
-            return max(good, key=lambda p: p["qps"]["mean"])
-        return max(points, key=lambda p: (p["recall"]["mean"], p["qps"]["mean"]))
+            return max(good, key=lambda p: p["cpu_qps"]["mean"])
+        return max(points, key=lambda p: (p["recall"]["mean"], p["cpu_qps"]["mean"]))
 
     # ------------------------------------------------------------------ checks, plots
 
@@ -848,17 +858,21 @@ class MemoryBench(BenchSuite):
                 result.notes.append(f"{name} LTM {index} at {n:,}: skipped, {entry['skipped']}")
             candidates += [(index, p) for p in entry.get("points", [])]
         good = [(i, p) for i, p in candidates if p["recall"]["mean"] >= LTM_RECALL_TARGET]
-        if good:
-            index, p = max(good, key=lambda ip: ip[1]["qps"]["mean"])
+        if good:  # by CPU time: on a shared machine the wall clock also measures the other jobs
+            index, p = max(good, key=lambda ip: ip[1]["cpu_qps"]["mean"])
         elif candidates:
             index, p = max(candidates, key=lambda ip: ip[1]["recall"]["mean"])
         else:
-            index, p = "none", {"setting": "", "speedup_vs_exact": 0.0, "recall": {"mean": 0.0}}
+            index, p = "none", {"setting": "", "speedup_vs_exact": 0.0, "cpu_speedup_vs_exact": 0.0,
+                                "recall": {"mean": 0.0}}
         label = f"{name} LTM @{n:,}: {index} {p['setting']}"
         result.checks.append(Check(f"{label} queries/s / fastest exact ({one})", p["speedup_vs_exact"],
                                    SPEEDUP_TARGET))
+        result.checks.append(Check(f"{label} queries per CPU-second / fastest exact", p["cpu_speedup_vs_exact"],
+                                   SPEEDUP_TARGET))
         result.checks.append(Check(f"{label} recall@{k}", p["recall"]["mean"], LTM_RECALL_TARGET))
         fig["ltm_best"] = {"index": index, "setting": p["setting"], "speedup_vs_exact": p["speedup_vs_exact"],
+                           "cpu_speedup_vs_exact": p["cpu_speedup_vs_exact"],
                            "recall": p["recall"]["mean"], "exact_1x": one}
         pq = per.get(SCALE_INDEX) or per.get("ltm:ivfpq")
         if pq and "index_bytes_per_entry" in pq:

@@ -127,23 +127,37 @@ class CortexModel(nn.Module):
             prompt = feature.context_for(prompt, session)
         return prompt
 
+    def _read_ids(self, prompt: str, session: str) -> tuple[list[int], int]:
+        """The token ids the model reads for ``prompt`` (see ``_read_prompt``) and where the
+        prompt's own ids begin among them (0 when nothing was put in front, or the ids of
+        the joined text do not end with the prompt's)."""
+        read, own = self.tokenizer.encode(self._read_prompt(prompt, session)), self.tokenizer.encode(prompt)
+        start = len(read) - len(own)
+        return read, start if start > 0 and read[start:] == own else 0
+
     def _adjusters(self) -> list[CognitiveFeature]:
         return [f for f in self._cognitive() if type(f).adjust_logits is not CognitiveFeature.adjust_logits]
 
     def _knn_lm(self) -> bool:
         return self.memory_system is not None and "knn_lm" in self.memory_system.settings.read
 
-    def _adjust(self, ids: torch.Tensor, logits: torch.Tensor, session: str, *, touch: bool = True) -> torch.Tensor:
+    def _adjust(self, ids: torch.Tensor, logits: torch.Tensor, session: str, *, touch: bool = True,
+                start: int = 0) -> torch.Tensor:
         """Next-token scores after ``ids``: every feature's ``adjust_logits``, then kNN-LM.
-        ``logits`` is (B, vocab) for the token after ``ids`` or (B, T, vocab) for every position."""
+        ``logits`` is (B, vocab) for the token after ``ids`` or (B, T, vocab) for every position.
+        kNN-LM reads ``ids`` from ``start`` on: text the features put in front of the prompt
+        is theirs to read, and kNN-LM keys the prompt as it would without them (see ``_read_ids``)."""
         for feature in self._adjusters():
             logits = feature.adjust_logits(ids, logits, session)
         if not self._knn_lm():
             return logits
         stream = session_stream(session)
+        start = start if 0 < start < ids.shape[1] else 0
         if logits.dim() == 2:
-            return self.memory_system.knn_lm_next(ids, logits, stream)
-        return self.memory_system.knn_lm_logits(ids, logits, torch.full((ids.shape[0],), stream), touch=touch)
+            return self.memory_system.knn_lm_next(ids[:, start:], logits, stream)
+        read = self.memory_system.knn_lm_logits(ids[:, start:], logits[:, start:],
+                                                torch.full((ids.shape[0],), stream), touch=touch)
+        return torch.cat([logits[:, :start], read], dim=1)
 
     def chat(self, text: str, *, session: str = "self", learn: bool = True, **generation: Any) -> Reply:
         """A chat turn: the answer, its confidence and the detected language."""
@@ -193,16 +207,17 @@ class CortexModel(nn.Module):
         """Mean probability the model (with ``session``'s memory) gives ``answer``'s tokens
         after ``prompt``, teacher-forced, read as generation reads it: told text put back,
         kNN-attention, the features' ``adjust_logits``, kNN-LM. Looking strengthens no memory."""
-        prompt = self._read_prompt(prompt, session)
-        p_ids, a_ids = self.tokenizer.encode(prompt), self.tokenizer.encode(answer)
+        p_ids, start = self._read_ids(prompt, session)
+        a_ids = self.tokenizer.encode(answer)
         ids = torch.tensor([(p_ids + a_ids)[-(self.config.context + 1):]], dtype=torch.long)
+        start -= len(p_ids) + len(a_ids) - ids.shape[1]  # positions cut off the front
         n = min(len(a_ids), ids.shape[1] - 1)
         inputs, targets = ids[:, :-1], ids[:, 1:]
         read = None
         if self.memory_system is not None:
             read = MemoryRead(torch.full((1,), session_stream(session)), touch=False)
         logits, _ = self.core(inputs, memory=read)
-        logits = self._adjust(inputs, logits, session, touch=False)
+        logits = self._adjust(inputs, logits, session, touch=False, start=max(start, 0))
         logp = torch.log_softmax(logits.float(), dim=-1)[0, -n:].gather(1, targets[0, -n:, None])
         return float(logp.exp().mean())
 
@@ -211,22 +226,23 @@ class CortexModel(nn.Module):
                       temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                       seed: int | None = None, stream: Any = None, stop_at_eos: bool = True) -> str:
         """Continue ``prompt``, reading the memory of ``session``; returns the new text."""
-        ids = torch.tensor([self.tokenizer.encode(self._read_prompt(prompt, session))], dtype=torch.long)
-        if ids.numel() == 0:
-            ids = torch.tensor([[self.tokenizer.eos_id]])
+        read, start = self._read_ids(prompt, session)
+        ids = torch.tensor([read or [self.tokenizer.eos_id]], dtype=torch.long)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         out = self.generate(ids, max_new_tokens, session=session, temperature=temperature, top_k=top_k,
-                            top_p=top_p, generator=generator, stream=stream)
+                            top_p=top_p, generator=generator, stream=stream, prompt_start=start)
         new = out[0, ids.shape[1]:].tolist()
         if stop_at_eos and self.tokenizer.eos_id in new:
             new = new[: new.index(self.tokenizer.eos_id)]
         return self.tokenizer.decode(new)
 
     @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, *, session: str = "self", **sampling: Any):
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, *, session: str = "self", prompt_start: int = 0,
+                 **sampling: Any):
         """Token generation with the KV cache, reading ``session``'s memory and adjusted by
-        the features' ``adjust_logits`` (see ``Transformer.generate``)."""
-        adjust = (lambda ids, logits: self._adjust(ids, logits, session)) if self._knn_lm() or self._adjusters() else None
+        the features' ``adjust_logits`` (see ``Transformer.generate``); ``prompt_start``: where
+        the prompt begins in ``idx`` after what the features put in front of it."""
+        adjust = (lambda ids, logits: self._adjust(ids, logits, session, start=prompt_start)) if self._knn_lm() or self._adjusters() else None
         read = None
         if self.memory_system is not None:
             read = MemoryRead(torch.full((idx.shape[0],), session_stream(session)))

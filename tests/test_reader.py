@@ -340,3 +340,26 @@ def test_the_reader_reads_before_knn_lm_with_memory_tiers(build_model):
     answer = model.generate_text("Where does Zorblat live?", session="s", max_new_tokens=4)
     assert isinstance(answer, str)
     assert 0 < model.confidence("Where does Zorblat live?", " Qwixburg.", session="s") <= 1
+
+
+def test_knn_lm_keys_the_prompt_not_the_told_text_put_in_front_of_it(build_model):
+    """The reader puts told text before the prompt for its pointer; kNN-LM still keys what the
+    user wrote, as it would without the reader (its stored keys were made without that text)."""
+    model = build_model(tiny_manifest(dim=32, layers=2, context=96, memory=[{"type": "stm"}],
+                                      memory_system={"read": ["knn_lm"]},
+                                      features=[{"type": "reader", "settings": {"background": 200}}])).eval()
+    model.remember("Zorblat lives in Qwixburg.", session="s")
+    prompt = "Zorblat lives in"
+    read, start = model._read_ids(prompt, "s")
+    own = model.tokenizer.encode(prompt)
+    assert start == len(read) - len(own) > 0 and read[start:] == own
+    assert model._read_ids("Where is the station?", "s") == (model.tokenizer.encode("Where is the station?"), 0)
+    system, seen = model.memory_system, []
+    for name in ("knn_lm_next", "knn_lm_logits"):  # record what kNN-LM is asked, then ask it
+        real = getattr(system, name)
+        setattr(system, name, lambda ids, *a, _real=real, **k: seen.append(ids[0].tolist()) or _real(ids, *a, **k))
+    model.generate_text(prompt, session="s", max_new_tokens=3)
+    assert seen[0] == own and seen[1][:len(own)] == own  # then one more token each step
+    seen.clear()
+    model.confidence(prompt, " Qwixburg.", session="s")
+    assert seen == [own + model.tokenizer.encode(" Qwixburg")]

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from cortex.core.memory import MemoryRead, MemorySystem, session_stream
+from cortex.core.memory import KeyStream, MemoryRead, MemorySystem, session_stream
 from cortex.core.tokenizer import Tokenizer
 from cortex.core.transformer import ModelConfig, Transformer
 from cortex.kernel.errors import CheckpointError, CortexError
@@ -142,11 +142,12 @@ class CortexModel(nn.Module):
         return self.memory_system is not None and "knn_lm" in self.memory_system.settings.read
 
     def _adjust(self, ids: torch.Tensor, logits: torch.Tensor, session: str, *, touch: bool = True,
-                start: int = 0) -> torch.Tensor:
+                keys: KeyStream | None = None, start: int = 0) -> torch.Tensor:
         """Next-token scores after ``ids``: every feature's ``adjust_logits``, then kNN-LM.
-        ``logits`` is (B, vocab) for the token after ``ids`` or (B, T, vocab) for every position.
-        kNN-LM reads ``ids`` from ``start`` on: text the features put in front of the prompt
-        is theirs to read, and kNN-LM keys the prompt as it would without them (see ``_read_ids``)."""
+        ``logits`` is (B, vocab) for the token after ``ids`` or (B, T, vocab) for every position;
+        ``keys`` carries a generation's memory keys from token to token. kNN-LM reads ``ids``
+        from ``start`` on: text the features put in front of the prompt is theirs to read,
+        and kNN-LM keys the prompt as it would without them (see ``_read_ids``)."""
         for feature in self._adjusters():
             logits = feature.adjust_logits(ids, logits, session)
         if not self._knn_lm():
@@ -154,7 +155,7 @@ class CortexModel(nn.Module):
         stream = session_stream(session)
         start = start if 0 < start < ids.shape[1] else 0
         if logits.dim() == 2:
-            return self.memory_system.knn_lm_next(ids[:, start:], logits, stream)
+            return self.memory_system.knn_lm_next(ids[:, start:], logits, stream, keys=keys)
         read = self.memory_system.knn_lm_logits(ids[:, start:], logits[:, start:],
                                                 torch.full((ids.shape[0],), stream), touch=touch)
         return torch.cat([logits[:, :start], read], dim=1)
@@ -242,7 +243,8 @@ class CortexModel(nn.Module):
         """Token generation with the KV cache, reading ``session``'s memory and adjusted by
         the features' ``adjust_logits`` (see ``Transformer.generate``); ``prompt_start``: where
         the prompt begins in ``idx`` after what the features put in front of it."""
-        adjust = (lambda ids, logits: self._adjust(ids, logits, session, start=prompt_start)) if self._knn_lm() or self._adjusters() else None
+        keys = KeyStream(self.memory_system) if self._knn_lm() else None
+        adjust = (lambda ids, logits: self._adjust(ids, logits, session, keys=keys, start=prompt_start)) if self._knn_lm() or self._adjusters() else None
         read = None
         if self.memory_system is not None:
             read = MemoryRead(torch.full((idx.shape[0],), session_stream(session)))

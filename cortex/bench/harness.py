@@ -56,13 +56,13 @@ class BenchSuite(Component):
         raise NotImplementedError
 
 
-def load_target(target: Path) -> Any:
-    """The model of a bench target: a run directory (trained) or a manifest (built untrained)."""
+def load_target(target: Path, device: str = "cpu") -> Any:
+    """The model of a bench target on ``device``: a run directory (trained) or a manifest (built untrained)."""
     from cortex.assembly import assemble
     from cortex.kernel.manifest import load_manifest
     from cortex.runtime.rundir import load_run
 
-    return load_run(target) if Path(target).is_dir() else assemble(load_manifest(target))
+    return load_run(target, device=device) if Path(target).is_dir() else assemble(load_manifest(target), device=device)
 
 
 def median_and_spread(values: list[float]) -> dict[str, float]:

@@ -22,6 +22,8 @@ or only during sleep (``consolidate: sleep``; the sleep plugin calls
 How often each tier is read: with ``knn_attention`` every tier is read once per memory
 layer per segment, for every token of every row (one batched search per tier); with
 ``knn_lm`` only at evaluation/generation, once per token. Writes happen once per segment.
+In generation the key of each new token comes from a [`KeyStream`][cortex.core.memory.KeyStream]:
+the states of the window are computed once, then one token at a time.
 """
 
 from __future__ import annotations
@@ -168,6 +170,72 @@ class MemoryRead:
     touch: bool = True
 
 
+class KeyStream:
+    """The memory key of the newest position of a sequence that grows one token per call
+    (generation), with the key-layer states of earlier positions kept.
+
+    The first call (or one whose ids do not continue the last call's by one token) runs the
+    last ``key_span()`` tokens through the blocks up to ``key_layer`` with the banded mask of
+    [`hidden_states`][cortex.core.transformer.Transformer.hidden_states], filling a KV cache;
+    each later call runs only the new token against the cached keys and values of its band.
+    A state depends only on its band of tokens, so the keys are those
+    [`MemorySystem.keys`][cortex.core.memory.MemorySystem.keys] gives for the same window.
+    """
+
+    def __init__(self, system: MemorySystem) -> None:
+        self.system = system
+        core = system.core
+        self.blocks = list(core.blocks[: system.key_layer + 1])
+        self.window = system.settings.key_window
+        self.span = system.key_span()
+        self.keep = max(system.settings.key_offsets) + 1  # states a key reads
+        self.cache = core.new_cache(1)
+        self.tail: torch.Tensor | None = None  # the last `span` ids seen
+        self.length = 0  # ids seen in all
+        self.states: torch.Tensor | None = None  # (B, <= keep, d) normalised
+
+    @torch.no_grad()
+    def last(self, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The key (B, d) after ``ids`` (B, T) and its position in the window (for coverage)."""
+        B, T = ids.shape
+        continues = (self.tail is not None and T == self.length + 1 and B == self.tail.shape[0]
+                     and torch.equal(ids[:, -self.tail.shape[1] - 1:-1], self.tail))
+        if continues and self.cache.length < self.system.core.config.context:
+            self._step(ids[:, -1:])
+        else:
+            self._start(ids[:, -self.span:])
+        self.tail, self.length = ids[:, -self.span:], T
+        n = self.states.shape[1]
+        rows = torch.arange(B, device=ids.device)
+        key = self.system.combine(self.states, rows, torch.full_like(rows, n - 1))
+        return key, min(T, self.span) - 1
+
+    def _run(self, x: torch.Tensor, start: int, mask: torch.Tensor | None) -> torch.Tensor:
+        rope = self.system.core._rope(start, start + x.shape[1])
+        for block in self.blocks:
+            x = block.body(x, rope, self.cache, start, mask)
+        self.cache.length = start + x.shape[1]
+        return F.normalize(x.float(), dim=-1)
+
+    def _start(self, window: torch.Tensor) -> None:
+        self.cache = self.system.core.new_cache(window.shape[0])
+        T = window.shape[1]
+        mask = None
+        if 0 < self.window < T:
+            pos = torch.arange(T, device=window.device)
+            offset = pos[:, None] - pos[None, :]
+            mask = (offset >= 0) & (offset < self.window)
+        self.states = self._run(self.system.core.tok_emb(window), 0, mask)[:, -self.keep:]
+
+    def _step(self, token: torch.Tensor) -> None:
+        p = self.cache.length
+        mask = None
+        if 0 < self.window <= p:
+            mask = (torch.arange(p + 1, device=token.device) > p - self.window)[None, :]
+        h = self._run(self.system.core.tok_emb(token), p, mask)
+        self.states = torch.cat([self.states, h], dim=1)[:, -self.keep:]
+
+
 class MemorySystem:
     """Owns the tier chain of one model: writes, reads, kNN-LM and consolidation."""
 
@@ -187,6 +255,7 @@ class MemorySystem:
         d = core.config.dim
         self._rotations = [torch.eye(d)] + [torch.linalg.qr(torch.randn(d, d, generator=g))[0]
                                             for _ in range(len(set(settings.key_offsets)) - 1)]
+        self._stacked: tuple[torch.Tensor, torch.Tensor] | None = None
         self.step = 0
         self.stats = {"writes": 0, "reads": 0, "consolidated": 0, "spilled": 0}
         self._tier_weight_sum = torch.zeros(len(tiers))
@@ -213,8 +282,9 @@ class MemorySystem:
     # -- keys -------------------------------------------------------------------------
 
     @torch.no_grad()
-    def keys(self, idx: torch.Tensor) -> torch.Tensor:
-        """Memory keys (B, T, d) for every position of ``idx``.
+    def keys(self, idx: torch.Tensor, at: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Memory keys (B, T, d) for every position of ``idx``, or (n, d) for the positions
+        ``at = (rows, cols)`` alone (what a write stores).
 
         The hidden states after ``key_layer`` over only the last ``key_window`` tokens, at
         the positions ``key_offsets`` back, each normalised, turned by a fixed random
@@ -224,19 +294,37 @@ class MemorySystem:
         ... is" differ where the names sit instead of blurring into one bag of states.
         A key never depends on more than ``key_span()`` tokens.
         """
-        s = self.settings
-        h = F.normalize(self.core.hidden_states(idx, layer=self.key_layer, window=s.key_window).float(), dim=-1)
-        keys = torch.zeros_like(h)
-        for i, offset in enumerate(sorted(set(s.key_offsets))):
-            if offset < h.shape[1]:
-                keys[:, offset:] += s.key_decay**i * (h[:, : h.shape[1] - offset] @ self._rotation(i, h.device))
+        h = F.normalize(self.core.hidden_states(idx, layer=self.key_layer, window=self.settings.key_window).float(),
+                        dim=-1)
+        if at is not None:
+            return self.combine(h, *at)
+        B, T = idx.shape
+        rows = torch.arange(B, device=h.device).repeat_interleave(T)
+        return self.combine(h, rows, torch.arange(T, device=h.device).repeat(B)).view(B, T, -1)
+
+    def combine(self, h: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """The keys (n, d) at positions ``(rows, cols)`` of normalised key-layer states ``h``
+        (B, T, d): the states ``key_offsets`` back, each turned by its rotation and weighted
+        ``key_decay ** i``, summed (offsets before the start left out), normalised. One matrix
+        product per block of positions: the states side by side times the stacked rotations."""
+        offsets, rotations = self._stacked_rotations(h.device)
+        parts = []
+        for lo in range(0, rows.numel(), 4096):  # blocks bound the (n, offsets * d) gather
+            src = cols[lo:lo + 4096, None] - offsets
+            back = h[rows[lo:lo + 4096, None], src.clamp(min=0)].masked_fill((src < 0)[..., None], 0.0)
+            parts.append(back.flatten(1) @ rotations)
+        keys = parts[0] if len(parts) == 1 else torch.cat(parts)
         return F.normalize(keys, dim=-1)
 
-    def _rotation(self, i: int, device: torch.device) -> torch.Tensor:
-        """The fixed rotation of the ``i``-th key offset (identity for the current position)."""
-        if self._rotations[i].device != device:
-            self._rotations[i] = self._rotations[i].to(device)
-        return self._rotations[i]
+    def _stacked_rotations(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sorted key offsets and their rotations weighted ``key_decay ** i``, stacked
+        (offsets * d, d) so that the states side by side times them sum the turned states."""
+        if self._stacked is None or self._stacked[1].device != device:
+            s = self.settings
+            weighted = [s.key_decay**i * r for i, r in enumerate(self._rotations)]
+            self._stacked = (torch.tensor(sorted(set(s.key_offsets)), device=device),
+                             torch.cat(weighted).to(device))
+        return self._stacked
 
     def key_coverage(self, positions: torch.Tensor) -> torch.Tensor:
         """The norm a key at each of ``positions`` (counted from the text's start) keeps of a
@@ -275,8 +363,6 @@ class MemorySystem:
         Returns the number of entries written.
         """
         B, T = idx.shape
-        keys = self.keys(idx)
-        values = keys if values is None else values.float()
         keep = targets >= 0
         if self.settings.write == "surprise" and importance is not None and T > 1:
             n = max(1, round(T * self.settings.write_fraction))
@@ -288,9 +374,10 @@ class MemorySystem:
         rows, cols = keep.nonzero(as_tuple=True)
         if rows.numel() == 0:
             return 0
+        keys = self.keys(idx, at=(rows, cols))
         entries = Entries(
-            keys=keys[rows, cols],
-            values=values[rows, cols],
+            keys=keys,
+            values=keys if values is None else values[rows, cols].float(),
             tokens=targets[rows, cols].long(),
             streams=streams[rows].long(),
             meta=[meta[i] for i in (rows * T + cols).tolist()] if meta is not None else None,
@@ -371,13 +458,26 @@ class MemorySystem:
         return torch.stack(rows)
 
     @torch.no_grad()
-    def knn_lm_next(self, ids: torch.Tensor, logits: torch.Tensor, stream: int) -> torch.Tensor:
-        """kNN-LM log-probabilities (B, vocab) of the token after ``ids`` (B, T)."""
-        window = ids[:, -self.key_span():]
-        keys = self.keys(window)[:, -1]
-        coverage = self.key_coverage(torch.tensor([window.shape[1] - 1])).expand(keys.shape[0])
-        dist, lam = self.knn_distribution(keys, stream, logits.shape[-1], coverage=coverage)
+    def knn_lm_next(self, ids: torch.Tensor, logits: torch.Tensor, stream: int, *,
+                    keys: KeyStream | None = None) -> torch.Tensor:
+        """kNN-LM log-probabilities (B, vocab) of the token after ``ids`` (B, T).
+
+        ``keys`` is the generation's [`KeyStream`][cortex.core.memory.KeyStream] (the same key,
+        computed from the states of earlier calls); without one the window is computed anew.
+        """
+        if not any(len(tier) for tier in self.tiers):
+            return torch.log_softmax(logits.float(), dim=-1)  # nothing held: the model's own
+        key, position = (keys if keys is not None else KeyStream(self)).last(ids)
+        coverage = self._coverage_at(position).expand(key.shape[0])
+        dist, lam = self.knn_distribution(key, stream, logits.shape[-1], coverage=coverage)
         return self.interpolate(logits, dist, lam)
+
+    def _coverage_at(self, position: int) -> torch.Tensor:
+        """``key_coverage`` of one position, remembered (generation asks for the same few)."""
+        cache = self.__dict__.setdefault("_coverage_cache", {})
+        if position not in cache:
+            cache[position] = self.key_coverage(torch.tensor([position]))
+        return cache[position]
 
     # -- kNN-LM -----------------------------------------------------------------------
 
@@ -423,6 +523,8 @@ class MemorySystem:
     def interpolate(self, logits: torch.Tensor, knn: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
         """Log of ``(1 - λ) p_model + λ p_knn`` per row (λ = 0 leaves the model's)."""
         logp = torch.log_softmax(logits.float(), dim=-1)
+        if not bool((lam > 0).any()):
+            return logp
         lam = lam.unsqueeze(-1)
         mixed = torch.logaddexp(logp + torch.log1p(-lam.clamp(max=1 - 1e-6)),
                                 torch.log(knn.clamp_min(1e-12)) + torch.log(lam.clamp_min(1e-12)))

@@ -181,3 +181,14 @@ def test_components(fake_distribution):
     """A third-party distribution ``test-components`` providing ``test.exact``, ``test.scale``
     and ``test.counter``."""
     fake_distribution("test-components", {"test": make_plugin(ExactTier, ScaleRule, Counter)})
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need CUDA: without it they are skipped, the reason shown (``-rs``)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False); "
+                                   "scripts/gpu-check runs the gpu tests on a GPU machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

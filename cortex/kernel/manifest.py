@@ -166,6 +166,7 @@ class TrainSection(_Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train; `auto` uses CUDA when present.")
     gradient_checkpointing: bool = Field(
         False, description="Recompute each block's activations in backward: less memory, more compute.")
+    compile: bool = Field(False, description="`torch.compile` the core for training: faster steps on a GPU after a slow start.")
     val_fraction: float = Field(0.05, ge=0, lt=0.5, description="Share of documents held out for validation when preparing data.")
     eval_every: int = Field(200, ge=0, description="Validation loss every N steps (0: only at the end).")
     eval_batches: int = Field(8, gt=0, description="Micro-batches of the validation split per evaluation.")

@@ -15,6 +15,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from cortex.runtime.gpu import autocast_dtype
+
 __all__ = ["PRECISIONS", "cosine_schedule", "make_optimizer", "train_step"]
 
 PRECISIONS = ("fp32", "bf16")
@@ -24,11 +26,8 @@ RESERVED_METRICS = frozenset({"loss", "grad_norm", "tokens", "lr", "skipped"})
 
 
 def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    dtype = autocast_dtype(precision, device)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def _collect_extra_losses(results: list[dict[str, torch.Tensor] | None]) -> dict[str, torch.Tensor]:

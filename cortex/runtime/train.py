@@ -30,6 +30,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,7 @@ from cortex.kernel.errors import CheckpointError, CortexError, DataError
 from cortex.kernel.interfaces import BuildContext
 from cortex.kernel.manifest import DataSpec, TrainSection
 from cortex.runtime.data import TokenDataset, documents_from_path, prepare
+from cortex.runtime.gpu import compile_core, faiss_note
 from cortex.runtime.rundir import atomic_write, write_into, write_json
 from cortex.runtime.step import cosine_schedule, make_optimizer, train_step
 
@@ -75,11 +77,12 @@ class Preset:
 
 
 def resolve_device(choice: str = "auto") -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error. Under
+    ``torchrun`` the GPU is the one of the process's ``LOCAL_RANK``."""
     if choice == "cuda" and not torch.cuda.is_available():
         raise CortexError("train.device is `cuda` but no CUDA device is available; use `auto` or `cpu`")
     if choice in ("auto", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
 
 
@@ -534,6 +537,13 @@ def train(
         if not hasattr(model.core, "gradient_checkpointing"):
             raise CortexError("this model core does not support gradient_checkpointing")
         model.core.gradient_checkpointing = True
+    if settings.compile:
+        compile_core(model)
+    note = faiss_note(model, device) if main else None
+    if note is not None and console is not None:
+        console.print(f"note: {note}")
+    elif note is not None:
+        warnings.warn(note, stacklevel=2)
     min_lr = settings.min_lr if settings.min_lr is not None else settings.lr / 10
     fingerprint = model.tokenizer.fingerprint
     metrics = _Metrics(run_dir / METRICS_FILE, main, _build_loggers(model, run_dir, settings.loggers) if main else [])

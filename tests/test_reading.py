@@ -1,0 +1,98 @@
+"""A small reader trained for a few minutes reads (issue 19), through the real CLI.
+
+One model (2 layers, d192, about 1,000 steps on the demo corpus with updates, restated
+statements and first-person speakers) is built once for the module with ``cortex build``
+(marked slow). It binds the asked name to its fact in the prompt, answers text told once
+when asked in other words, takes the later of two statements in either order of the
+wordings, keeps a told value off a name never told, and answers what a user told it in
+``cortex chat`` after a restart. The same manifest untrained and the verbatim store (a
+table from the last n tokens to the next, at its best n) fail each of these."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cortex import ByteTokenizer, load
+from cortex_plugins.bench._baselines import best_verbatim, untrained_twin
+from cortex_plugins.bench.reads import measure
+from tests.conftest import tiny_manifest
+
+pytestmark = pytest.mark.slow
+
+TRIALS = 12
+MANIFEST = tiny_manifest(
+    "reading", dim=192, layers=2, heads=4, context=192, seed=0, tokenizer={"type": "byte"},
+    features=[{"type": "reader", "settings": {"background": 1000}}],
+    train={"data": {"type": "demo", "settings": {"documents": 8000, "updates": 0.5, "restate": 0.3,
+                                                  "selves": 0.15}},
+           "tokens": 3200000, "batch": 16, "lr": 2.0e-3, "warmup": 30, "eval_every": 2000,
+           "checkpoint_every": 2000})
+
+
+def _cortex(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    cli = Path(sys.executable).with_name("cortex")
+    return subprocess.run([str(cli), *args], input=stdin, capture_output=True, text=True, timeout=1200)
+
+
+def _reply(stdout: str) -> str:
+    """The first answer printed by ``cortex chat`` (after its greeting line)."""
+    return stdout.split("/quit to leave", 1)[1].strip()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("reading")
+    (folder / "reading.yaml").write_text(MANIFEST)
+    built = _cortex("build", str(folder / "reading.yaml"), "-o", str(folder / "runs"))
+    assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-2000:]
+    return folder / "runs" / "reading"
+
+
+@pytest.fixture(scope="module")
+def figures(run) -> dict[str, dict[str, float]]:
+    torch.manual_seed(0)
+    return {"trained": measure(load(run).eval(), seed=0, n=TRIALS),
+            "untrained": measure(untrained_twin(run), seed=0, n=TRIALS),
+            "verbatim": best_verbatim(ByteTokenizer(), lambda store: measure(store, seed=0, n=TRIALS))}
+
+
+def test_training_lowered_the_loss(run):
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert losses[-1] < 0.3 * losses[0]
+
+
+@pytest.mark.parametrize("task, floor", [
+    ("binding_new", 0.75),  # the asked one of 2-4 people in the prompt, names never seen in training
+    ("other_words", 0.75),  # told once, asked with the demo question
+    ("corrections", 0.6),   # "lives" then "moved", the reverse, and "Correction:": the later wins
+])
+def test_reads_where_a_lookup_table_and_the_untrained_model_cannot(figures, task, floor):
+    assert figures["trained"][task] >= floor
+    assert figures["untrained"][task] == 0.0 and figures["verbatim"][task] == 0.0
+
+
+def test_a_told_value_stays_off_other_names_and_unrelated_prompts(figures):
+    assert figures["trained"]["specificity"] >= 0.8 and figures["trained"]["locality"] >= 0.9
+
+
+def test_chat_remembers_what_a_user_told_after_a_restart(run):
+    """English only: this small model's Korean first-person answers are not there yet (the
+    module's ``examples/reader.yaml`` build answers both; see the Getting started page)."""
+    told, asked, answer, session = "I live in Busan.", "Where do I live?", "Busan.", "me"
+    turns = [told, "What a nice day.", "Tell me a story.", "/quit"]
+    first = _cortex("chat", str(run), "--session", session, "--max-tokens", "8", stdin="\n".join(turns) + "\n")
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = _cortex("chat", str(run), "--session", session, "--max-tokens", "8", stdin=f"{asked}\n/quit\n")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert _reply(again.stdout).startswith(answer), again.stdout
+    # a session that was told nothing does not know it
+    other = _cortex("chat", str(run), "--session", f"{session}-new", "--no-learn", "--max-tokens", "8",
+                    stdin=f"{asked}\n/quit\n")
+    assert not _reply(other.stdout).startswith(answer), other.stdout

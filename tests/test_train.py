@@ -216,11 +216,19 @@ def test_non_finite_gradient_rolls_back(tmp_path, register_plugin):
     assert all(torch.isfinite(p).all() for p in model.core.parameters())
 
 
-def test_endless_spikes_stop_with_a_clear_error(tmp_path, register_plugin, monkeypatch):
-    register_plugin(plugin(NanOnce), namespace="spiky")
-    monkeypatch.setattr(NanOnce, "cortex_extra_losses",
-                        hookimpl(lambda self, model, batch, logits: {"nan_term": logits.sum() * float("nan")}))
-    model, run = new_run(tmp_path, manifest_text(features=["spiky.nan_once"]))
+class NanAlways(NanOnce):
+    """Returns a NaN extra loss at every step: no rollback can recover."""
+
+    name = "nan_always"
+
+    @hookimpl
+    def cortex_extra_losses(self, model, batch, logits):
+        return {"nan_term": logits.sum() * float("nan")}
+
+
+def test_endless_spikes_stop_with_a_clear_error(tmp_path, register_plugin):
+    register_plugin(plugin(NanAlways), namespace="spiky")
+    model, run = new_run(tmp_path, manifest_text(features=["spiky.nan_always"]))
     corpus = write_corpus(tmp_path / "corpus.jsonl")
     with pytest.raises(CortexError, match="keeps diverging"):
         train(model, run, settings(max_rollbacks=2), data=str(corpus), steps=5)

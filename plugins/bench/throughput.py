@@ -188,7 +188,9 @@ class Throughput(BenchSuite):
                 if model.memory_system is not None:
                     for text in texts:
                         model.remember(text)
-                prompt = torch.tensor([model.tokenizer.encode(texts[0])[:32]], dtype=torch.long, device=self.settings.device)
+                length = min(32, model.config.context // 2)  # leaves room to generate in a small context
+                prompt = torch.tensor([model.tokenizer.encode(texts[0])[:length]], dtype=torch.long,
+                                      device=self.settings.device)
                 new = min(64, model.config.context - prompt.shape[1])
                 model.generate(prompt, 4, temperature=0.0)  # warm-up
                 runs[str(target)] = (model, prompt, new)

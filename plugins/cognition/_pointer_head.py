@@ -273,14 +273,14 @@ class PointerHead(nn.Module):
         after = torch.ones(T, T, dtype=torch.bool, device=k.device).triu(1)  # j' > j
         sim = torch.einsum("bjr,bkr->bjk", k.float(), k.float()).clamp_min(0)
         sim = sim.masked_fill(~(after & (shared > 0) & (shared >= self.min_shared)), 0.0)
-        best = F.pad(sim.cummax(dim=-1).values, (1, 0))  # best[j, 1 + t'] = max over j' <= t'
+        best = F.pad(sim.cummax(dim=-1).values, (1, 0))  # best[j, s] = max over j' < s
         sentence = self.sentences(ids)
         opens = torch.ones_like(sentence, dtype=torch.bool)
         opens[:, 1:] = sentence[:, 1:] != sentence[:, :-1]
         start = (torch.arange(T, device=ids.device) * opens).cummax(dim=1).values  # first position of t's sentence
         if last is not None:
             start = start[:, -last:]
-        # out[t, j] = best[j, start(t) - 1 + 1]: the keys j' before t's sentence
+        # out[t, j] = best[j, start(t)]: the keys j' before t's sentence
         return best.gather(2, start[:, None, :].expand(B, T, -1)).transpose(1, 2)
 
     def gate_logit(self, g: torch.Tensor, s: torch.Tensor, lex: torch.Tensor) -> torch.Tensor:

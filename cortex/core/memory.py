@@ -176,7 +176,7 @@ class KeyStream:
 
     The first call (or one whose ids do not continue the last call's by one token) runs the
     last ``key_span()`` tokens through the blocks up to ``key_layer`` with the banded mask of
-    [`hidden_states`][cortex.core.transformer.Transformer.hidden_states], filling a KV cache;
+    `Transformer.hidden_states`, filling a KV cache;
     each later call runs only the new token against the cached keys and values of its band.
     A state depends only on its band of tokens, so the keys are those
     [`MemorySystem.keys`][cortex.core.memory.MemorySystem.keys] gives for the same window.

@@ -155,6 +155,7 @@ class PointerHead(nn.Module):
         nn.init.normal_(self.key.weight, std=dim ** -0.5)
         #: byte-level word -> rarity (0 for template words); set by the Reader
         self.idf: Callable[[bytes], float] | None = None
+        self._rarities: dict[bytes, float] = {}
         #: ids are UTF-8 bytes: a key is read only where its value can come next (a character's
         #: first byte where one starts, a continuation byte inside one); set by the Reader
         self.utf8 = False
@@ -196,10 +197,9 @@ class PointerHead(nn.Module):
 
     def _rarity(self, word: bytes) -> float:
         """``idf(word)``, remembered per word (the Reader's rarity does not change)."""
-        cache = self.__dict__.setdefault("_rarities", {})
-        if word not in cache:
-            cache[word] = self.idf(word)
-        return cache[word]
+        if word not in self._rarities:
+            self._rarities[word] = self.idf(word)
+        return self._rarities[word]
 
     @staticmethod
     def sentences(ids: torch.Tensor) -> torch.Tensor:

@@ -267,29 +267,24 @@ def _first_person(p: Person, attr: str, ko: bool) -> str:
 
 
 def _self_question(p: Person, attr: str, ko: bool) -> tuple[str, str]:
-    """The speaker asking about themselves, with the answer: "Where do I live?" "Busan."."""
-    v = p.facts.get(attr)
+    """The speaker asking about themselves, with the answer: "Where do I live?" "Busan."
+    (the answer as ``_question`` gives it)."""
+    if attr == "name":
+        return ("내 이름이 뭐야?", f"{p.name[1]}.") if ko else ("What is my name?", f"{p.name[0]}.")
+    v = p.facts[attr]
     if ko:
-        return {
-            "name": lambda: ("내 이름이 뭐야?", f"{p.name[1]}."),
-            "city": lambda: ("나는 어디에 살아?", f"{v[1]}."),
-            "job": lambda: ("나는 무슨 일을 해?", f"{v[1]}."),
-            "age": lambda: ("나는 몇 살이야?", f"{v}살."),
-            "colour": lambda: ("나는 무슨 색을 좋아해?", f"{v[1]}."),
-            "pets": lambda: (f"나는 {_object(v[0][2])} 몇 마리 키워?", f"{v[1]}마리."),
-            "food": lambda: ("나는 무슨 음식을 좋아해?", f"{v[1]}."),
-            "locker": lambda: ("내 사물함 번호는 뭐야?", f"{v}번."),
+        question = {
+            "city": lambda: "나는 어디에 살아?", "job": lambda: "나는 무슨 일을 해?", "age": lambda: "나는 몇 살이야?",
+            "colour": lambda: "나는 무슨 색을 좋아해?", "pets": lambda: f"나는 {_object(v[0][2])} 몇 마리 키워?",
+            "food": lambda: "나는 무슨 음식을 좋아해?", "locker": lambda: "내 사물함 번호는 뭐야?",
         }[attr]()
-    return {
-        "name": lambda: ("What is my name?", f"{p.name[0]}."),
-        "city": lambda: ("Where do I live?", f"{v[0]}."),
-        "job": lambda: ("What do I do?", f"{_cap(_article(v[0]))}."),
-        "age": lambda: ("How old am I?", f"{v}."),
-        "colour": lambda: ("What is my favourite colour?", f"{_cap(v[0])}."),
-        "pets": lambda: (f"How many {v[0][1]} do I have?", f"{v[1]}."),
-        "food": lambda: ("What do I like to eat?", f"{_cap(v[0])}."),
-        "locker": lambda: ("What is my locker number?", f"{v}."),
-    }[attr]()
+    else:
+        question = {
+            "city": lambda: "Where do I live?", "job": lambda: "What do I do?", "age": lambda: "How old am I?",
+            "colour": lambda: "What is my favourite colour?", "pets": lambda: f"How many {v[0][1]} do I have?",
+            "food": lambda: "What do I like to eat?", "locker": lambda: "What is my locker number?",
+        }[attr]()
+    return question, _question(p, attr, ko)[1]
 
 
 def _exchange(asker: Person, p: Person, attr: str, ko: bool) -> list[str]:

@@ -196,6 +196,10 @@ def wrap(module: nn.Module, *, find_unused_parameters: bool = False) -> nn.Modul
 
 
 def destroy() -> None:
-    """Leave the process group (if this process joined one)."""
+    """Leave the process group (if this process joined one), once every rank has got here.
+
+    The barrier keeps a rank from tearing its connections down while another still sends.
+    """
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from cortex import ByteTokenizer
-from cortex_plugins.bench._baselines import best_verbatim
+from cortex_plugins.bench._baselines import VerbatimStore, best_verbatim
 from cortex_plugins.bench.reads import COLUMNS, measure
 from tests.conftest import tiny_manifest
 
@@ -38,3 +38,15 @@ def test_quick_report_has_every_column_and_baseline(cortex_cli, tmp_path):
         assert all(0.0 <= figures[prefix + c]["mean"] <= 1.0 for c in COLUMNS)
     report = (tmp_path / "out" / "reads" / "report.md").read_text()
     assert "same manifest untrained" in report and "verbatim store" in report and "contribution" in report
+
+
+def test_told_text_is_asked_after_the_restart_in_each_language():
+    """Everything is told before ``restart``; what is asked of told text is asked of what the
+    restart returns (a store that lost its table answers nothing told), in both languages."""
+    kept = measure(VerbatimStore(ByteTokenizer(), 5), seed=0, n=12)
+    lost = measure(VerbatimStore(ByteTokenizer(), 5), seed=0, n=12,
+                   restart=lambda store: VerbatimStore(store.tokenizer, store.n))
+    assert kept["told_wording"] > 0 and kept["told_wording:ko"] == 1.0
+    assert lost["told_wording"] == lost["told_wording:en"] == lost["told_wording:ko"] == 0.0
+    assert {k for k in kept if ":" not in k} == set(COLUMNS)
+    assert all(f"{c}:{lang}" in kept for c in COLUMNS for lang in ("en", "ko"))

@@ -10,6 +10,7 @@ The model's contribution is its figure minus the better of the two.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -69,6 +70,14 @@ def untrained_twin(target: Path) -> Any:
     if not target.is_dir():
         return None
     return assemble(load_manifest(target / "manifest.yaml")).eval()
+
+
+def restarted(model: Any) -> Any:
+    """The model saved to a temporary run directory and loaded back, as after a restart."""
+    from cortex.runtime.rundir import load_run, save_run
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return load_run(save_run(model, Path(tmp), name="restart")).eval()
 
 
 def best_verbatim(tokenizer: Any, measure: Callable[[VerbatimStore], dict[str, float]]) -> dict[str, float]:

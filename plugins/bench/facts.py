@@ -26,7 +26,6 @@ the same manifest untrained and a verbatim store (see
 from __future__ import annotations
 
 import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -37,7 +36,7 @@ from cortex import hookimpl
 from cortex.bench.harness import BenchSuite, Check, SuiteResult, load_target, median_and_spread
 from cortex.kernel.interfaces import Settings
 from cortex.kernel.lazy import torch
-from cortex_plugins.bench._baselines import VERBATIM_ORDERS, VerbatimStore, best_verbatim, contribution, untrained_twin
+from cortex_plugins.bench._baselines import VERBATIM_ORDERS, VerbatimStore, best_verbatim, contribution, restarted, untrained_twin
 from cortex_plugins.bench.heldout_templates import DISTRACTORS, NAMES, WORDINGS
 
 EFFICACY_TARGET = 0.8
@@ -82,14 +81,6 @@ def completes(model, prompt: str, value: str, session: str) -> bool:
     """Whether greedy generation after ``prompt`` starts with ``value`` (spaces aside)."""
     text = model.generate_text(prompt, session=session, max_new_tokens=len(value) + 2, temperature=0.0)
     return text.strip().startswith(value)
-
-
-def restarted(model):
-    """The model saved to a temporary run directory and loaded back, as after a restart."""
-    from cortex.runtime.rundir import load_run, save_run
-
-    with tempfile.TemporaryDirectory() as tmp:
-        return load_run(save_run(model, Path(tmp), name="restart")).eval()
 
 
 class Facts(BenchSuite):

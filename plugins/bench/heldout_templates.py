@@ -13,7 +13,7 @@ statement up to the value is the cue the suite asks with; the question is the pa
 
 from __future__ import annotations
 
-from cortex_plugins.bench.reads import NEW_NAMES
+from cortex_plugins.data.demo import UNSEEN_NAMES
 
 WORDINGS = {
     "en": [
@@ -31,12 +31,7 @@ WORDINGS = {
 }
 
 #: (English, Korean) names the demo corpus never uses: those of ``cortex bench reads`` and more
-NAMES = NEW_NAMES + [
-    ("Brisa", "가온"), ("Cato", "나봄"), ("Delmi", "다솜"), ("Edda", "늘봄"), ("Fenna", "단비"),
-    ("Galo", "라엘"), ("Hesper", "별하"), ("Ilka", "샛별"), ("Jory", "아토"), ("Kasia", "예솔"),
-    ("Lumi", "이든"), ("Marit", "재이"), ("Nerys", "찬솔"), ("Oswin", "태리"), ("Pella", "하음"),
-    ("Rune", "해솔"), ("Sabra", "휘윤"), ("Tamsin", "시아"), ("Ulla", "로하"), ("Wren", "세온"),
-]
+NAMES = UNSEEN_NAMES
 
 #: unrelated sentences asked before every cue, per language
 DISTRACTORS = {

@@ -17,7 +17,9 @@ alternating, values drawn fresh per seed:
   "I live in Busan."), then two unrelated turns, then asks about themselves ("What is my
   name?", "Where do I live?"), as in ``cortex chat``.
 
-Every figure sits beside the same manifest untrained and a verbatim store (the told text,
+Everything told is told first; then the model is saved and loaded back (a restart) and
+asked. Figures are reported for both languages together and for each alone. Every figure
+sits beside the same manifest untrained and a verbatim store (the told text,
 or the prompt's own statements, as a table from the last n tokens to the next; see
 [`_baselines`][cortex_plugins.bench._baselines]): only the margin over the better of them is
 the model's. Targets are issue 19's.
@@ -35,19 +37,19 @@ from cortex import hookimpl
 from cortex.bench.harness import BenchSuite, Check, SuiteResult, load_target, median_and_spread
 from cortex.kernel.interfaces import Settings
 from cortex.kernel.lazy import torch
-from cortex_plugins.bench._baselines import VerbatimStore, best_verbatim, contribution, untrained_twin
+from cortex_plugins.bench._baselines import VerbatimStore, best_verbatim, contribution, restarted, untrained_twin
 from cortex_plugins.data.demo import (
-    CITIES, COLOURS, FOODS, JOBS, NAMES, Person, _city_statement, _first_person, _question, _self_question, _statement,
+    CITIES, COLOURS, FOODS, JOBS, NAMES, UNSEEN_NAMES, Person, _city_statement, _first_person, _question,
+    _self_question, _statement,
 )
 
 TARGETS = {"binding": 0.9, "other_words": 0.8, "told_wording": 0.9, "locality": 0.95, "specificity": 0.95,
            "corrections": 0.9}
 #: (English, Korean) names no training data uses
-NEW_NAMES = [("Aris", "가람"), ("Bexa", "누리"), ("Corin", "다온"), ("Dovi", "라온"), ("Elno", "벼리"),
-             ("Farel", "새론"), ("Gisa", "아라"), ("Halvo", "여울"), ("Irma", "초롱"), ("Joska", "한결"),
-             ("Kelmi", "은솔"), ("Lorn", "해찬"), ("Meru", "도담"), ("Nalo", "미르"), ("Orsa", "슬기"),
-             ("Quen", "온유"), ("Rafi", "윤슬"), ("Selo", "하람"), ("Tavi", "로운"), ("Vesna", "나래")]
+NEW_NAMES = UNSEEN_NAMES[:20]
 ATTRIBUTES = ("city", "job", "colour", "food", "locker", "age")
+#: (row label, figure key suffix): both languages together, then each alone
+LANGUAGES = (("both", ""), ("English", ":en"), ("Korean", ":ko"))
 COLUMNS = ("binding", "binding_new", "other_words", "told_wording", "locality", "specificity", "corrections",
            "about_me")
 #: unrelated chat turns between telling and asking (about_me)
@@ -81,10 +83,23 @@ def _answers(subject: Any, prompt: str, answer: str, session: str, told: str = "
     return subject.generate_text(prompt, session=session, max_new_tokens=24, temperature=0.0).strip().startswith(answer)
 
 
-def measure(subject: Any, seed: int, n: int) -> dict[str, float]:
-    """Every figure of the suite for ``subject`` (a model, or a stand-in with its real-time API)."""
+def measure(subject: Any, seed: int, n: int, restart: Callable[[Any], Any] = lambda s: s) -> dict[str, float]:
+    """Every figure of the suite for ``subject`` (a model, or a stand-in with its real-time API),
+    overall and per language (``<figure>:en``, ``<figure>:ko``).
+
+    Everything is told first; then ``subject`` is ``restart``-ed (a model: saved and loaded
+    back) and every question about told text is asked of what came back.
+    """
     rng = random.Random(f"reads:{seed}")
-    hits = dict.fromkeys(COLUMNS, 0)
+    hits: dict[str, int] = {}
+    trials: dict[str, int] = {}
+    asks: list[tuple[str, bool, Callable[[Any], bool]]] = []  # asked after the restart
+
+    def score(column: str, ko: bool, hit: bool) -> None:
+        for key in (column, f"{column}:{'ko' if ko else 'en'}"):
+            hits[key] = hits.get(key, 0) + hit
+            trials[key] = trials.get(key, 0) + 1
+
     for i in range(n):
         ko, attr = i % 2 == 1, ATTRIBUTES[i % len(ATTRIBUTES)]
         for column, names in (("binding", NAMES), ("binding_new", NEW_NAMES)):
@@ -92,7 +107,7 @@ def measure(subject: Any, seed: int, n: int) -> dict[str, float]:
             people = [Person(name, {attr: v}) for name, v in zip(rng.sample(names, k), _distinct(rng, attr, k))]
             question, answer = _question(rng.choice(people), attr, ko)
             body = " ".join(_statement(p, attr, ko) for p in people)
-            hits[column] += _answers(subject, question, answer, f"reads-{seed}-{column}-{i}", told=body)
+            score(column, ko, _answers(subject, question, answer, f"reads-{seed}-{column}-{i}", told=body))
         told, other, untold = [Person(name, {attr: v}) for name, v in zip(rng.sample(NEW_NAMES, 3),
                                                                           _distinct(rng, attr, 3))]
         session = f"reads-{seed}-told-{i}"
@@ -102,34 +117,42 @@ def measure(subject: Any, seed: int, n: int) -> dict[str, float]:
         subject.remember(fact, session=session)
         subject.remember(_statement(other, attr, ko), session=session)
         question, answer = _question(told, attr, ko)
-        hits["other_words"] += _answers(subject, question, answer, session)
         value = answer.rstrip(".")
         at = fact.lower().find(value.lower())
+        asks += [
+            ("other_words", ko, lambda s, q=question, a=answer, t=session: _answers(s, q, a, t)),
+            ("locality", ko, lambda s, u=unrelated, b=before, t=session: s.generate_text(
+                u, session=t, max_new_tokens=12, temperature=0.0) == b),
+            ("specificity", ko, lambda s, q=_question(untold, attr, ko)[0], a=answer, t=session:
+                not _answers(s, q, a, t)),
+        ]
         if at > 0:  # the told wording up to the value, which must follow as it was told
-            hits["told_wording"] += _answers(subject, fact[:at].rstrip(), fact[at:at + len(value)], session)
-        hits["locality"] += subject.generate_text(unrelated, session=session, max_new_tokens=12,
-                                                  temperature=0.0) == before
-        hits["specificity"] += not _answers(subject, _question(untold, attr, ko)[0], answer, session)
+            asks.append(("told_wording", ko, lambda s, p=fact[:at].rstrip(), v=fact[at:at + len(value)], t=session:
+                         _answers(s, p, v, t)))
         wordings = [("lives", "moved"), ("moved", "lives"), ("lives", "correction")][i % 3]
         name, (old, new) = rng.choice(NEW_NAMES), rng.sample(CITIES, 2)
         session = f"reads-{seed}-corrections-{i}"
         for city, wording in zip((old, new), wordings):
             subject.remember(_city_statement(name, city, wording, ko), session=session)
-        hits["corrections"] += _answers(subject, *_question(Person(name, {"city": new}), "city", ko), session)
+        asks.append(("corrections", ko, lambda s, qa=_question(Person(name, {"city": new}), "city", ko), t=session:
+                     _answers(s, *qa, t)))
         me = Person(rng.choice(NEW_NAMES), {attr: _value(rng, attr)})
         about = rng.choice(["name", attr])
         session = f"reads-{seed}-me-{i}"
         for turn in (_first_person(me, about, ko), *(t[ko] for t in rng.sample(SMALL_TALK, 2))):
             subject.remember(turn, session=session)
-        hits["about_me"] += _answers(subject, *_self_question(me, about, ko), session)
-    return {column: count / n for column, count in hits.items()}
+        asks.append(("about_me", ko, lambda s, qa=_self_question(me, about, ko), t=session: _answers(s, *qa, t)))
+    subject = restart(subject)
+    for column, ko, ask in asks:
+        score(column, ko, ask(subject))
+    return {key: hits[key] / trials[key] for key in trials}
 
 
 class Reads(BenchSuite):
     """Binding in the prompt, text told once read in other words, and corrections by recency."""
 
     name = "reads"
-    default_targets = ("examples/reader.yaml",)
+    default_targets = ("examples/quickstart.yaml",)
 
     class Settings(Settings):
         trials: int = Field(40, gt=0, description="Trials per task and seed.")
@@ -144,10 +167,10 @@ class Reads(BenchSuite):
             for seed in seeds:
                 torch.manual_seed(seed)
                 model = load_target(target).eval()
-                figures = {f"trained:{k}": v for k, v in measure(model, seed, n).items()}
+                figures = {f"trained:{k}": v for k, v in measure(model, seed, n, restarted).items()}
                 twin = untrained_twin(target)
                 if twin is not None:
-                    figures.update({f"untrained:{k}": v for k, v in measure(twin, seed, n).items()})
+                    figures.update({f"untrained:{k}": v for k, v in measure(twin, seed, n, restarted).items()})
                 figures.update({f"verbatim:{k}": v for k, v in best_verbatim(
                     model.tokenizer, lambda store: measure(store, seed, n)).items() if not k.endswith("_n")})
                 for key, value in figures.items():
@@ -155,17 +178,22 @@ class Reads(BenchSuite):
                 log(f"{target} seed {seed}: " + ", ".join(f"{c} {figures['trained:' + c]:.2f}" for c in COLUMNS))
             stats = {key: median_and_spread(values) for key, values in scores.items()}
             result.figures[str(target)] = {**stats, "trials": n}
-            for label, prefix in (("trained", "trained:"), ("same manifest untrained", "untrained:"),
-                                  ("verbatim store", "verbatim:")):
-                if any(k.startswith(prefix) for k in stats):
-                    rows.append([str(target), label, *(f"{stats[prefix + c]['mean']:.2f} ± {stats[prefix + c]['std']:.2f}"
-                                                       for c in COLUMNS)])
-            rows.append([str(target), "contribution", *(
-                f"{contribution(stats['trained:' + c]['mean'], *(stats[p + c]['mean'] for p in ('untrained:', 'verbatim:') if p + c in stats)):+.2f}"
-                for c in COLUMNS)])
-            for column, goal in TARGETS.items():
-                result.checks.append(Check(f"{target} {column}", stats[f"trained:{column}"]["mean"], goal))
-        result.tables.append(("Reading (mean ± std over seeds)", ["target", "model", *COLUMNS], rows))
+            for language, suffix in LANGUAGES:
+                def mean(key: str) -> float | None:
+                    return stats[key + suffix]["mean"] if key + suffix in stats else None
+
+                for label, prefix in (("trained", "trained:"), ("same manifest untrained", "untrained:"),
+                                      ("verbatim store", "verbatim:")):
+                    if mean(prefix + COLUMNS[0]) is not None:
+                        rows.append([str(target), language, label, *(
+                            f"{stats[prefix + c + suffix]['mean']:.2f} ± {stats[prefix + c + suffix]['std']:.2f}"
+                            for c in COLUMNS)])
+                rows.append([str(target), language, "contribution", *(
+                    f"{contribution(mean('trained:' + c), mean('untrained:' + c), mean('verbatim:' + c)):+.2f}"
+                    for c in COLUMNS)])
+                for column, goal in TARGETS.items():
+                    result.checks.append(Check(f"{target} {column} ({language})", mean(f"trained:{column}"), goal))
+        result.tables.append(("Reading (mean ± std over seeds)", ["target", "language", "model", *COLUMNS], rows))
         result.notes.append(
             "binding: the question about one of 2-4 people in the prompt (demo names / binding_new: names never "
             "seen in training); other_words / told_wording: a fact told once with remember, then a fact about "

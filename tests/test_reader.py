@@ -13,7 +13,7 @@ from cortex import CortexError
 from cortex.kernel.interfaces import CognitiveFeature
 from cortex_plugins.cognition._pointer_head import PointerHead, continues_character, match_lengths, sentence_words
 from cortex_plugins.cognition.reader import Reader
-from cortex_plugins.data.demo import demo_documents, make_world
+from cortex_plugins.data.demo import demo_documents, demo_worlds, make_world
 from tests.conftest import tiny_manifest
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -251,6 +251,28 @@ def test_demo_restates_current_statements_word_for_word():
     assert restated > 60
     assert "\x00".join(d.text for d in demo_documents(50)) == "\x00".join(
         d.text for d in demo_documents(50, restate=0.0))
+
+
+def test_demo_coined_names_are_made_up_and_never_a_benchmark_name():
+    """A share of people get a made-up name, in both languages; none is a name the benchmarks
+    ask about as never seen in training (reads' new names, facts' held-out names)."""
+    from cortex_plugins.bench.heldout_templates import NAMES as HELD_OUT
+    from cortex_plugins.bench.reads import NEW_NAMES
+    from cortex_plugins.data.demo import NAMES, coined_name
+
+    worlds = list(demo_worlds(400, coined=0.5))
+    people = [p.name for w in worlds for p in w.people]
+    made_up = [n for n in people if n not in NAMES]
+    assert 0.4 < len(made_up) / len(people) < 0.6
+    assert all(len(en) == 6 and len(ko) == 3 for en, ko in made_up)
+    assert all(en in w.text or ko in w.text for w in worlds for p in w.people for en, ko in [p.name])
+    assert set(NEW_NAMES) <= set(HELD_OUT)
+    named = " ".join(f"{en} {ko}" for en, ko in people).lower()
+    assert not [name for pair in HELD_OUT for name in pair if name.lower() in named]  # not even inside a name
+    rng = random.Random(0)
+    assert len({coined_name(rng) for _ in range(200)}) == 200  # rarely the same twice
+    assert "\x00".join(d.text for d in demo_documents(50)) == "\x00".join(
+        d.text for d in demo_documents(50, coined=0.0))
 
 
 # -- the model consults the reader -------------------------------------------------------

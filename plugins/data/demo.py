@@ -169,9 +169,39 @@ class DemoWorld:
     text: str
 
 
-def _draw_people(rng: random.Random) -> list[Person]:
+#: (English, Korean) names the corpus never uses, not even inside a coined name: the
+#: benchmarks ask about them as names never seen in training
+UNSEEN_NAMES = [
+    ("Aris", "가람"), ("Bexa", "누리"), ("Corin", "다온"), ("Dovi", "라온"), ("Elno", "벼리"),
+    ("Farel", "새론"), ("Gisa", "아라"), ("Halvo", "여울"), ("Irma", "초롱"), ("Joska", "한결"),
+    ("Kelmi", "은솔"), ("Lorn", "해찬"), ("Meru", "도담"), ("Nalo", "미르"), ("Orsa", "슬기"),
+    ("Quen", "온유"), ("Rafi", "윤슬"), ("Selo", "하람"), ("Tavi", "로운"), ("Vesna", "나래"),
+    ("Brisa", "가온"), ("Cato", "나봄"), ("Delmi", "다솜"), ("Edda", "늘봄"), ("Fenna", "단비"),
+    ("Galo", "라엘"), ("Hesper", "별하"), ("Ilka", "샛별"), ("Jory", "아토"), ("Kasia", "예솔"),
+    ("Lumi", "이든"), ("Marit", "재이"), ("Nerys", "찬솔"), ("Oswin", "태리"), ("Pella", "하음"),
+    ("Rune", "해솔"), ("Sabra", "휘윤"), ("Tamsin", "시아"), ("Ulla", "로하"), ("Wren", "세온"),
+]
+#: letters and syllables of coined names (see ``coined_name``)
+_CONSONANTS, _VOWELS = "bdfghklmnprstvz", "aeiou"
+_SYLLABLES = "가나다라마바사아자차카타파하도로모보소오조호누루무부수우주구미리시지이기니디비"
+
+
+def coined_name(rng: random.Random) -> tuple[str, str]:
+    """A made-up name: three consonant-vowel syllables in English ("Tavemo"), three syllables
+    in Korean, never one of ``UNSEEN_NAMES`` or containing one. As an answer only copying
+    can give it."""
+    while True:
+        english = "".join(rng.choice(_CONSONANTS) + rng.choice(_VOWELS) for _ in range(3)).capitalize()
+        korean = "".join(rng.choice(_SYLLABLES) for _ in range(3))
+        if not any(en.lower() in english.lower() or ko in korean for en, ko in UNSEEN_NAMES):
+            return english, korean
+
+
+def _draw_people(rng: random.Random, coined: float = 0.0) -> list[Person]:
     count = rng.randint(2, 4)
     names = rng.sample(NAMES, count)
+    if coined > 0:
+        names = [coined_name(rng) if rng.random() < coined else name for name in names]
     # distinct values per attribute within a world: answers must come from binding name to fact
     pools = {
         "city": rng.sample(CITIES, count),
@@ -345,7 +375,7 @@ def _update(rng: random.Random, people: list[Person], korean: bool, parts: list[
 
 
 def make_world(rng: random.Random, korean: bool, kind: str | None = None, updates: float = 0.0,
-               restate: float = 0.0, selves: float = 0.0) -> DemoWorld:
+               restate: float = 0.0, selves: float = 0.0, coined: float = 0.0) -> DemoWorld:
     """Draw one world from ``rng``: its people and facts, told as ``"facts"``, ``"dialogue"``
     or ``"self"`` (a share ``selves`` of worlds: a speaker tells their own name and facts in
     the first person, among statements about others, then asks about themselves: "My name
@@ -354,12 +384,13 @@ def make_world(rng: random.Random, korean: bool, kind: str | None = None, update
     With ``updates`` > 0 that share of ``"facts"`` worlds tells one person's city twice (a
     move or a correction) and asks for it: the later statement wins. With ``restate`` > 0 that
     share of them also repeats one or two of its statements word for word on lines of their
-    own among the questions (a told text read back in its own wording)."""
+    own among the questions (a told text read back in its own wording). With ``coined`` > 0
+    that share of people has a made-up name (``coined_name``)."""
     if kind is None:
         kind = "self" if selves > 0 and rng.random() < selves else None
     if kind is None:
         kind = "facts" if rng.random() < 0.6 else "dialogue"
-    people = _draw_people(rng)
+    people = _draw_people(rng, coined)
     told = [(p, a) for p in people for a in p.facts]
     rng.shuffle(told)
     updated = None
@@ -408,17 +439,18 @@ def make_world(rng: random.Random, korean: bool, kind: str | None = None, update
 
 
 def demo_worlds(n: int, seed: int = 0, korean: float = 0.5, updates: float = 0.0,
-                restate: float = 0.0, selves: float = 0.0) -> Iterator[DemoWorld]:
+                restate: float = 0.0, selves: float = 0.0, coined: float = 0.0) -> Iterator[DemoWorld]:
     """The first ``n`` worlds of ``seed``; a share ``korean`` of them in Korean."""
     for i in range(n):
         rng = random.Random(f"cortex-demo:{seed}:{i}")
-        yield make_world(rng, rng.random() < korean, updates=updates, restate=restate, selves=selves)
+        yield make_world(rng, rng.random() < korean, updates=updates, restate=restate, selves=selves,
+                         coined=coined)
 
 
 def demo_documents(n: int, seed: int = 0, korean: float = 0.5, updates: float = 0.0,
-                   restate: float = 0.0, selves: float = 0.0) -> Iterator[Document]:
+                   restate: float = 0.0, selves: float = 0.0, coined: float = 0.0) -> Iterator[Document]:
     """The demo corpus as [`Document`][cortex.kernel.interfaces.Document]s with origin ``demo:SEED:INDEX``."""
-    for i, world in enumerate(demo_worlds(n, seed, korean, updates, restate, selves)):
+    for i, world in enumerate(demo_worlds(n, seed, korean, updates, restate, selves, coined)):
         yield Document(world.text, f"demo:{seed}:{i}")
 
 
@@ -440,10 +472,13 @@ class DemoSource(DataSource):
         selves: float = Field(0.0, ge=0.0, le=1.0, description="Share of documents in which a speaker "
                                                                "tells their own name and facts in the first "
                                                                "person and asks about themselves.")
+        coined: float = Field(0.0, ge=0.0, le=1.0, description="Share of people with a made-up name "
+                                                               "(three syllables, never a benchmark's), "
+                                                               "which only copying can answer.")
 
     def documents(self) -> Iterator[Document]:
         s = self.settings
-        return demo_documents(s.documents, s.seed, s.korean, s.updates, s.restate, s.selves)
+        return demo_documents(s.documents, s.seed, s.korean, s.updates, s.restate, s.selves, s.coined)
 
 
 @hookimpl

@@ -161,8 +161,9 @@ class CortexModel(nn.Module):
         return torch.cat([logits[:, :start], read], dim=1)
 
     def chat(self, text: str, *, session: str = "self", learn: bool = True, **generation: Any) -> Reply:
-        """A chat turn: the answer, its confidence and the detected language."""
-        answer = self.interact(text, session=session, learn=learn, **generation)
+        """A chat turn: the answer (the reply's first line: after it a model trained on
+        documents goes on with a next line of its own), its confidence and the detected language."""
+        answer = self.interact(text, session=session, learn=learn, **generation).strip("\n").split("\n")[0]
         confidence = self.confidence(text, answer, session=session) if answer else 0.0
         return Reply(answer, confidence, detect_language(answer or text))
 

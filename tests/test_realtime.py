@@ -133,3 +133,15 @@ def test_a_fact_survives_a_long_conversation_through_spill(build_model):
         forgetful.remember(f"Filler sentence number {i} about the weather, lunch and the bus schedule.")
     assert forgetful.memory_system.stats["spilled"] == 0  # only consolidated (strengthened) entries moved
     assert not forgetful.generate_text(CUE, max_new_tokens=5).startswith(" 3817")
+
+
+def test_a_chat_reply_is_its_first_line(build_model):
+    """Generation goes on past the answer's line (here kNN-LM continues the told text onto
+    its next line); the chat reply stops at the line's end."""
+    torch.manual_seed(0)
+    model = build_model(MANIFEST).eval()
+    model.remember(FACT + "\nJun lives in Oslo.", session="s")
+    generated = model.generate_text(CUE, session="s", max_new_tokens=24)
+    assert generated.startswith(" 3817.\n")  # the other side: generation crosses the line
+    reply = model.chat(CUE, session="s", learn=False, max_new_tokens=24)
+    assert reply.text == " 3817."

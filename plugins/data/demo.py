@@ -181,18 +181,21 @@ UNSEEN_NAMES = [
     ("Lumi", "이든"), ("Marit", "재이"), ("Nerys", "찬솔"), ("Oswin", "태리"), ("Pella", "하음"),
     ("Rune", "해솔"), ("Sabra", "휘윤"), ("Tamsin", "시아"), ("Ulla", "로하"), ("Wren", "세온"),
 ]
-#: letters and syllables of coined names (see ``coined_name``)
-_CONSONANTS, _VOWELS = "bdfghklmnprstvz", "aeiou"
-_SYLLABLES = "가나다라마바사아자차카타파하도로모보소오조호누루무부수우주구미리시지이기니디비"
+#: letters of coined English names; Hangul initials, vowels and finals (jamo indices) of Korean ones
+_CONSONANTS, _VOWELS, _FINALS = "bdfghklmnprstvz", "aeiou", "lmnrs"
+_INITIALS, _MEDIALS, _CODAS = (0, 2, 3, 5, 6, 7, 9, 11, 12, 14, 15, 16, 17, 18), (0, 1, 4, 5, 6, 8, 13, 17, 18, 20), (4, 8, 16, 21)
 
 
 def coined_name(rng: random.Random) -> tuple[str, str]:
-    """A made-up name: three consonant-vowel syllables in English ("Tavemo"), three syllables
-    in Korean, never one of ``UNSEEN_NAMES`` or containing one. As an answer only copying
-    can give it."""
+    """A made-up name of two or three syllables in each language ("Tavrel", "Kelo"; "도윤람",
+    "세마"), some closed by a consonant, never one of ``UNSEEN_NAMES`` or containing one. As
+    an answer only copying can give it, and its varied shape teaches no length or ending."""
     while True:
-        english = "".join(rng.choice(_CONSONANTS) + rng.choice(_VOWELS) for _ in range(3)).capitalize()
-        korean = "".join(rng.choice(_SYLLABLES) for _ in range(3))
+        english = "".join(rng.choice(_CONSONANTS) + rng.choice(_VOWELS) + (rng.choice(_FINALS) if rng.random() < 0.3
+                                                                           else "")
+                          for _ in range(rng.randint(2, 3))).capitalize()
+        korean = "".join(chr(0xAC00 + (rng.choice(_INITIALS) * 21 + rng.choice(_MEDIALS)) * 28
+                             + (rng.choice(_CODAS) if rng.random() < 0.4 else 0)) for _ in range(rng.randint(2, 3)))
         if not any(en.lower() in english.lower() or ko in korean for en, ko in UNSEEN_NAMES):
             return english, korean
 

@@ -261,6 +261,14 @@ class ShortTermMemory(TierCommon, MemoryTier):
         rows, known = self._rows(streams.reshape(-1))
         return self.keys[rows], self.values[rows], self.valid[rows] & known[:, None]
 
+    def dense_tokens(self, streams: torch.Tensor) -> torch.Tensor:
+        """The token stored with each slot of [`dense_entries`][cortex_plugins.memory.stm.ShortTermMemory.dense_entries]
+        (what followed its key), (B, capacity); -1 where empty."""
+        if self.stream_ids.numel() == 0:
+            return torch.full((streams.numel(), self.settings.capacity), -1, dtype=torch.long, device=self.device)
+        rows, known = self._rows(streams.reshape(-1))
+        return self.tokens[rows].masked_fill(~(self.valid[rows] & known[:, None]), -1)
+
     @no_grad
     def mark_used(self, streams: torch.Tensor, used: torch.Tensor, *, step: int = 0, queries: int = 0,
               hits: int = 0) -> None:

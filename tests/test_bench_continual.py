@@ -74,8 +74,8 @@ def test_quick_report_has_the_matrix_and_the_metrics_of_every_configuration(cort
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "continual" / "results.json").read_text())
     figures = data["figures"]["built-in base"]
-    assert set(figures) == {"plain", "sleep_wake", "cls", "sleep_wake+cls", "sleep_wake+cls (defaults)",
-                            "plain+replay"}
+    assert set(figures) == {"plain", "sleep_wake", "cls", "sleep_wake+cls", "sleep_wake (REM generate)+cls",
+                            "sleep_wake+cls (defaults)", "plain+replay"}
     # the equal-compute baseline: as many extra steps as sleep_wake+cls, seed by seed
     assert [r["extra_steps"] for r in figures["plain+replay"]["runs"]] == \
         [r["extra_steps"] for r in figures["sleep_wake+cls"]["runs"]]
@@ -94,3 +94,16 @@ def test_quick_report_has_the_matrix_and_the_metrics_of_every_configuration(cort
     if figures["plain"]["forgetting"]["mean"] > 0:
         assert checks and "reduction" in checks[0]["name"] and checks[0]["target"] == 0.3
     assert (tmp_path / "continual" / "continual-built-in-base.png").is_file()
+
+
+def test_the_rem_generate_row_is_sleep_wake_cls_with_rem_mode_generate():
+    import yaml
+
+    suite = Continual(Continual.Settings(), None)
+    name = "sleep_wake (REM generate)+cls"
+    generate = yaml.safe_load(suite._manifest(bench_continual.BASE_MANIFEST, bench_continual.CONFIGS[name], 0,
+                                              overrides=bench_continual.OVERRIDES[name]))
+    recombine = yaml.safe_load(suite._manifest(bench_continual.BASE_MANIFEST, bench_continual.CONFIGS[name], 0))
+    sleep = next(f["settings"] for f in generate["features"] if f["type"] == "sleep_wake")
+    assert sleep == {**Continual.Settings().sleep_wake, "rem_mode": "generate"}
+    assert [f["type"] for f in generate["features"]] == [f["type"] for f in recombine["features"]] == ["cls", "sleep_wake"]

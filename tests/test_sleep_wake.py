@@ -151,6 +151,36 @@ def test_rem_recombines_fragments_of_different_memories(build_model):
     assert any(("ab=1;" in t or "cd=2;" in t) and ("ef=3;" in t or "gh=4;" in t) for t in texts)
 
 
+def test_rem_generate_dreams_from_the_model_and_learns_from_its_dreams(build_model):
+    """``rem_mode: generate``: each replayed sequence opens with a stored memory's first
+    ``rem_prompt`` tokens and goes on with what the model itself predicts (near-greedy
+    sampling: every later token is the pre-sleep model's argmax), not with the memory; the
+    REM step then trains on those dreams."""
+    torch.manual_seed(0)
+    model = build_model(manifest(wake=1, nrem=0, rem=1, lr=1.0e-3, sources=["buffer"], replay_batch=4,
+                                 replay_tokens=32, rem_mode="generate", rem_prompt=6, rem_temperature=1.0e-4))
+    sw = sleep_feature(model)
+    tok = model.tokenizer
+    stored = [torch.tensor(tok.encode(text)) for text in TEXTS]
+    for seq in stored:
+        sw.record(seq)
+    before = {name: t.clone() for name, t in model.core.state_dict().items()}
+    losses = sw.sleep(model)
+    assert sw.stats()["rem_steps"] == 1 and sw.stats()["replay_steps"] == 0 and "sleep/rem_loss" in losses
+    assert any(not torch.equal(p, before[name]) for name, p in model.core.named_parameters())  # it learnt
+    dreams = sw.last_replayed
+    assert len(dreams) == 4 and all(d.numel() == sw.seq_len for d in dreams)
+    for dream in dreams:
+        assert any(torch.equal(dream[:6], seq[:6]) for seq in stored)  # opened by a memory
+        assert not any(torch.equal(dream[:seq.numel()], seq) for seq in stored)  # not the memory itself
+        assert tok.decode(dream.tolist()) not in TEXTS
+    model.core.load_state_dict(before)  # the model that dreamt them
+    with torch.no_grad():
+        logits, _ = model.core(torch.stack(dreams)[:, :-1])
+    predicted = logits.argmax(-1)[:, 5:]  # the tokens after the 6-token opening
+    assert float((predicted == torch.stack(dreams)[:, 6:]).float().mean()) > 0.95
+
+
 def test_interactions_advance_the_clock(build_model):
     model = build_model(MEMORY).eval()
     sw = sleep_feature(model)

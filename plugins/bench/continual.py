@@ -25,7 +25,9 @@ std over seeds.
 
 **Configurations**, each built from the base manifest (the targets, or a built-in tiny
 model) by adding features: ``plain`` (fine-tuning, the base as it is), ``sleep_wake``,
-``cls`` and ``sleep_wake+cls``, with the suite's settings for those features, and
+``cls`` and ``sleep_wake+cls``, with the suite's settings for those features,
+``sleep_wake (REM generate)+cls``: the same with ``rem_mode: generate`` (REM replays the
+model's own continuations of stored openings instead of recombined fragments), and
 ``sleep_wake+cls (defaults)``: the plugins' own defaults but for the sleep clock (a
 1,000-step wake would never sleep in this stream). Sleep replay and CLS updates are
 gradient steps *in addition* to the training steps; the report counts them.
@@ -73,8 +75,13 @@ CONFIGS: dict[str, tuple[str, ...]] = {
     "sleep_wake": ("sleep_wake",),
     "cls": ("cls",),
     "sleep_wake+cls": ("cls", "sleep_wake"),
+    "sleep_wake (REM generate)+cls": ("cls", "sleep_wake"),
     "sleep_wake+cls (defaults)": ("cls", "sleep_wake"),
     "plain+replay": (),
+}
+#: settings a configuration changes in the suite's settings of its features
+OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
+    "sleep_wake (REM generate)+cls": {"sleep_wake": {"rem_mode": "generate"}},
 }
 #: the sleep_wake settings the ``(defaults)`` configuration keeps: the clock, scaled to the stream
 CLOCK = ("wake", "nrem", "rem", "cycle", "ratios")
@@ -210,7 +217,7 @@ class Continual(BenchSuite):
                     started = time.perf_counter()
                     replay = per_config["sleep_wake+cls"]["runs"][i]["extra_steps"] if config == "plain+replay" else 0
                     run = self._run(base_text, features, seed, facts, steps, defaults=config.endswith("(defaults)"),
-                                    replay=replay)
+                                    replay=replay, overrides=OVERRIDES.get(config, {}))
                     run["seconds"] = time.perf_counter() - started
                     runs.append(run)
                     m = run["metrics"]
@@ -233,14 +240,17 @@ class Continual(BenchSuite):
             "The suite's sleep_wake and cls settings are above; they differ from the plugin defaults because the "
             "stream is a few hundred steps: the sleep clock is scaled to it (a default wake of 1,000 steps never "
             "sleeps), and the learning rates, replay and consolidation amounts and cls keep / slow_share are set for "
-            "so short a stream. `sleep_wake+cls (defaults)` shows the plugins' defaults with the suite's clock.",
+            "so short a stream. `sleep_wake+cls (defaults)` shows the plugins' defaults with the suite's clock; "
+            "`sleep_wake (REM generate)+cls` is sleep_wake+cls with `rem_mode: generate` (REM learns from the model's "
+            "own continuations of stored openings).",
             f"torch ran on {s.threads} thread(s) during the suite (the `threads` above are the process default).",
         ]
         return result
 
     # ------------------------------------------------------------------ one run
 
-    def _manifest(self, base_text: str, features: tuple[str, ...], seed: int, defaults: bool = False) -> str:
+    def _manifest(self, base_text: str, features: tuple[str, ...], seed: int, defaults: bool = False,
+                  overrides: dict[str, dict[str, Any]] | None = None) -> str:
         data = yaml.safe_load(base_text)
         data["seed"] = int(data.get("seed", 0)) + seed
         data.pop("train", None)
@@ -249,14 +259,17 @@ class Continual(BenchSuite):
             settings = dict(getattr(self.settings, name))
             if defaults:
                 settings = {k: v for k, v in settings.items() if name == "sleep_wake" and k in CLOCK}
+            settings.update((overrides or {}).get(name, {}))
             kept.append({"type": name, "settings": settings})
         data["features"] = kept
         return yaml.safe_dump(data, sort_keys=False)
 
     def _run(self, base_text: str, features: tuple[str, ...], seed: int, facts: int, steps: int,
-             defaults: bool = False, replay: int = 0) -> dict[str, Any]:
+             defaults: bool = False, replay: int = 0,
+             overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
         """One configuration learning the stream of ``seed``; ``replay`` > 0: that many extra
-        steps of uniform experience replay, spread evenly over the stream."""
+        steps of uniform experience replay, spread evenly over the stream; ``overrides``: settings
+        changed per feature."""
         from cortex.runtime.step import make_optimizer, train_step
 
         from cortex.assembly import assemble
@@ -264,7 +277,8 @@ class Continual(BenchSuite):
         from cortex_plugins.cognition.sleep_wake import SleepWake
 
         s = self.settings
-        model = assemble(load_manifest_text(self._manifest(base_text, features, seed, defaults), "continual.yaml"))
+        model = assemble(load_manifest_text(self._manifest(base_text, features, seed, defaults, overrides),
+                                            "continual.yaml"))
         tok = model.tokenizer
         tasks = make_tasks(seed, s.tasks, facts)
         optimizer = make_optimizer(model, s.lr, weight_decay=0.0)

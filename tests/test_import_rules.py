@@ -122,7 +122,7 @@ def test_kernel_imports_no_torch_at_import():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-@pytest.mark.parametrize("manifest", ["examples/quickstart.yaml", "examples/full.yaml", "examples/reader.yaml"])
+@pytest.mark.parametrize("manifest", ["examples/quickstart.yaml", "examples/full.yaml"])
 def test_validate_never_imports_torch(manifest):
     code = (
         "import sys\n"

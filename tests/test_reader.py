@@ -4,6 +4,7 @@ how the model consults it (``remember``, ``context_for``, ``adjust_logits``)."""
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 
 import pytest
@@ -168,6 +169,33 @@ def test_product_of_experts_binds_within_the_models_type_and_has_no_gate():
     total = sum(head.mixture_log_probs(logits, ids[:, 1:], torch.full((1, 8), v), ids[:, :-1]).exp()
                 for v in range(260))
     assert torch.allclose(total, torch.ones(1, 8), atol=1e-4)
+
+
+def test_copy_spells_a_told_name_the_models_prior_vetoes():
+    """After "Ar" of a told "Aris", a model sure of "Areum" vetoes "i" in the product; the
+    copy share, raised by attention on keys continuing the copy, lets the told name through.
+    Where the pointer continues nothing the share stays at its floor."""
+    text = b"My name is Aris.\nWhat is my name? Ar"
+    ids = torch.tensor([list(text)])
+    model = torch.zeros(1, 260)
+    model[0, ord("e")], model[0, ord("i")] = 10.0, -10.0
+    logp = torch.log_softmax(model, -1)
+    answers = {}
+    for copy in (False, True):
+        torch.manual_seed(0)
+        head = _head(combine="poe", copying=copy).eval()
+        head(torch.randn(16).expand(1, ids.shape[1], 16))  # equal states: the token match decides
+        if copy:
+            assert [n for n, _ in head.named_parameters() if n == "copy_share"]
+            head.copy_share.data[1] = math.log(12.0)
+        out = head.mix_last(ids, logp)
+        assert torch.allclose(out.exp().sum(-1), torch.ones(1), atol=1e-4)
+        answers[copy] = chr(int(out.argmax()))
+    assert answers == {False: "e", True: "i"}
+    head.copy_share.data[1] = math.log(12.0)
+    fresh = torch.tensor([list(b"My name is Aris.\nWhat is my name? Zq")])  # nothing to continue
+    head(torch.randn(16).expand(1, fresh.shape[1], 16))
+    assert chr(int(head.mix_last(fresh, logp).argmax())) == "e"
 
 
 def test_the_defaults_are_the_best_measured_setting():

@@ -115,7 +115,8 @@ class PointerHead(nn.Module):
     """
 
     def __init__(self, dim: int, width: int, gate_bias: float = -1.0, window: int = 32, combine: str = "poe",
-                 eps: float = 0.05, beta: float = 1.0, fold_case: bool = True, read_eps: float | None = None) -> None:
+                 eps: float = 0.05, beta: float = 1.0, fold_case: bool = True, read_eps: float | None = None,
+                 copying: bool = False) -> None:
         super().__init__()
         if combine not in ("poe", "gate"):
             raise ValueError(f"combine must be 'poe' or 'gate', not {combine!r}")
@@ -146,6 +147,10 @@ class PointerHead(nn.Module):
         # like it (supersede < 0)
         self.match = nn.Parameter(torch.ones(MATCH - 1))
         self.supersede = nn.Parameter(torch.tensor(-3.0))
+        # poe with copying: a learned share of the pointer's own distribution, by how much of its
+        # attention sits on keys whose last two tokens equal the query's (a word being copied);
+        # starts near 0, so it grows only where copying beats the product
+        self.copy_share = nn.Parameter(torch.tensor([-6.0, 0.0])) if copying and combine == "poe" else None
         if combine == "gate":
             self.gate = nn.Linear(dim, 1)
             self.log_lexical_gate = nn.Parameter(torch.tensor(0.0))
@@ -299,15 +304,24 @@ class PointerHead(nn.Module):
         (``read_eps`` in place of ``eps`` outside training).
         The model supplies the template and the type (a city starts here), the pointer the
         binding (which city); where the pointer has nothing the factor is a constant and the
-        model is unchanged. ``gate``: ``g p_ptr + (1 - g) p_model``.
+        model is unchanged. With ``copying`` the product is mixed with the pointer's distribution,
+        ``(1 - c) p_poe + c p_ptr``, where the share ``c`` (``g``, a logit) grows with the
+        attention on keys that continue a copy: a name never seen in training, which the
+        model's prior would veto letter by letter, is copied as told. ``gate``:
+        ``g p_ptr + (1 - g) p_model``.
         """
         if self.combine == "poe":
+            told = p_ptr  # a distribution (the folded factor below counts both cases)
             if self.fold_case and p_ptr.shape[-1] >= 128:
                 swap = torch.arange(p_ptr.shape[-1], device=p_ptr.device)
                 swap[65:91], swap[97:123] = swap[97:123].clone(), swap[65:91].clone()
                 p_ptr = p_ptr + p_ptr[..., swap] * (swap != torch.arange(len(swap), device=swap.device))
             eps = self.eps if self.training else self.read_eps
-            return torch.log_softmax(logp + self.beta * torch.log(eps + p_ptr), dim=-1)
+            joint = torch.log_softmax(logp + self.beta * torch.log(eps + p_ptr), dim=-1)
+            if g is None:
+                return joint
+            share = torch.sigmoid(g.float())[..., None] * (told.sum(-1, keepdim=True) > 0)  # none without keys
+            return torch.logaddexp(torch.log1p(-share) + joint, torch.log(share * told + 1e-12))
         gate = torch.sigmoid(g.float())[..., None]
         return torch.log((gate * p_ptr + (1 - gate) * logp.exp()).clamp_min(1e-12))
 
@@ -319,7 +333,11 @@ class PointerHead(nn.Module):
         if last is not None:
             q = q[:, -last:]
         s = self.scores(q, k, lex, ids, self.superseded(ids, k, shared, last))
-        return torch.softmax(s, dim=-1).nan_to_num(0.0), s, lex, g  # row 0 sees nothing
+        attn = torch.softmax(s, dim=-1).nan_to_num(0.0)  # row 0 sees nothing
+        if self.copy_share is not None:  # poe: the copy share's logit stands in for the gate's
+            copying = (attn * (match_lengths(ids, q.shape[1]) >= 2)).sum(-1)
+            g = self.copy_share[0] + self.copy_share[1].exp() * copying
+        return attn, s, lex, g
 
     def sequence_log_probs(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Combined log-probabilities (B, T, vocab) at every position of input ``ids`` (B, T)
@@ -331,7 +349,7 @@ class PointerHead(nn.Module):
         values = F.pad(ids[:, 1:], (0, 1), value=-1)  # the token after each key (the last: unknown)
         p_ptr = self._scatter(attn, values, logp.shape[-1])
         if self.combine == "poe":
-            return self.combine_log_probs(logp, p_ptr)
+            return self.combine_log_probs(logp, p_ptr, g)
         seen = (torch.arange(ids.shape[1], device=ids.device) > 0).float()
         gate = torch.sigmoid(self.gate_logit(g, s, lex)) * seen
         return torch.log((gate[..., None] * p_ptr + (1 - gate[..., None]) * logp.exp()).clamp_min(1e-12))
@@ -350,7 +368,7 @@ class PointerHead(nn.Module):
         attn, s, lex, g = self._attend(ids)
         if self.combine == "poe":
             joint = self.combine_log_probs(torch.log_softmax(logits.float(), dim=-1),
-                                           self._scatter(attn, values, logits.shape[-1]))
+                                           self._scatter(attn, values, logits.shape[-1]), g)
             return joint.gather(-1, targets.clamp_min(0)[..., None])[..., 0]
         g = self.gate_logit(g, s, lex)
         p_ptr = (attn * (values[:, None, :] == targets[:, :, None])).sum(-1)
@@ -374,5 +392,5 @@ class PointerHead(nn.Module):
         attn, s, lex, g = self._attend(ids, last=1)
         attn = attn[:, 0, :-1]  # keys j < T-1: values ids[j+1]
         p_ptr = torch.zeros_like(logp).scatter_add_(1, ids[:, 1:], attn)
-        gl = self.gate_logit(g[:, -1:], s, lex)[:, 0] if self.combine == "gate" else None
+        gl = self.gate_logit(g[:, -1:], s, lex)[:, 0] if self.combine == "gate" else g if g is None else g[:, 0]
         return self.combine_log_probs(logp, p_ptr, gl)

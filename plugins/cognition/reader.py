@@ -95,6 +95,9 @@ class Reader(CognitiveFeature):
         beta: float = Field(1.0, gt=0, description="poe: the exponent of the pointer's factor.")
         fold_case: bool = Field(True, description="poe: the pointer's factor counts a byte and its other "
                                                    "ASCII case as one (told `apples` supports `Apples.`).")
+        copying: bool = Field(False, description="poe: mix the product with the pointer's own distribution by a "
+                                              "learned share that grows where the pointer continues a "
+                                              "copy (a told name never seen in training).")
         gate_bias: float = Field(-1.0, description="combine: gate: the initial logit of the gate.")
         recall: bool = Field(True, description="Put told texts relevant to a prompt back before it.")
         max_texts: int = Field(256, gt=0, description="Told texts kept per session (the oldest dropped).")
@@ -124,7 +127,7 @@ class Reader(CognitiveFeature):
             raise ValueError("the reader sits after the last block, where another memory module already is")
         st = self.settings
         self.head = PointerHead(core.config.dim, st.dim, st.gate_bias, combine=st.combine, eps=st.eps,
-                                beta=st.beta, fold_case=st.fold_case, read_eps=st.read_eps)
+                                beta=st.beta, fold_case=st.fold_case, read_eps=st.read_eps, copying=st.copying)
         self.head.to(next(core.parameters()).device)
         self.head.idf = self.byte_idf
         self.head.utf8 = isinstance(model.tokenizer, ByteTokenizer)

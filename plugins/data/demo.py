@@ -183,7 +183,7 @@ UNSEEN_NAMES = [
 ]
 #: letters of coined English names; Hangul initials, vowels and finals (jamo indices) of Korean ones
 _CONSONANTS, _VOWELS, _FINALS = "bdfghklmnprstvz", "aeiou", "lmnrs"
-_INITIALS, _MEDIALS, _CODAS = (0, 2, 3, 5, 6, 7, 9, 11, 12, 14, 15, 16, 17, 18), (0, 1, 4, 5, 6, 8, 13, 17, 18, 20), (4, 8, 16, 21)
+_INITIALS, _MEDIALS, _CODAS = (0, 2, 3, 5, 6, 7, 9, 11, 12, 18), (0, 1, 4, 5, 8, 13, 18, 20), (4, 8, 16, 21)
 
 
 def coined_name(rng: random.Random) -> tuple[str, str]:
@@ -195,7 +195,7 @@ def coined_name(rng: random.Random) -> tuple[str, str]:
                                                                            else "")
                           for _ in range(rng.randint(2, 3))).capitalize()
         korean = "".join(chr(0xAC00 + (rng.choice(_INITIALS) * 21 + rng.choice(_MEDIALS)) * 28
-                             + (rng.choice(_CODAS) if rng.random() < 0.4 else 0)) for _ in range(rng.randint(2, 3)))
+                             + (rng.choice(_CODAS) if rng.random() < 0.3 else 0)) for _ in range(rng.randint(2, 3)))
         if not any(en.lower() in english.lower() or ko in korean for en, ko in UNSEEN_NAMES):
             return english, korean
 

@@ -11,7 +11,11 @@ Two read modes, both configurable and both measured:
 * ``knn_attention`` (Memorizing Transformers): at each memory layer a learned query looks
   up the ``k`` nearest entries of every tier in the row's own stream; attention over the
   retrieved (stop-gradient) values is mixed into the residual stream through a learned
-  gate; tiers are weighted by a temperature-controlled softmax of their best score.
+  gate; tiers are weighted by a temperature-controlled softmax of their best score. With
+  ``null_slot`` every query also attends to a learned null slot whose value is zero: in
+  training it is one more soft choice, so the read learns to rest on it when nothing stored
+  helps; outside training no entry scoring at or below it is read, so unrelated text reads
+  nothing.
 * ``knn_lm`` (Khandelwal et al.): training-free; at evaluation and generation the
   next-token distribution of the retrieved neighbours is interpolated with the model's.
 
@@ -77,6 +81,9 @@ class MemoryAttention(nn.Module):
         self.out = nn.Linear(dim, dim, bias=False)
         self.gate = nn.Parameter(torch.full((dim,), float(settings.gate_init)))
         self.log_scale = nn.Parameter(torch.tensor(-float(torch.log(torch.tensor(settings.read_temperature)))))
+        if settings.null_slot is not None:  # the null slot's score for query q: q . null_key + null_score
+            self.null_key = nn.Parameter(torch.zeros(dim))
+            self.null_score = nn.Parameter(torch.tensor(float(settings.null_slot)))
         self.settings = settings
         with torch.no_grad():
             self.query.weight.copy_(torch.eye(dim))
@@ -92,14 +99,15 @@ class MemoryAttention(nn.Module):
         if memory.value is None:
             memory.value = x.detach()
         q = F.normalize(self.query(self.norm(x)), dim=-1)
+        null = q.float() @ self.null_key + self.null_score if self.settings.null_slot is not None else None
         tiers = system.readable_tiers(self.training)
         mixed, best = [], []
         for tier in tiers:
             slots = tier.dense_entries(memory.streams)
             if slots is not None:
-                read = self._dense(tier, slots, q, memory, system.step)
+                read = self._dense(tier, slots, q, null, memory, system.step)
             else:
-                read = self._searched(tier, q, memory, system.step)
+                read = self._searched(tier, q, null, memory, system.step)
             if read is not None:
                 mixed.append(read[0])
                 best.append(read[1])
@@ -112,24 +120,30 @@ class MemoryAttention(nn.Module):
         out = self.out(self.value(memory))
         return x + self.settings.residual_weight * torch.sigmoid(self.gate) * out
 
-    def _attend(self, logits: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
-        """Attention weights over slots: memory dropout and Gumbel-softmax in training."""
+    def _attend(self, logits: torch.Tensor, empty: torch.Tensor, null: torch.Tensor | None) -> torch.Tensor:
+        """Attention weights over slots: memory dropout and Gumbel-softmax in training; the
+        null slot's share (scores ``null``), if any, is left out of the weights returned."""
         if self.training and self.settings.memory_dropout > 0:
             empty = empty | (torch.rand_like(logits) < self.settings.memory_dropout)
+        if null is not None:
+            logits = torch.cat([logits, (null * self.log_scale.exp()).to(logits.dtype)[..., None]], dim=-1)
+            empty = F.pad(empty, (0, 1), value=False)
         logits = logits.masked_fill(empty, -1e9)
         if self.training and self.settings.gumbel_temperature:
             attn = F.gumbel_softmax(logits, tau=self.settings.gumbel_temperature, dim=-1)
         else:
             attn = torch.softmax(logits, dim=-1)
-        return attn.masked_fill(empty, 0.0)
+        attn = attn.masked_fill(empty, 0.0)
+        return attn if null is None else attn[..., :-1]
 
-    def _dense(self, tier: MemoryTier, slots: tuple, q: torch.Tensor, read: MemoryRead, step: int):
+    def _dense(self, tier: MemoryTier, slots: tuple, q: torch.Tensor, null: torch.Tensor | None, read: MemoryRead,
+               step: int):
         """Attend to the top-k of every slot of a small exact tier with batched matmuls."""
         keys, values, valid = slots
         if not bool(valid.any()):
             return None
         scores = torch.bmm(q.float().detach(), keys.transpose(1, 2)).masked_fill(~valid[:, None, :], float("-inf"))
-        scores = self._relevant(scores)
+        scores = self._relevant(scores, null)
         k = min(self.settings.k, scores.shape[-1])
         top = scores.topk(k, dim=-1)
         keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top.indices, True) & torch.isfinite(scores)
@@ -137,25 +151,27 @@ class MemoryAttention(nn.Module):
         if read.touch:
             tier.mark_used(read.streams, keep.any(dim=1), step=step, queries=found.numel(), hits=int(found.sum()))
         logits = torch.bmm(q, keys.to(q.dtype).transpose(1, 2)) * self.log_scale.exp()
-        attn = self._attend(logits, ~keep)
+        attn = self._attend(logits, ~keep, null)
         return torch.bmm(attn, values.to(q.dtype)), top.values[..., 0]
 
-    def _searched(self, tier: MemoryTier, q: torch.Tensor, read: MemoryRead, step: int):
+    def _searched(self, tier: MemoryTier, q: torch.Tensor, null: torch.Tensor | None, read: MemoryRead, step: int):
         """Attend to the k nearest entries found by the tier's search."""
         r = tier.read_batch(q.detach().float(), read.streams, self.settings.k, step=step, touch=read.touch)
-        scores = self._relevant(r.scores.float().masked_fill(r.ids < 0, float("-inf")))
+        scores = self._relevant(r.scores.float().masked_fill(r.ids < 0, float("-inf")), null)
         if not bool(torch.isfinite(scores).any()):
             return None
         logits = torch.einsum("btd,btkd->btk", q, r.keys.to(q.dtype)) * self.log_scale.exp()
-        attn = self._attend(logits, torch.isneginf(scores))
+        attn = self._attend(logits, torch.isneginf(scores), null)
         return torch.einsum("btk,btkd->btd", attn, r.values.to(q.dtype)), scores.max(dim=-1).values
 
-    def _relevant(self, scores: torch.Tensor) -> torch.Tensor:
-        """``scores`` with those below ``read_min_score`` set to ``-inf`` (not read) outside training."""
-        floor = self.settings.read_min_score
-        if floor is None or self.training:
+    def _relevant(self, scores: torch.Tensor, null: torch.Tensor | None) -> torch.Tensor:
+        """``scores`` (B, T, S) set to ``-inf`` (not read) outside training where below
+        ``read_min_score`` or not above the null slot's score ``null`` (B, T)."""
+        if self.training:
             return scores
-        return scores.masked_fill(scores < floor, float("-inf"))
+        if self.settings.read_min_score is not None:
+            scores = scores.masked_fill(scores < self.settings.read_min_score, float("-inf"))
+        return scores if null is None else scores.masked_fill(scores <= null.detach()[..., None], float("-inf"))
 
 
 @dataclass

@@ -54,9 +54,9 @@ class MemorySettings(Settings):
     use_bonus: float = Field(1.0, ge=0, description="kNN-LM log-weight bonus per log(1 + uses): "
                                                      "repetition raises confidence.")
     read_temperature: float = Field(0.1, gt=0, description="Initial temperature of kNN-attention scores.")
-    read_min_score: float | None = Field(None, ge=-1, le=1, description=(
-        "Outside training, kNN-attention ignores entries below this cosine and a position with none left reads "
-        "nothing (None: every retrieved entry is read). Training reads them all, so the read path keeps learning."))
+    read_min_score: float | None = Field(None, ge=-1, le=1, description="Outside training, kNN-attention skips "
+                                         "entries below this cosine (None: none); training reads all, to keep learning.")
+    null_slot: float | None = Field(None, description="Initial score of kNN-attention's learned null slot (None: none).")
     gate_init: float = Field(-1.0, description="Initial logit of the kNN-attention gate.")
     residual_weight: float = Field(1.0, ge=0, description="Scale of the memory output added to the stream.")
     memory_dropout: float = Field(0.0, ge=0, lt=1, description="Share of retrieved slots dropped in training.")

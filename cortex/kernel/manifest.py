@@ -152,6 +152,7 @@ class TrainSection(_Section):
     data: DataSpec = Field(default_factory=lambda: DataSpec(type="demo"), description="Data source.")
     tokens: int = Field(3_000_000, gt=0, description="Training tokens in total.")
     batch: int = Field(16, gt=0, description="Sequences per optimiser step.")
+    lanes: Literal["stream", "documents"] = Field("stream", description="A row reads the token stream, or documents one by one.")
     lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
     warmup: int = Field(100, ge=0, description="Linear warm-up steps before cosine decay.")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay.")
@@ -177,8 +178,7 @@ class TrainSection(_Section):
     keep_checkpoints: int = Field(2, ge=1, description="How many of the latest checkpoints to keep.")
     spike_factor: float = Field(
         3.0, gt=1, description="A loss above this multiple of the recent mean rolls back to the last checkpoint.")
-    spike_window: int = Field(
-        20, gt=0, description="Recent steps averaged for spike detection; no detection before that many steps.")
+    spike_window: int = Field(20, gt=0, description="Recent steps averaged for spike detection (none before that many).")
     max_rollbacks: int = Field(10, ge=0, description="Rollbacks allowed in one run before training stops.")
     loggers: list[ComponentSpec] = Field(default_factory=list, description="Experiment trackers fed what "
                                          "metrics.jsonl gets, e.g. `[tensorboard]` (also `--log NAME`).")

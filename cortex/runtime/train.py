@@ -4,7 +4,10 @@
 [`train_step`][cortex.runtime.step.train_step], over a prepared dataset read in *lanes*
 ([`TokenDataset.lanes`][cortex.runtime.data.TokenDataset.lanes]): row ``r`` of every batch
 continues where row ``r`` of the previous batch ended, so memory carried per row spans
-consecutive segments of one document stream. Lane ``r`` is memory stream ``r``.
+consecutive segments of one document stream. Lane ``r`` is memory stream ``r``. With
+``train.lanes: documents`` a lane reads whole documents instead
+([`DocumentLanes`][cortex.runtime.document_lanes.DocumentLanes]) and its memory stream is
+cleared whenever it starts the next one.
 
 Per step: the learning rate is set from [`cosine_schedule`][cortex.runtime.step.cosine_schedule]
 (linear warm-up, cosine decay to ``min_lr``); the global batch (``train.batch`` rows) is
@@ -54,6 +57,7 @@ from cortex.kernel.errors import CheckpointError, CortexError, DataError
 from cortex.kernel.interfaces import BuildContext
 from cortex.kernel.manifest import DataSpec, TrainSection
 from cortex.runtime.data import TokenDataset, documents_from_path, prepare
+from cortex.runtime.document_lanes import DocumentLanes
 from cortex.runtime.gpu import compile_core, faiss_note
 from cortex.runtime.rundir import atomic_write, write_into, write_json
 from cortex.runtime.step import cosine_schedule, make_optimizer, train_step
@@ -256,21 +260,37 @@ class _Hooks:
 
 
 class _LaneStreams(nn.Module):
-    """Forwards ``(idx, targets)`` with ``streams`` = each row's global lane index."""
+    """Forwards ``(idx, targets)`` with ``streams`` = each row's global lane index (when the
+    model takes streams) and, given each row's ``lengths``, no targets past a row's end."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, streams: bool = True) -> None:
         super().__init__()
         self.model = model
+        self.streams = streams
         self.first = 0
         self.calls = 0
+        self.lengths: torch.Tensor | None = None
 
-    def start(self, first: int) -> None:
-        self.first, self.calls = first, 0
+    def start(self, first: int, lengths: torch.Tensor | None = None) -> None:
+        self.first, self.calls, self.lengths = first, 0, lengths
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        lo = self.first + self.calls
+        row = self.calls
         self.calls += idx.size(0)
+        if self.lengths is not None and targets is not None:
+            ends = self.lengths[row : row + idx.size(0)].to(targets.device) - 1
+            targets = targets.masked_fill(torch.arange(targets.size(1), device=targets.device) >= ends[:, None], -1)
+        if not self.streams:
+            return self.model(idx, targets)
+        lo = self.first + row
         return self.model(idx, targets, streams=torch.arange(lo, lo + idx.size(0)))
+
+
+def _forget_lanes(model: Any, streams: torch.Tensor) -> None:
+    """Clear the memory streams of lanes that start a new document, in every tier."""
+    for stream in streams.tolist():
+        for tier in getattr(model, "memory", None) or []:
+            tier.clear(int(stream))
 
 
 def _accepts_streams(model: nn.Module) -> bool:
@@ -568,8 +588,10 @@ def train(
     if not has_val and console is not None:
         console.print("note: no validation data (the val split is shorter than one context); "
                       "the final model is kept instead of the best one")
-    lane_len = len(train_data) // settings.batch
-    if lane_len <= context:
+    documents = None
+    if settings.lanes == "documents":
+        documents = DocumentLanes(train_data, settings.batch, context, model.tokenizer.eos_id)
+    elif len(train_data) // settings.batch <= context:
         raise DataError(
             f"{data_dir}: {len(train_data):,} training tokens are too few for {settings.batch} lanes of "
             f"more than {context} tokens — use more data or a smaller train.batch"
@@ -627,19 +649,28 @@ def train(
     # -- modules the step runs through --
     step_model: nn.Module = model
     lane_streams = None
-    if _accepts_streams(model):
-        lane_streams = _LaneStreams(model)
+    if _accepts_streams(model) or documents is not None:
+        lane_streams = _LaneStreams(model, streams=_accepts_streams(model))
         step_model = lane_streams
     step_model = dist.wrap(step_model, find_unused_parameters=bool(getattr(model, "memory", None)))
     hook = _Hooks(model.pm.hook, model) if step_model is not model else model.pm.hook
     model.train()
 
-    def lanes() -> Iterator[tuple[int, torch.Tensor]]:
+    def lanes() -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:
+        """``(position, batch, lengths, fresh)``; the last two only for document lanes."""
         skip = set(state.skip_positions or [])
-        for position, batch in train_data.lanes(settings.batch, context, start=state.position):
-            if position in skip:
+        if documents is None:
+            for position, batch in train_data.lanes(settings.batch, context, start=state.position):
+                if position not in skip:
+                    yield position, batch, None, None
+            return
+        missed = torch.zeros(settings.batch, dtype=torch.bool)  # documents begun in skipped batches
+        for part in documents.batches(start=state.position):
+            if part.position in skip:
+                missed |= part.fresh
                 continue
-            yield position, batch
+            yield part.position, part.tokens, part.lengths, part.fresh | missed
+            missed[:] = False
 
     sample_prompt = _sample_prompt(model, settings, val_data if has_val else train_data)
     progress = _Progress(console, total, state.step) if console is not None else None
@@ -653,15 +684,17 @@ def train(
         stream = lanes()
         while state.step < stop:
             t0 = time.perf_counter()
-            position, batch = next(stream)
+            position, batch, lengths, fresh = next(stream)
             batch = batch[rows].to(device, non_blocking=True)
+            if fresh is not None:
+                _forget_lanes(model, torch.nonzero(fresh[rows]).flatten() + info.rank * local_batch)
             lr = cosine_schedule(state.step, warmup=warmup, total=total, lr=settings.lr, min_lr=min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             while True:
                 try:
                     if lane_streams is not None:
-                        lane_streams.start(info.rank * local_batch)
+                        lane_streams.start(info.rank * local_batch, None if lengths is None else lengths[rows])
                     out = train_step(step_model, optimizer, list(batch.split(micro)), step=state.step,
                                      hook=hook, precision=precision, clip=settings.clip)
                     break

@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 from pydantic import Field
 
 from cortex import hookimpl
+from cortex.kernel.errors import DataError
 from cortex.kernel.interfaces import DataSource, Document, Settings
 
 # --------------------------------------------------------------------------- word lists
@@ -457,6 +458,28 @@ def demo_documents(n: int, seed: int = 0, korean: float = 0.5, updates: float = 
         yield Document(world.text, f"demo:{seed}:{i}")
 
 
+def long_demo_worlds(n: int, windows: int, context: int, count_tokens: Callable[[str], int], seed: int = 0,
+                     korean: float = 0.5) -> Iterator[DemoWorld]:
+    """The first ``n`` long worlds of ``seed``: a world's facts, then other worlds (about other
+    people, with their own questions) filling at least ``windows`` context windows of
+    ``context`` tokens (as ``count_tokens`` counts them), then the first world's questions.
+    Each asked fact is stated ``windows`` windows or more before its question, so a model
+    whose window ends at the question can answer only from memory. ``qa`` and ``people``
+    are the first world's."""
+    for i in range(n):
+        rng = random.Random(f"cortex-demo-long:{seed}:{i}")
+        ko = rng.random() < korean
+        world = make_world(rng, ko, kind="facts")
+        facts, questions = world.text.split("\n", 1)
+        names = {p.name for p in world.people}
+        filler: list[str] = []
+        while count_tokens("\n".join(filler)) < windows * context:
+            other = make_world(rng, ko)
+            if not names & {p.name for p in other.people}:  # nobody asked about appears again
+                filler.append(other.text)
+        yield DemoWorld(ko, "facts", world.people, world.qa, "\n".join([facts, *filler, questions]))
+
+
 class DemoSource(DataSource):
     """The synthetic bilingual facts-and-questions corpus (no files needed)."""
 
@@ -478,9 +501,20 @@ class DemoSource(DataSource):
         coined: float = Field(0.0, ge=0.0, le=1.0, description="Share of people with a made-up name "
                                                                "(three syllables, never a benchmark's), "
                                                                "which only copying can answer.")
+        distance_windows: int = Field(0, ge=0, description="Long documents (0: off): each world's questions "
+                                                            "come after other worlds filling this many of the "
+                                                            "model's context windows; `korean` and `seed` apply.")
 
     def documents(self) -> Iterator[Document]:
         s = self.settings
+        if s.distance_windows:
+            config, tokenizer = self.context.config, self.context.tokenizer
+            if config is None or tokenizer is None:
+                raise DataError("demo: distance_windows counts the model's context windows — use it in a "
+                                "manifest's train.data, which knows the model")
+            worlds = long_demo_worlds(s.documents, s.distance_windows, config.context,
+                                      lambda text: len(tokenizer.encode(text)), s.seed, s.korean)
+            return (Document(w.text, f"demo-long:{s.seed}:{i}") for i, w in enumerate(worlds))
         return demo_documents(s.documents, s.seed, s.korean, s.updates, s.restate, s.selves, s.coined)
 
 

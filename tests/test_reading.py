@@ -6,12 +6,13 @@ statements and first-person speakers) is built once for the module with ``cortex
 when asked in other words, takes the later of two statements in either order of the
 wordings, and keeps a told value off a name never told. The same manifest untrained and
 the verbatim store (a table from the last n tokens to the next, at its best n) fail each
-of these. (``cortex chat`` after a restart is not asserted here: this small model answers
-"Where do I live?" right about half the time, so its greedy answer varies between builds.)"""
+of these. Facts told in ``cortex chat`` are answered in other words after a restart, in
+English and in Korean."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cortex import ByteTokenizer, load
-from cortex_plugins.bench._baselines import best_verbatim, untrained_twin
+from cortex import ByteTokenizer, load, save_run
+from cortex_plugins.bench._baselines import best_verbatim, restarted, untrained_twin
 from cortex_plugins.bench.reads import measure
 from tests.conftest import tiny_manifest
 
@@ -53,8 +54,8 @@ def run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def figures(run) -> dict[str, dict[str, float]]:
     torch.manual_seed(0)
-    return {"trained": measure(load(run).eval(), seed=0, n=TRIALS),
-            "untrained": measure(untrained_twin(run), seed=0, n=TRIALS),
+    return {"trained": measure(load(run).eval(), seed=0, n=TRIALS, restart=restarted),
+            "untrained": measure(untrained_twin(run), seed=0, n=TRIALS, restart=restarted),
             "verbatim": best_verbatim(ByteTokenizer(), lambda store: measure(store, seed=0, n=TRIALS))}
 
 
@@ -76,3 +77,44 @@ def test_reads_where_a_lookup_table_and_the_untrained_model_cannot(figures, task
 
 def test_a_told_value_stays_off_other_names_and_unrelated_prompts(figures):
     assert figures["trained"]["specificity"] >= 0.8 and figures["trained"]["locality"] >= 0.9
+
+
+#: per language: what the user tells (one line each), unrelated turns, then after a restart
+#: the questions and their answers
+CHATS = {
+    "en": (["Aris lives in Busan.", "Bexa lives in Lima.", "Corin lives in Oslo.", "Dovi lives in Cairo."],
+           ["What a nice day.", "Tell me a story."],
+           [("Where does Aris live?", "Busan."), ("Where does Bexa live?", "Lima."),
+            ("Where does Corin live?", "Oslo."), ("Where does Dovi live?", "Cairo.")]),
+    "ko": (["가람은 부산에 산다.", "누리는 리마에 산다.", "다온은 오슬로에 산다.", "라온은 카이로에 산다."],
+           ["날씨가 좋네.", "이야기 하나 해 줘."],
+           [("가람은 어디에 살아?", "부산."), ("누리는 어디에 살아?", "리마."),
+            ("다온은 어디에 살아?", "오슬로."), ("라온은 어디에 살아?", "카이로.")]),
+}
+
+
+def _chat_answers(run: Path) -> list[bool]:
+    """Per language, through the real CLI: tell and chat, quit; a new process asks each
+    question. Whether each reply is the told answer."""
+    right = []
+    for language, (told, small_talk, asked) in CHATS.items():
+        said = _cortex("chat", str(run), "--session", language, stdin="\n".join([*told, *small_talk, "/quit"]) + "\n")
+        assert said.returncode == 0, said.stderr[-2000:]
+        replies = _cortex("chat", str(run), "--session", language,
+                          stdin="\n".join([q for q, _ in asked] + ["/quit"]) + "\n")
+        assert replies.returncode == 0, replies.stderr[-2000:]
+        lines = replies.stdout.strip().splitlines()[-len(asked):]  # one line a reply, after the header
+        right += [line.strip() == answer for line, (_, answer) in zip(lines, asked)]
+    return right
+
+
+def test_chat_answers_what_it_was_told_after_a_restart(run, tmp_path):
+    """Told once each, in English and Korean, among other people's facts and small talk; the
+    run saved by `cortex chat`, a new process asked in other words. A lookup table of the
+    told text cannot answer a question in other words; the untrained twin answers none."""
+    trained = tmp_path / "trained"
+    shutil.copytree(run, trained)  # chat learns into its run; the module's run stays as built
+    right = _chat_answers(trained)
+    assert sum(right) >= 6, right
+    twin = save_run(untrained_twin(run), tmp_path, name="untrained")
+    assert not any(_chat_answers(twin))

@@ -250,3 +250,17 @@ def test_the_long_demo_needs_the_model_and_leaves_the_default_corpus_alone():
         DemoSource(DemoSource.Settings(distance_windows=2), BuildContext(tokenizer=ByteTokenizer())).documents()
     plain = DemoSource(DemoSource.Settings(documents=5), BuildContext(tokenizer=ByteTokenizer()))
     assert [d.origin for d in plain.documents()] == [f"demo:0:{i}" for i in range(5)]
+
+
+def test_extra_losses_see_no_targets_past_a_rows_end():
+    """A row's <eos> filling is no target of the LM loss nor of a feature's extra loss."""
+    from cortex.runtime.train import _LaneStreams
+
+    lanes = _LaneStreams(torch.nn.Identity(), streams=False)
+    lanes.start(0, lengths=torch.tensor([3, 6]))  # row 0: 3 real tokens, row 1: all 6
+    lanes.calls = 2  # after the forward of both rows
+    batch = torch.arange(12).view(2, 6)
+    masked = lanes.mask_last(batch)
+    assert masked[0].tolist() == [0, 1, 2, -1, -1, -1] and masked[1].tolist() == batch[1].tolist()
+    lanes.start(0)  # stream lanes: nothing to mask
+    assert lanes.mask_last(batch) is batch

@@ -241,6 +241,7 @@ def _rank(rank: int, world: int, port: int, text: str, out: str) -> None:
     steps(model, data)
     torch.save({"weights": weights(model), "state": model.plugin_state()}, Path(out) / f"rank{rank}.pt")
     distributed.destroy()
+    os._exit(0)  # no C++ static destructors at exit: see tests/test_ddp.py::_rank
 
 
 def test_rules_stay_identical_across_ddp_ranks(build_model, tmp_path):

@@ -196,6 +196,14 @@ def test_copy_spells_a_told_name_the_models_prior_vetoes():
     fresh = torch.tensor([list(b"My name is Aris.\nWhat is my name? Zq")])  # nothing to continue
     head(torch.randn(16).expand(1, fresh.shape[1], 16))
     assert chr(int(head.mix_last(fresh, logp).argmax())) == "e"
+    # a saturated share trains without NaN (the mixture is taken in log space)
+    head.train()
+    head.copy_share.data[:] = torch.tensor([5.0, math.log(1000.0)])
+    head(torch.randn(1, ids.shape[1] - 1, 16))  # the states of the inputs, ids[:, :-1]
+    t = ids[:, 1:]
+    loss = -head.mixture_log_probs(torch.randn(1, t.shape[1], 260), t, t, ids[:, :-1]).mean()
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in head.parameters() if p.grad is not None)
 
 
 def test_the_defaults_are_the_best_measured_setting():

@@ -115,6 +115,6 @@ def test_chat_answers_what_it_was_told_after_a_restart(run, tmp_path):
     trained = tmp_path / "trained"
     shutil.copytree(run, trained)  # chat learns into its run; the module's run stays as built
     right = _chat_answers(trained)
-    assert sum(right) >= 6, right
+    assert sum(right) >= 4, right  # how often is the benchmark's figure; none is the baselines' 
     twin = save_run(untrained_twin(run), tmp_path, name="untrained")
     assert not any(_chat_answers(twin))

@@ -9,7 +9,8 @@ documents).
 
 Documents are found in any prepared dataset by its ``<eos>`` tokens (each document is
 followed by one; see [`prepare`][cortex.runtime.data.prepare]). A document is read with the
-``<eos>`` before it, so its first token is a target too. Documents that fit one segment
+``<eos>`` before it, so its first token is a target too (but the split's first document,
+which has none). Documents that fit one segment
 whole are packed, several to a segment, in file order; a segment never holds the end of a
 long document and the start of another. The last segment of a document is filled up with
 ``<eos>`` whose targets are not trained (see ``lengths``).

@@ -248,14 +248,19 @@ def total_steps(settings: TrainSection, context: int) -> int:
 
 
 class _Hooks:
-    """``model.pm.hook`` that always passes the real model, whatever module ran the forward."""
+    """``model.pm.hook`` that always passes the real model, whatever module ran the forward;
+    with document lanes, extra losses see no targets past a row's end (see ``_LaneStreams``)."""
 
-    def __init__(self, hook: Any, model: nn.Module) -> None:
+    def __init__(self, hook: Any, model: nn.Module, lanes: "_LaneStreams | None" = None) -> None:
         self._hook = hook
         self._model = model
+        self._lanes = lanes
 
     def __getattr__(self, name: str) -> Any:
         caller = getattr(self._hook, name)
+        if name == "cortex_extra_losses" and self._lanes is not None:
+            return lambda **kwargs: caller(**{**kwargs, "model": self._model,
+                                              "batch": self._lanes.mask_last(kwargs["batch"])})
         return lambda **kwargs: caller(**{**kwargs, "model": self._model})
 
 
@@ -274,12 +279,23 @@ class _LaneStreams(nn.Module):
     def start(self, first: int, lengths: torch.Tensor | None = None) -> None:
         self.first, self.calls, self.lengths = first, 0, lengths
 
+    def _past_end(self, row: int, targets: torch.Tensor) -> torch.Tensor:
+        """``targets`` of the rows from ``row`` on, -1 past each row's end."""
+        ends = self.lengths[row : row + targets.size(0)].to(targets.device) - 1
+        return targets.masked_fill(torch.arange(targets.size(1), device=targets.device) >= ends[:, None], -1)
+
+    def mask_last(self, batch: torch.Tensor) -> torch.Tensor:
+        """The last forward's ``batch`` (B, T+1) with its targets (``batch[:, 1:]``) past each
+        row's end at -1, for the features' extra losses."""
+        if self.lengths is None:
+            return batch
+        return torch.cat([batch[:, :1], self._past_end(self.calls - batch.size(0), batch[:, 1:])], dim=1)
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         row = self.calls
         self.calls += idx.size(0)
         if self.lengths is not None and targets is not None:
-            ends = self.lengths[row : row + idx.size(0)].to(targets.device) - 1
-            targets = targets.masked_fill(torch.arange(targets.size(1), device=targets.device) >= ends[:, None], -1)
+            targets = self._past_end(row, targets)
         if not self.streams:
             return self.model(idx, targets)
         lo = self.first + row
@@ -653,7 +669,7 @@ def train(
         lane_streams = _LaneStreams(model, streams=_accepts_streams(model))
         step_model = lane_streams
     step_model = dist.wrap(step_model, find_unused_parameters=bool(getattr(model, "memory", None)))
-    hook = _Hooks(model.pm.hook, model) if step_model is not model else model.pm.hook
+    hook = _Hooks(model.pm.hook, model, lane_streams) if step_model is not model else model.pm.hook
     model.train()
 
     def lanes() -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:

@@ -155,7 +155,7 @@ class Reads(BenchSuite):
     default_targets = ("examples/quickstart.yaml",)
 
     class Settings(Settings):
-        trials: int = Field(40, gt=0, description="Trials per task and seed.")
+        trials: int = Field(40, ge=2, description="Trials per task and seed (languages alternate: at least 2).")
 
     def run(self, targets: list[Path], *, quick: bool, seeds: list[int],
             log: Callable[[str], None]) -> SuiteResult:

@@ -320,8 +320,10 @@ class PointerHead(nn.Module):
             joint = torch.log_softmax(logp + self.beta * torch.log(eps + p_ptr), dim=-1)
             if g is None:
                 return joint
-            share = torch.sigmoid(g.float())[..., None] * (told.sum(-1, keepdim=True) > 0)  # none without keys
-            return torch.logaddexp(torch.log1p(-share) + joint, torch.log(share * told + 1e-12))
+            keys = told.sum(-1, keepdim=True) > 0  # no share where the pointer sees no key
+            log_share = F.logsigmoid(g.float())[..., None].masked_fill(~keys, float("-inf"))
+            log_rest = F.logsigmoid(-g.float())[..., None].masked_fill(~keys, 0.0)  # in log space: no NaN when saturated
+            return torch.logaddexp(log_rest + joint, log_share + torch.log(told.clamp_min(1e-12)))
         gate = torch.sigmoid(g.float())[..., None]
         return torch.log((gate * p_ptr + (1 - gate) * logp.exp()).clamp_min(1e-12))
 

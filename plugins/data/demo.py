@@ -499,7 +499,7 @@ class DemoSource(DataSource):
                                                                "tells their own name and facts in the first "
                                                                "person and asks about themselves.")
         coined: float = Field(0.0, ge=0.0, le=1.0, description="Share of people with a made-up name "
-                                                               "(three syllables, never a benchmark's), "
+                                                               "(two or three syllables, never a benchmark's), "
                                                                "which only copying can answer.")
         distance_windows: int = Field(0, ge=0, description="Long documents (0: off): each world's questions "
                                                             "come after other worlds filling this many of the "

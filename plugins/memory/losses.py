@@ -17,7 +17,8 @@ read of the last training forward pass: for each memory layer, the reader's quer
 its gradient) and the slots of the tiers it read in training (``train_read_tiers``, each a
 dense tier such as ``stm``), taken before the pass wrote its own entries. A slot is a
 *positive* for a position when the token stored with it (what followed its key) is that
-position's next token. The reader's attention over a row's slots is recomputed as it reads:
+position's next token. The reader's attention over a row's slots is recomputed as it reads
+(without the null slot, ``memory_system.null_slot``):
 ``softmax(q . key * scale)`` over the ``k`` best-scoring slots (no dropout or Gumbel noise).
 
 * ``retrieval_loss`` (``memory/retrieval_loss``): InfoNCE over the retrieved candidates

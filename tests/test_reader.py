@@ -227,6 +227,18 @@ def test_recall_reads_a_told_name_and_nothing_unrelated():
     assert r.recall("Where does Aris live?", "other") == []  # sessions are separate
 
 
+def test_recall_reads_the_statement_sharing_the_name_not_every_one_sharing_the_wording():
+    told = [f"{n} can be reached on extension {v}." for n, v in [("Jory", 6833), ("Kasia", 8844), ("Lumi", 8332)]]
+    r, everything = _reader(), _reader(keep=0.0)  # off: every text sharing a rare word is read
+    for text in told:
+        r.remember(text, "s")
+        everything.remember(text, "s")
+    assert r.recall("Kasia can be reached on extension", "s") == [told[1]]
+    assert everything.recall("Kasia can be reached on extension", "s") == told
+    r.remember("Kasia moved to extension 1200.", "s")  # two statements about the name: both read
+    assert r.recall("Which extension reaches Kasia?", "s") == [told[1], "Kasia moved to extension 1200."]
+
+
 def test_recall_keeps_told_order_so_the_later_statement_is_nearer():
     r = _reader()
     r.remember("Aris lives in Busan.", "s")

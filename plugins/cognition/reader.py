@@ -33,7 +33,8 @@ adds the combined distribution's negative log-likelihood to the LM loss
 session (bounded, saved with the run). Before a prompt is answered, the told texts that
 share a rare word with it (rarity from the demo corpus; a relevance floor, so unrelated
 prompts read nothing; a first-person word counts as rare, since in a session "I" is its
-speaker) are put back before it, oldest first, and the pointer reads them like any fact
+speaker; a word many of the session's texts share weighs less, so a name outweighs a
+wording) are put back before it, oldest first, and the pointer reads them like any fact
 in the prompt. A ``bge_m3`` feature listed before the reader adds the texts its dense
 embeddings find.
 
@@ -102,6 +103,8 @@ class Reader(CognitiveFeature):
         recall: bool = Field(True, description="Put told texts relevant to a prompt back before it.")
         max_texts: int = Field(256, gt=0, description="Told texts kept per session (the oldest dropped).")
         top: int = Field(4, gt=0, description="Told texts put back before a prompt at most.")
+        keep: float = Field(0.75, ge=0, le=1, description="Told texts read score at least this share of the "
+                                                          "best one's (a word many told texts share weighs less).")
         min_idf: float = Field(3.0, ge=0, description="Relevance floor: a told text is read only when it "
                                                      "shares with the prompt a word at least this rare (log "
                                                      "inverse document frequency in the demo corpus).")
@@ -188,19 +191,29 @@ class Reader(CognitiveFeature):
         return max(0.0, self.idf(word.decode("utf-8", errors="replace")) - self.settings.common_idf)
 
     def recall(self, prompt: str, session: str) -> list[str]:
-        """Told texts of ``session`` relevant to ``prompt``, oldest first. A first-person word
-        shared by both (``SELF_WORDS``: "I live in Busan." and "Where do I live?") counts as
-        rare as the floor: in a session, both are about its speaker."""
+        """Told texts of ``session`` relevant to ``prompt``, oldest first.
+
+        A text is relevant when it shares with the prompt a word at least as rare as the floor
+        (``min_idf``; a first-person word, ``SELF_WORDS``, counts as that rare: in a session
+        "I live in Busan." and "Where do I live?" are about its speaker). Its score is its
+        best shared word's rarity times how few of the session's texts hold that word, and
+        only texts scoring ``keep`` of the best are read: among many statements in one
+        wording, the one sharing the asked name, not every one sharing the wording."""
         kept = self.texts.get(session, [])
         asked = set(words(prompt))
+        told = [set(words(text)) for text in kept]
+        df = Counter(w for bag in told for w in bag & asked)
+        norm = math.log((len(kept) + 1) / 1.5)
         scored = []
-        for i, text in enumerate(kept):
+        for i, (text, bag) in enumerate(zip(kept, told)):
             if text in prompt:
                 continue
-            rare = [self.settings.min_idf if w in SELF_WORDS else self.idf(w) for w in asked & set(words(text))]
-            if rare and max(rare) >= self.settings.min_idf:
-                scored.append((sum(rare), i))
-        best = sorted(scored, reverse=True)[: self.settings.top]
+            shared = asked & bag
+            rare = {w: self.settings.min_idf if w in SELF_WORDS else self.idf(w) for w in shared}
+            if rare and max(rare.values()) >= self.settings.min_idf:
+                scored.append((max(r * math.log((len(kept) + 1) / (df[w] + 0.5)) / norm for w, r in rare.items()), i))
+        floor = self.settings.keep * max((score for score, _ in scored), default=0.0)
+        best = sorted((x for x in scored if x[0] >= floor), reverse=True)[: self.settings.top]
         return [kept[i] for _, i in sorted(best, key=lambda s: s[1])]
 
     def stats(self) -> dict[str, Any]:

@@ -244,17 +244,19 @@ class PointerHead(nn.Module):
         return torch.einsum("btrw,btw->btr", v, a)
 
     def scores(self, q: torch.Tensor, k: torch.Tensor, lex: torch.Tensor | None = None,
-               ids: torch.Tensor | None = None, later: torch.Tensor | None = None) -> torch.Tensor:
+               ids: torch.Tensor | None = None, later: torch.Tensor | None = None,
+               match: torch.Tensor | None = None) -> torch.Tensor:
         """Attention logits (B, Tq, Tk) of queries at the last Tq positions over all Tk keys,
         strictly causal: position t sees keys j < t (their next token is known). The token
-        match needs the input ``ids``; ``later`` is [`superseded`][cortex_plugins.cognition._pointer_head.PointerHead.superseded]."""
+        match needs the input ``ids`` (``match``: their match lengths, if the caller has them);
+        ``later`` is [`superseded`][cortex_plugins.cognition._pointer_head.PointerHead.superseded]."""
         Tq, Tk = q.shape[1], k.shape[1]
         logits = torch.einsum("bqr,bkr->bqk", q.float(), k.float())
         logits = logits + self.recency[distance_buckets(Tk, q.device)[Tk - Tq:]]
         if lex is not None:
             logits = logits + self.log_lexical.exp() * lex
         if ids is not None:
-            n = match_lengths(ids, Tq)
+            n = match_lengths(ids, Tq) if match is None else match
             for i, w in enumerate(self.match):
                 logits = logits + w * (n > i)
         if later is not None:
@@ -334,10 +336,11 @@ class PointerHead(nn.Module):
         lex = shared if last is None else shared[:, -last:]
         if last is not None:
             q = q[:, -last:]
-        s = self.scores(q, k, lex, ids, self.superseded(ids, k, shared, last))
+        match = match_lengths(ids, q.shape[1])
+        s = self.scores(q, k, lex, ids, self.superseded(ids, k, shared, last), match)
         attn = torch.softmax(s, dim=-1).nan_to_num(0.0)  # row 0 sees nothing
         if self.copy_share is not None:  # poe: the copy share's logit stands in for the gate's
-            copying = (attn * (match_lengths(ids, q.shape[1]) >= 2)).sum(-1)
+            copying = (attn * (match >= 2)).sum(-1)
             g = self.copy_share[0] + self.copy_share[1].exp() * copying
         return attn, s, lex, g
 

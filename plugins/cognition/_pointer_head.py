@@ -397,5 +397,6 @@ class PointerHead(nn.Module):
         attn, s, lex, g = self._attend(ids, last=1)
         attn = attn[:, 0, :-1]  # keys j < T-1: values ids[j+1]
         p_ptr = torch.zeros_like(logp).scatter_add_(1, ids[:, 1:], attn)
-        gl = self.gate_logit(g[:, -1:], s, lex)[:, 0] if self.combine == "gate" else g if g is None else g[:, 0]
-        return self.combine_log_probs(logp, p_ptr, gl)
+        if self.combine == "gate":
+            g = self.gate_logit(g[:, -1:], s, lex)
+        return self.combine_log_probs(logp, p_ptr, None if g is None else g[:, 0])

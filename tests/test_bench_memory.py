@@ -193,5 +193,10 @@ def test_bench_memory_above_tier_max_measures_ivfpq_on_memory_mapped_keys(cortex
     recall = {p["setting"]: p["recall"]["mean"] for p in scale["points"]}
     one, every = (max(v for k, v in recall.items() if f"nprobe {p}," in k) for p in (1, 64))
     assert every > 0.9 and every > one  # more lists visited, more found; re-ranked exactly
+    opq = cortex_cli("bench", "memory", manifest, "--quick", "-o", out, "--set", "keys=clustered",
+                     "--set", "tier_max=1000", "--set", "quick_sizes=4e3", "--set", "nprobe=64", "--set", "opq=true")
+    assert opq.exit_code == 0, opq.output  # the index behind its OPQ rotation
+    points = json.loads((out / "memory" / "results.json").read_text())["figures"][str(manifest)]["sizes"]["4000"]
+    assert all(p["setting"].endswith("OPQ") and p["recall"]["mean"] > 0.9 for p in points[SCALE_INDEX]["points"])
     bad = cortex_cli("bench", "memory", manifest, "--quick", "-o", out, "--set", "sizez=1")
     assert bad.exit_code != 0 and "NAME one of" in bad.output and "Traceback" not in bad.output

@@ -765,15 +765,16 @@ class MemoryBench(BenchSuite):
             return tier.read(q, k, stream=0, touch=False).ids
 
         si = getattr(tier, "indexes", {}).get(0)
-        if index == SCALE_INDEX:
-            for p in sorted({min(p, tier.nlist) for p in s.nprobe}):
+        if index == SCALE_INDEX:  # ``tier`` is the bare FAISS index (behind OPQ with ``opq``)
+            nlist = ivf_of(tier).nlist
+            for p in sorted({min(p, nlist) for p in s.nprobe}):
                 for sl in s.shortlist:
                     def search(q, p=p, sl=sl):
                         set_search_params(tier, nprobe=p)
                         q = torch.nn.functional.normalize(q, dim=-1)
                         found = torch.from_numpy(tier.search(np.ascontiguousarray(q.numpy()), sl * k)[1])
                         return rerank_exact(q, found, keys, k)[1]
-                    yield f"nlist {tier.nlist}, nprobe {p}, shortlist {sl}", search
+                    yield f"nlist {nlist}, nprobe {p}, shortlist {sl}{', OPQ' if s.opq else ''}", search
         elif index in ("ltm:ivf", "ltm:ivfpq") and si is not None and si.kind in ("ivf", "ivfpq"):
             nlist = ivf_of(si.index).nlist
             for p in sorted({min(p, nlist) for p in s.nprobe}):

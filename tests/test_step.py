@@ -12,7 +12,7 @@ import torch
 import cortex
 import cortex.kernel.hookspecs
 from cortex.core.transformer import ModelConfig, Transformer
-from cortex.runtime.step import cosine_schedule, make_optimizer, train_step
+from cortex.runtime.step import cosine_schedule, make_optimizer, set_lr, train_step
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -256,3 +256,21 @@ def test_cosine_schedule():
     values = [cosine_schedule(s, **kw) for s in range(10, 111)]
     assert all(a >= b for a, b in zip(values, values[1:]))
     assert cosine_schedule(0, warmup=0, total=10, lr=2.0, min_lr=0.0) == pytest.approx(2.0)
+
+
+def test_a_parameter_with_lr_scale_moves_that_much_faster():
+    """A scalar prior marked ``lr_scale = 10`` gets its own group at ten times the rate,
+    kept by ``set_lr``: after the same steps it has moved ten times as far (Adam's steps are
+    about the learning rate whatever the gradient's size)."""
+    model = torch.nn.Module()
+    model.plain, model.prior = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    model.prior.lr_scale = 10.0
+    optimizer = make_optimizer(model, 1e-3)
+    set_lr(optimizer, 2e-3)
+    assert sorted(g["lr"] for g in optimizer.param_groups if g["params"]) == pytest.approx([2e-3, 2e-2])
+    for _ in range(20):
+        optimizer.zero_grad()
+        (model.plain + model.prior).sum().backward()
+        optimizer.step()
+    prior, plain = float(model.prior.detach()), float(model.plain.detach())
+    assert prior == pytest.approx(10 * plain, rel=1e-4) and plain < -0.03

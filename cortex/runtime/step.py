@@ -138,6 +138,12 @@ def train_step(
     return metrics
 
 
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's learning rate to ``lr`` times its ``lr_scale`` (1 by default)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
 def make_optimizer(
     model: nn.Module,
     lr: float,
@@ -148,16 +154,23 @@ def make_optimizer(
 
     Weight decay applies to parameters with two or more dimensions (linear weights and the
     tied embedding/output matrix, as in nanoGPT); 1-D parameters (norm gains, biases) are
-    not decayed. Build the optimiser after installing memory modules, so their parameters
-    are included. Uses the fused CPU/CUDA implementation when every parameter allows it.
+    not decayed. A parameter with an ``lr_scale`` attribute (a module's few scalar priors,
+    which Adam's steps of about ``lr`` would move by one in a thousand steps) gets a group of
+    its own at ``lr * lr_scale``; see [`set_lr`][cortex.runtime.step.set_lr]. Build the
+    optimiser after installing memory modules, so their parameters are included. Uses the
+    fused CPU/CUDA implementation when every parameter allows it.
     """
     params = [p for p in model.parameters() if p.requires_grad]
+    scaled = [p for p in params if hasattr(p, "lr_scale")]
+    params = [p for p in params if not hasattr(p, "lr_scale")]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
+        *({"params": [p], "weight_decay": 0.0, "lr_scale": float(p.lr_scale), "lr": lr * p.lr_scale} for p in scaled),
     ]
+    params += scaled
     fused = bool(params) and all(
         p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
         for p in params

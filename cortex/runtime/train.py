@@ -60,7 +60,7 @@ from cortex.runtime.data import TokenDataset, documents_from_path, prepare
 from cortex.runtime.document_lanes import DocumentLanes
 from cortex.runtime.gpu import compile_core, faiss_note
 from cortex.runtime.rundir import atomic_write, write_into, write_json
-from cortex.runtime.step import cosine_schedule, make_optimizer, train_step
+from cortex.runtime.step import cosine_schedule, make_optimizer, set_lr, train_step
 
 __all__ = ["Preset", "hardware_preset", "resolve_data", "resolve_device", "total_steps", "train"]
 
@@ -705,8 +705,7 @@ def train(
             if fresh is not None:
                 _forget_lanes(model, torch.nonzero(fresh[rows]).flatten() + info.rank * local_batch)
             lr = cosine_schedule(state.step, warmup=warmup, total=total, lr=settings.lr, min_lr=min_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(optimizer, lr)
             while True:
                 try:
                     if lane_streams is not None:

@@ -270,7 +270,7 @@ class Continual(BenchSuite):
         """One configuration learning the stream of ``seed``; ``replay`` > 0: that many extra
         steps of uniform experience replay, spread evenly over the stream; ``overrides``: settings
         changed per feature."""
-        from cortex.runtime.step import make_optimizer, train_step
+        from cortex.runtime.step import make_optimizer, set_lr, train_step
 
         from cortex.assembly import assemble
         from cortex.kernel.manifest import load_manifest_text
@@ -291,9 +291,7 @@ class Continual(BenchSuite):
         for t, task in enumerate(tasks):
             rng = random.Random(f"train-{seed}-{t}")
             for _ in range(steps):
-                lr = s.lr * min(1.0, (step + 1) / s.warmup) if s.warmup else s.lr
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+                set_lr(optimizer, s.lr * min(1.0, (step + 1) / s.warmup) if s.warmup else s.lr)
                 batch = training_batch(tok, task, s.batch, length, rng)
                 train_step(model, optimizer, [batch], step=step, hook=model.pm.hook, precision="fp32")
                 step += 1

@@ -197,6 +197,30 @@ def test_knn_lm_pools_the_neighbours_of_every_tier(build_model):
     assert dist[0, 7] > 0.99 and dist[0, 9] < 0.01 and lam[0] > 0
 
 
+def test_knn_lm_margin_lowers_memory_weight_where_a_rival_token_is_nearly_as_close(build_model):
+    """Many statements in one wording leave neighbours with other next tokens almost as close
+    as the best: with ``lm_margin`` memory then weighs little (the model and its features
+    decide); a clear best neighbour keeps its full weight. Off (0), both weigh the same."""
+    torch.manual_seed(0)
+    from cortex.kernel.interfaces import Entries
+
+    def weights(margin):
+        ms = build_model(manifest(lm_margin=margin)).eval().memory_system
+        key = torch.nn.functional.normalize(torch.ones(1, 64), dim=-1)
+        close = torch.nn.functional.normalize(key + 0.01 * torch.eye(64)[:1], dim=-1)  # cosine ~0.99998
+        far = torch.nn.functional.normalize(key + 0.5 * torch.eye(64)[:1], dim=-1)  # cosine ~0.94
+        lam = []
+        for rival in (close, far):
+            stream = len(lam)  # one stream per case
+            ms.tiers[1].write(Entries(keys=torch.cat([key, rival]), values=torch.cat([key, rival]),
+                                      tokens=torch.tensor([7, 9]), streams=torch.tensor([stream, stream])), step=0)
+            lam.append(float(ms.knn_distribution(key, stream, vocab=32, touch=False)[1][0]))
+        return lam
+
+    (ambiguous, clear), (off_ambiguous, off_clear) = weights(0.01), weights(0.0)
+    assert ambiguous < 0.05 * clear and clear > 0.95 * off_clear and off_ambiguous == off_clear > 0
+
+
 def test_read_min_score_leaves_unrelated_text_alone_outside_training(build_model):
     """With a floor, an inference read of entries no closer than it adds nothing (the output
     equals an empty memory's); close entries are still read, and training reads them all."""

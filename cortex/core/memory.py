@@ -530,7 +530,12 @@ class MemorySystem:
         dist.scatter_add_(1, tokens.clamp(min=0), p)
         best = scores.masked_fill(~valid, float("-inf")).argmax(dim=1, keepdim=True)
         strength = 1 + uses.gather(1, best)[:, 0]
-        return dist, torch.where(found, s.lm_lambda * strength / (strength + 1), torch.zeros(Q))
+        lam = torch.where(found, s.lm_lambda * strength / (strength + 1), torch.zeros(Q))
+        if s.lm_margin > 0:  # a neighbour saying another token nearly as close: memory is unsure
+            rival = valid & (tokens != tokens.gather(1, best))
+            margin = scores.gather(1, best)[:, 0] - scores.masked_fill(~rival, float("-inf")).max(dim=1).values
+            lam = lam * -torch.expm1(-margin / s.lm_margin)
+        return dist, lam
 
     @staticmethod
     def _uses(r: Retrieval) -> torch.Tensor:

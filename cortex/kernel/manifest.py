@@ -34,8 +34,7 @@ FieldPath = tuple[str | int, ...]
 class MemorySettings(Settings):
     """The ``memory_system:`` section of a manifest."""
 
-    read: list[Literal["knn_attention", "knn_lm"]] = Field(
-        default_factory=lambda: ["knn_lm"], description="Read modes in use.")
+    read: list[Literal["knn_attention", "knn_lm"]] = Field(default_factory=lambda: ["knn_lm"], description="Read modes in use.")
     k: int = Field(8, gt=0, description="Neighbours retrieved per tier and query.")
     key_layer: int | None = Field(None, ge=0, description="Block whose output gives memory keys (default: "
                                                           "the first memory layer, else the last block).")
@@ -51,8 +50,9 @@ class MemorySettings(Settings):
                                                           "strength s (1 + its uses) weighs lm_lambda * s / (s + 1).")
     lm_temperature: float = Field(0.001, gt=0, description="kNN-LM softmax temperature over cosine scores.")
     lm_min_score: float = Field(0.9, ge=-1, le=1, description="kNN-LM ignores neighbours below this cosine.")
-    use_bonus: float = Field(1.0, ge=0, description="kNN-LM log-weight bonus per log(1 + uses): "
-                                                     "repetition raises confidence.")
+    lm_margin: float = Field(0.0, ge=0, description="kNN-LM weighs memory by 1 - exp(-m / lm_margin), m: how much "
+                                                    "closer the best neighbour is than one saying another token (0: off).")
+    use_bonus: float = Field(1.0, ge=0, description="kNN-LM log-weight bonus per log(1 + uses): repetition raises confidence.")
     read_temperature: float = Field(0.1, gt=0, description="Initial temperature of kNN-attention scores.")
     read_min_score: float | None = Field(None, ge=-1, le=1, description="Outside training, kNN-attention skips "
                                          "entries below this cosine (None: none); training reads all, to keep learning.")

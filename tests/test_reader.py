@@ -206,6 +206,56 @@ def test_copy_spells_a_told_name_the_models_prior_vetoes():
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in head.parameters() if p.grad is not None)
 
 
+def test_copy_share_grows_inside_a_word_not_at_the_next_word():
+    """With bytes, a copy's share counts while a word is being spelt or a told statement about
+    the same name goes on as told; after "Jun lives in " (the template of "Mina lives in
+    Busan." copied) the next word is a binding, not a copy."""
+    share = {}
+    for name, text in (("next word", b"Mina lives in Busan. Jun lives in "),
+                       ("inside a word", b"Mina lives in Busan. Jun lives in"),
+                       ("the same name's statement", b"Mina lives in Busan. Mina lives in ")):
+        ids = torch.tensor([list(text)])
+        head = _head(combine="poe", copying=True).eval()
+        head.idf = lambda w: 3.0 if w in (b"mina", b"jun", b"busan") else 0.0  # names weigh, templates not
+        head.utf8, head.min_shared = True, 1.5
+        head.copy_share.data[1] = math.log(12.0)
+        head(torch.randn(16).expand(1, ids.shape[1], 16))  # equal states: the token match decides
+        with torch.no_grad():
+            share[name] = float(torch.sigmoid(head._attend(ids, last=1)[3][0, -1]))
+    assert share["next word"] < 0.01 < 0.5 < min(share["inside a word"], share["the same name's statement"])
+
+
+def test_direct_loss_sends_the_pointer_to_the_answers_key_where_the_product_does_not():
+    """After "? " the answer "D" of "Bora lives in D." is held by the key before it. A model
+    already sure of "D" leaves the product's NLL nothing to gain from where the pointer
+    looks; the pointer's own likelihood (``reader/direct``) still moves it to the answer (as
+    it must for the next answer, which the model will not know)."""
+    text = b"Bora lives in D. Where does Bora live? D"
+    ids = torch.tensor([list(text)])
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+    logits = torch.zeros(1, inputs.shape[1], 260)
+    logits[0, -1, ord("D")] = 10.0  # the model is sure of the answer
+    answer_key = text.index(b"D") - 1  # its value is "D"
+    mass = {}
+    for direct in (False, True):
+        head = _head(combine="poe")
+        states = torch.randn(1, inputs.shape[1], 16, generator=torch.Generator().manual_seed(1))
+        opt = torch.optim.SGD(head.parameters(), lr=0.2)  # Adam would blow up a vanishing gradient
+        for _ in range(20):
+            head(states)
+            joint, own = head.training_log_probs(logits, targets, targets, inputs)
+            loss = -joint[0, -1] - (own[0, -1] if direct else 0.0)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            head(states)
+            attn = head._attend(inputs)[0]
+        mass[direct] = float(attn[0, -1, answer_key])
+        assert torch.isnan(own[0, 0])  # nothing to point at from the first position
+    assert mass[True] > 0.8 and mass[True] > mass[False] + 0.3
+
+
 def test_the_defaults_are_the_best_measured_setting():
     s = Reader.Settings()
     assert (s.combine, s.eps, s.read_eps, s.beta, s.fold_case) == ("poe", 0.05, 0.01, 1.0, True)

@@ -17,6 +17,7 @@ from torch.nn import functional as F
 BUCKETS = 12  # log2 distance buckets: 1, 2-3, 4-7, ... (the last holds everything further)
 BINS = 2048  # hashed word bins of the lexical bags
 MATCH = 5  # match-length buckets: 0, 1, 2, 3, 4+ equal tokens ending at the key and the query
+COPY_LR_SCALE = 10.0  # learning-rate multiplier of the copy share
 
 
 def distance_buckets(T: int, device: torch.device | None = None) -> torch.Tensor:
@@ -60,6 +61,13 @@ def _is_word_byte(b: int) -> bool:
     return b >= 0x80 or 48 <= b <= 57 or 65 <= b <= 90 or 97 <= b <= 122
 
 
+def word_bytes(ids: torch.Tensor) -> torch.Tensor:
+    """Whether each byte id is part of a word (a letter, a digit, any byte of a non-ASCII
+    character): ``_is_word_byte`` on a tensor."""
+    return ((ids >= 0x80) & (ids < 256)) | ((ids >= 48) & (ids <= 57)) | ((ids >= 65) & (ids <= 90)) | (
+        (ids >= 97) & (ids <= 122))
+
+
 def _word_forms(word: bytes) -> list[bytes]:
     """A word and, for a Korean word, the word without its last syllable (its particle)."""
     word = word.lower()
@@ -100,13 +108,15 @@ class PointerHead(nn.Module):
     Pointer logits of query t over keys j < t (the value of key j is the token after j)::
 
         exp(log_scale) * cos(q_t, k_j) + recency[log2(t - j)] + exp(log_lexical) * overlap(t, j)
-            + sum(match[:n(t, j)]) + supersede * later(t, j)
+            + sum(match[:n(t, j)]) + restated * [n(t, j) >= 2 and overlap(t, j) names]
+            + supersede * later(t, j)
 
     ``q``, ``k``: linear maps of the normed hidden state plus a local summary (attention
     pooling over the last ``window`` positions); ``overlap``: rarity-weighted words shared
     by the query's sentence and key j's (other sentences only); ``n``: how many tokens end
     equally at t and j (see [`match_lengths`][cortex_plugins.cognition._pointer_head.match_lengths]),
-    so that a told wording is continued as told; ``later``: how like key j (cosine of the
+    so that a told wording is continued as told (``restated`` more where the sentences share a
+    rare word: the same name's statement); ``later``: how like key j (cosine of the
     keys) the most similar key is that comes after it, before t, in a sentence sharing a rare
     word with j's (see [`superseded`][cortex_plugins.cognition._pointer_head.PointerHead.superseded]):
     the later of two statements of the same kind about the same name wins. How the pointer's
@@ -146,9 +156,15 @@ class PointerHead(nn.Module):
         # cheap masks, where a table lookup's backward is slow), and loses to a later statement
         # like it (supersede < 0)
         self.match = nn.Parameter(torch.ones(MATCH - 1))
+        # ... and gains `restated` where the key's sentence also shares a rare word with the
+        # query's: a told statement about the same name, continued as told (where a template
+        # alone matches, as "Jun lives in " after "Mina lives in Busan.", the next word differs)
+        self.restated = nn.Parameter(torch.tensor(2.0))
         self.supersede = nn.Parameter(torch.tensor(-3.0))
         # poe with copying: a learned share of the pointer's own distribution, by how much of its
-        # attention sits on keys whose last two tokens equal the query's (a word being copied);
+        # attention sits on keys whose last two tokens equal the query's, with a byte tokenizer
+        # only inside a word or in a sentence sharing a rare word with the query's (a word being
+        # copied, a told statement continued; not the next word after a copied template);
         # starts near 0, so it grows only where copying beats the product
         self.copy_share = nn.Parameter(torch.tensor([-6.0, 0.0])) if copying and combine == "poe" else None
         if combine == "gate":
@@ -156,6 +172,13 @@ class PointerHead(nn.Module):
             self.log_lexical_gate = nn.Parameter(torch.tensor(0.0))
             nn.init.zeros_(self.gate.weight)
             nn.init.constant_(self.gate.bias, gate_bias)
+        # the copy share moves ten times Adam's step (make_optimizer's lr_scale): at ~lr a step
+        # a thousand steps would move it by about one from where it starts, far too little
+        # for a share that must open where a told name is spelt. The other priors keep the
+        # plain rate: freed, the pointer's own likelihood wore the token match and the
+        # supersede penalty down to where corrections failed (measured, docs/benchmarks.md)
+        if self.copy_share is not None:
+            self.copy_share.lr_scale = COPY_LR_SCALE
         nn.init.normal_(self.query.weight, std=dim ** -0.5)
         nn.init.normal_(self.key.weight, std=dim ** -0.5)
         #: byte-level word -> rarity (0 for template words); set by the Reader
@@ -259,6 +282,8 @@ class PointerHead(nn.Module):
             n = match_lengths(ids, Tq) if match is None else match
             for i, w in enumerate(self.match):
                 logits = logits + w * (n > i)
+            if lex is not None:
+                logits = logits + self.restated * self.same_statement(n, lex)
         if later is not None:
             logits = logits + self.supersede * later
         pos_q = torch.arange(Tk - Tq, Tk, device=q.device)[:, None]
@@ -269,6 +294,11 @@ class PointerHead(nn.Module):
             value_cont = F.pad(cont[:, 1:], (0, 1))  # the value of key j is the byte after it
             blocked = blocked | (value_cont[:, None, :] != inside[:, -Tq:, None])
         return logits.masked_fill(blocked, float("-inf"))
+
+    def same_statement(self, match: torch.Tensor, lex: torch.Tensor) -> torch.Tensor:
+        """(B, Tq, T) where at least two tokens end equally at query and key and their
+        sentences share a word as rare as a name (``min_shared``): a statement continued as told."""
+        return (match >= 2) & (lex > 0) & (lex >= self.min_shared)
 
     def superseded(self, ids: torch.Tensor, k: torch.Tensor, shared: torch.Tensor,
                    last: int | None = None) -> torch.Tensor:
@@ -340,8 +370,11 @@ class PointerHead(nn.Module):
         s = self.scores(q, k, lex, ids, self.superseded(ids, k, shared, last), match)
         attn = torch.softmax(s, dim=-1).nan_to_num(0.0)  # row 0 sees nothing
         if self.copy_share is not None:  # poe: the copy share's logit stands in for the gate's
-            copying = (attn * (match >= 2)).sum(-1)
-            g = self.copy_share[0] + self.copy_share[1].exp() * copying
+            copies = match >= 2
+            if self.utf8:  # inside a word, or a told statement about the same name continued; not
+                # the next word after a copied template ("Jun lives in " from "Mina lives in Busan.")
+                copies = (copies & word_bytes(ids)[:, -copies.shape[1]:, None]) | self.same_statement(match, lex)
+            g = self.copy_share[0] + self.copy_share[1].exp() * (attn * copies).sum(-1)
         return attn, s, lex, g
 
     def sequence_log_probs(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -370,18 +403,29 @@ class PointerHead(nn.Module):
                           ids: torch.Tensor) -> torch.Tensor:
         """log p(targets) (B, T) of the combined distribution over a whole sequence of input
         ``ids`` (the training NLL); ``values[b, j]`` is the token after j."""
+        return self.training_log_probs(logits, values, targets, ids)[0]
+
+    def training_log_probs(self, logits: torch.Tensor, values: torch.Tensor, targets: torch.Tensor,
+                           ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``mixture_log_probs`` and the pointer's own log-probability of each target (B, T):
+        the attention on keys whose value is the target, ``nan`` where no key it sees holds
+        it (nothing to point at). Under ``poe`` mass on a value the model vetoes costs the
+        product little; the pointer's own likelihood asks it to land on the key that holds
+        the answer (a told city, not the space before it)."""
         attn, s, lex, g = self._attend(ids)
+        hit = values[:, None, :] == targets[:, :, None]  # (B, T, T): key j's value is the target
+        p_ptr = (attn * hit).sum(-1)
+        own = torch.log(p_ptr.clamp_min(1e-6)).masked_fill(~(hit & torch.isfinite(s)).any(-1), float("nan"))
         if self.combine == "poe":
             joint = self.combine_log_probs(torch.log_softmax(logits.float(), dim=-1),
                                            self._scatter(attn, values, logits.shape[-1]), g)
-            return joint.gather(-1, targets.clamp_min(0)[..., None])[..., 0]
+            return joint.gather(-1, targets.clamp_min(0)[..., None])[..., 0], own
         g = self.gate_logit(g, s, lex)
-        p_ptr = (attn * (values[:, None, :] == targets[:, :, None])).sum(-1)
         seen = torch.arange(values.shape[1], device=values.device) > 0
         log_g = F.logsigmoid(g).masked_fill(~seen, float("-inf"))
         log_1g = F.logsigmoid(-g).masked_fill(~seen, 0.0)
         lm = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.clamp_min(0)[..., None])[..., 0]
-        return torch.logaddexp(log_g + torch.log(p_ptr.clamp_min(1e-9)), log_1g + lm)
+        return torch.logaddexp(log_g + torch.log(p_ptr.clamp_min(1e-9)), log_1g + lm), own
 
     @torch.no_grad()
     def mix_last(self, ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

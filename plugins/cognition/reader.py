@@ -64,6 +64,13 @@ _WORD = re.compile(r"[\w']+", re.UNICODE)
 _CLITIC = re.compile(r"'(s|m|re|ve|ll|d)$")
 #: the speaker of a chat session: told text in the first person is about whoever asks in it
 SELF_WORDS = frozenset({"i", "my", "me", "mine", "나", "내", "저", "제"})
+#: closed-class words, no evidence of what a text is about however rare the demo corpus has
+#: them ("How old am I?" shares "am" with "I am tired.", not with "I'm 60 years old.")
+FUNCTION_WORDS = frozenset(
+    "a an the am is are was were be been being do does did have has had to of in on at by for with from "
+    "and or but so not no it its this that these those there here can could will would shall should may "
+    "might must very too just quite bit some any all you your we our they their he she him her his them "
+    "좀 그 이 그리고 하지만 그런데 정말 아주 너무 조금".split())
 
 
 def words(text: str) -> list[str]:
@@ -86,6 +93,10 @@ class Reader(CognitiveFeature):
     class Settings(Settings):
         dim: int = Field(64, gt=0, description="Width of the pointer's queries and keys.")
         weight: float = Field(1.0, ge=0, description="Weight of the pointer loss beside the LM loss.")
+        direct: float = Field(0.0, ge=0, description="Weight of the pointer's own negative log-likelihood of "
+                                                       "the next token where a key it sees holds it "
+                                                       "(``reader/direct``): the pointer lands on the answer's "
+                                                       "key, not on one whose value the model vetoes.")
         combine: Literal["poe", "gate"] = Field(
             "poe", description="How the pointer meets the model: `poe` (product of experts, "
                                "p ∝ p_model (eps + p_ptr)^beta) or `gate` (a learned mixture gate).")
@@ -142,10 +153,13 @@ class Reader(CognitiveFeature):
         if self.head is None or self.settings.weight == 0 or self.head.hidden is None:
             return None
         targets = batch[:, 1:]
-        logp = self.head.mixture_log_probs(logits, targets, targets, batch[:, :-1])
+        logp, own = self.head.training_log_probs(logits, targets, targets, batch[:, :-1])
         valid = targets >= 0
-        loss = -(logp * valid).sum() / valid.sum().clamp_min(1)
-        return {"reader/pointer": self.settings.weight * loss}
+        losses = {"reader/pointer": self.settings.weight * -(logp * valid).sum() / valid.sum().clamp_min(1)}
+        if self.settings.direct > 0:
+            held = valid & ~own.isnan()
+            losses["reader/direct"] = self.settings.direct * -own.nan_to_num(0.0).mul(held).sum() / held.sum().clamp_min(1)
+        return losses
 
     # -- the read path (called by the model) ----------------------------------------------
 
@@ -177,7 +191,10 @@ class Reader(CognitiveFeature):
 
     def idf(self, word: str) -> float:
         """log((N + 1) / (df + 0.5)) over a background sample of the demo corpus: template
-        words are common, names and values rarer, a never-seen word the rarest."""
+        words are common, names and values rarer, a never-seen word the rarest; a
+        ``FUNCTION_WORDS`` word weighs 0."""
+        if word in FUNCTION_WORDS:
+            return 0.0
         if self._df is None:
             from cortex_plugins.data.demo import demo_documents
 

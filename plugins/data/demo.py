@@ -189,15 +189,22 @@ _INITIALS, _MEDIALS, _CODAS = (0, 2, 3, 5, 6, 7, 9, 11, 12, 18), (0, 1, 4, 5, 8,
 
 def coined_name(rng: random.Random) -> tuple[str, str]:
     """A made-up name of two or three syllables in each language ("Tavrel", "Kelo"; "도윤람",
-    "세마"), some closed by a consonant, never one of ``UNSEEN_NAMES`` or containing one. As
-    an answer only copying can give it, and its varied shape teaches no length or ending."""
+    "세마"), some closed by a consonant, never one of ``NAMES`` or ``UNSEEN_NAMES`` or
+    containing one of the latter. Half begin as a name of ``NAMES`` does (its first two
+    letters, its first syllable: "Ar" of Areum, "Arilo"), so that a told name is copied
+    where the model's prior would finish the name it knows. As an answer only copying can
+    give it, and its varied shape teaches no length or ending."""
     while True:
         english = "".join(rng.choice(_CONSONANTS) + rng.choice(_VOWELS) + (rng.choice(_FINALS) if rng.random() < 0.3
                                                                            else "")
                           for _ in range(rng.randint(2, 3))).capitalize()
         korean = "".join(chr(0xAC00 + (rng.choice(_INITIALS) * 21 + rng.choice(_MEDIALS)) * 28
                              + (rng.choice(_CODAS) if rng.random() < 0.3 else 0)) for _ in range(rng.randint(2, 3)))
-        if not any(en.lower() in english.lower() or ko in korean for en, ko in UNSEEN_NAMES):
+        if rng.random() < 0.5:  # begins like a known name
+            known = rng.choice(NAMES)
+            english, korean = known[0][:2] + english[2:], known[1][0] + korean[1:]
+        if not any(english == en or korean == ko for en, ko in NAMES) and not any(
+                en.lower() in english.lower() or ko in korean for en, ko in UNSEEN_NAMES):
             return english, korean
 
 

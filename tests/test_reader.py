@@ -225,6 +225,27 @@ def test_copy_share_grows_inside_a_word_not_at_the_next_word():
     assert share["next word"] < 0.01 < 0.5 < min(share["inside a word"], share["the same name's statement"])
 
 
+def test_restated_bonus_continues_the_same_names_statement_not_the_template():
+    """"Mina lives in " after "Mina lives in Busan. Jun lives in Oslo." matches both statements'
+    template equally; the ``restated`` bonus (a match in a sentence sharing the name) sends the
+    pointer to Busan. Without it (and with the word overlap's own weight off) the two tie."""
+    text = b"Mina lives in Busan. Jun lives in Oslo. Mina lives in "
+    ids = torch.tensor([list(text)])
+    mass = {}
+    for restated in (0.0, 2.0):
+        head = _head(combine="poe")
+        head.idf = lambda w: 3.0 if w in (b"mina", b"jun", b"busan", b"oslo") else 0.0
+        head.min_shared = 1.5
+        head.log_lexical.data.fill_(-30.0)  # the overlap's own score off: the bonus alone
+        head.restated.data.fill_(restated)
+        head(torch.randn(16).expand(1, ids.shape[1], 16))  # equal states
+        with torch.no_grad():
+            attn = head._attend(ids, last=1)[0][0, -1]
+        mass[restated] = (float(attn[text.index(b"Busan") - 1]), float(attn[text.index(b"Oslo") - 1]))
+    assert mass[0.0][0] == pytest.approx(mass[0.0][1], rel=1e-4) and mass[0.0][0] > 0.05
+    assert mass[2.0][0] > 5 * mass[2.0][1]
+
+
 def test_direct_loss_sends_the_pointer_to_the_answers_key_where_the_product_does_not():
     """After "? " the answer "D" of "Bora lives in D." is held by the key before it. A model
     already sure of "D" leaves the product's NLL nothing to gain from where the pointer

@@ -310,6 +310,20 @@ def test_recall_reads_the_statement_sharing_the_name_not_every_one_sharing_the_w
     assert r.recall("Which extension reaches Kasia?", "s") == [told[1], "Kasia moved to extension 1200."]
 
 
+def test_recall_gives_closed_class_words_no_weight(monkeypatch):
+    """"How old am I?" shares "I" with both told texts and "am" with the small talk: "am",
+    never in the demo corpus, would weigh as a name and leave the age statement unread."""
+    import cortex_plugins.cognition.reader as reader_module
+
+    told = ["I'm 60 years old.", "I am a bit tired today."]
+    for function_words, read in ((reader_module.FUNCTION_WORDS, True), (frozenset(), False)):
+        monkeypatch.setattr(reader_module, "FUNCTION_WORDS", function_words)
+        r = _reader()
+        for text in told:
+            r.remember(text, "s")
+        assert ("I'm 60 years old." in r.recall("How old am I?", "s")) is read
+
+
 def test_recall_keeps_told_order_so_the_later_statement_is_nearer():
     r = _reader()
     r.remember("Aris lives in Busan.", "s")

@@ -65,10 +65,10 @@ _CLITIC = re.compile(r"'(s|m|re|ve|ll|d)$")
 #: the speaker of a chat session: told text in the first person is about whoever asks in it
 SELF_WORDS = frozenset({"i", "my", "me", "mine", "나", "내", "저", "제"})
 #: closed-class words, no evidence of what a text is about however rare the demo corpus has
-#: them ("How old am I?" shares "am" with "I am tired.", not with "I'm 60 years old.")
+#: them ("How old am I?" shares "am" with "I am tired.", not with "I'm 60 years old."); not "will" or "may": names
 FUNCTION_WORDS = frozenset(
     "a an the am is are was were be been being do does did have has had to of in on at by for with from "
-    "and or but so not no it its this that these those there here can could will would shall should may "
+    "and or but so not no it its this that these those there here can could would shall should "
     "might must very too just quite bit some any all you your we our they their he she him her his them "
     "좀 그 이 그리고 하지만 그런데 정말 아주 너무 조금".split())
 

@@ -57,14 +57,15 @@ def continues_character(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return cont, length.gather(1, lead) - 1 - (pos - lead) > 0
 
 
+def _is_word_byte(b: int) -> bool:
+    return b >= 0x80 or 48 <= b <= 57 or 65 <= b <= 90 or 97 <= b <= 122
+
+
 def word_bytes(ids: torch.Tensor) -> torch.Tensor:
     """Whether each byte id is part of a word (a letter, a digit, any byte of a non-ASCII
-    character)."""
+    character): ``_is_word_byte`` on a tensor."""
     return ((ids >= 0x80) & (ids < 256)) | ((ids >= 48) & (ids <= 57)) | ((ids >= 65) & (ids <= 90)) | (
         (ids >= 97) & (ids <= 122))
-
-
-_WORD_BYTES = frozenset(torch.nonzero(word_bytes(torch.arange(256))).flatten().tolist())
 
 
 def _word_forms(word: bytes) -> list[bytes]:
@@ -84,7 +85,7 @@ def sentence_words(ids: list[int]) -> list[list[bytes]]:
     word being typed counts as far as it goes."""
     out, done, current = [], [], b""
     for t in ids:
-        if t in _WORD_BYTES:
+        if 0 <= t < 256 and _is_word_byte(t):
             current += bytes([t])
         else:
             if current:
@@ -402,31 +403,29 @@ class PointerHead(nn.Module):
                           ids: torch.Tensor) -> torch.Tensor:
         """log p(targets) (B, T) of the combined distribution over a whole sequence of input
         ``ids`` (the training NLL); ``values[b, j]`` is the token after j."""
-        return self.training_log_probs(logits, values, targets, ids, own=False)[0]
+        return self.training_log_probs(logits, values, targets, ids)[0]
 
     def training_log_probs(self, logits: torch.Tensor, values: torch.Tensor, targets: torch.Tensor,
-                           ids: torch.Tensor, own: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``mixture_log_probs`` and (``own``) the pointer's own log-probability of each target
-        (B, T): the attention on keys whose value is the target, ``nan`` where no key it sees
-        holds it (nothing to point at). Under ``poe`` mass on a value the model vetoes costs
-        the product little; the pointer's own likelihood asks it to land on the key that
-        holds the answer (a told city, not the space before it)."""
+                           ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``mixture_log_probs`` and the pointer's own log-probability of each target (B, T):
+        the attention on keys whose value is the target, ``nan`` where no key it sees holds
+        it (nothing to point at). Under ``poe`` mass on a value the model vetoes costs the
+        product little; the pointer's own likelihood asks it to land on the key that holds
+        the answer (a told city, not the space before it)."""
         attn, s, lex, g = self._attend(ids)
         hit = values[:, None, :] == targets[:, :, None]  # (B, T, T): key j's value is the target
-        p_ptr = (attn * hit).sum(-1) if own or self.combine == "gate" else None
-        pointer = None
-        if own:
-            pointer = torch.log(p_ptr.clamp_min(1e-6)).masked_fill(~(hit & torch.isfinite(s)).any(-1), float("nan"))
+        p_ptr = (attn * hit).sum(-1)
+        own = torch.log(p_ptr.clamp_min(1e-6)).masked_fill(~(hit & torch.isfinite(s)).any(-1), float("nan"))
         if self.combine == "poe":
             joint = self.combine_log_probs(torch.log_softmax(logits.float(), dim=-1),
                                            self._scatter(attn, values, logits.shape[-1]), g)
-            return joint.gather(-1, targets.clamp_min(0)[..., None])[..., 0], pointer
+            return joint.gather(-1, targets.clamp_min(0)[..., None])[..., 0], own
         g = self.gate_logit(g, s, lex)
         seen = torch.arange(values.shape[1], device=values.device) > 0
         log_g = F.logsigmoid(g).masked_fill(~seen, float("-inf"))
         log_1g = F.logsigmoid(-g).masked_fill(~seen, 0.0)
         lm = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.clamp_min(0)[..., None])[..., 0]
-        return torch.logaddexp(log_g + torch.log(p_ptr.clamp_min(1e-9)), log_1g + lm), pointer
+        return torch.logaddexp(log_g + torch.log(p_ptr.clamp_min(1e-9)), log_1g + lm), own
 
     @torch.no_grad()
     def mix_last(self, ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

@@ -153,7 +153,7 @@ class Reader(CognitiveFeature):
         if self.head is None or self.settings.weight == 0 or self.head.hidden is None:
             return None
         targets = batch[:, 1:]
-        logp, own = self.head.training_log_probs(logits, targets, targets, batch[:, :-1], own=self.settings.direct > 0)
+        logp, own = self.head.training_log_probs(logits, targets, targets, batch[:, :-1])
         valid = targets >= 0
         losses = {"reader/pointer": self.settings.weight * -(logp * valid).sum() / valid.sum().clamp_min(1)}
         if self.settings.direct > 0:

@@ -12,7 +12,8 @@ import torch
 
 from cortex import CortexError
 from cortex.kernel.interfaces import CognitiveFeature
-from cortex_plugins.cognition._pointer_head import PointerHead, continues_character, match_lengths, sentence_words
+from cortex_plugins.cognition._pointer_head import (PointerHead, continues_character, match_lengths, particle_keys,
+                                                    sentence_words)
 from cortex_plugins.cognition.reader import Reader
 from cortex_plugins.data.demo import demo_documents, demo_worlds, make_world
 from tests.conftest import tiny_manifest
@@ -41,7 +42,7 @@ def test_pointer_is_strictly_causal_and_a_distribution():
     head = _head()
     ids = torch.randint(97, 123, (2, 12))
     head(torch.randn(2, 12, 16))
-    q, k, _ = head.project(head.hidden)
+    q, k, _, _ = head.project(head.hidden)
     a = torch.softmax(head.scores(q, k, head.overlap(ids)), -1).nan_to_num(0.0)
     assert torch.all(a.triu() == 0)  # key j only for j < t
     assert torch.allclose(a[:, 1:].sum(-1), torch.ones(2, 11))
@@ -91,7 +92,7 @@ def test_a_later_statement_like_an_earlier_one_supersedes_it():
     head = _head()
     head.idf = lambda w: 5.0 if w == b"farel" else 0.0  # only the name is rare
     head(torch.randn(16).expand(1, ids.shape[1], 16))  # equal states: every key alike (cosine 1)
-    _, k, _ = head.project(head.hidden)
+    _, k, _, _ = head.project(head.hidden)
     shared = head.overlap(ids)
     later = head.superseded(ids, k, shared, last=1)[0, 0].detach()
     lima, rome, oslo = (text.index(w) - 1 for w in ("Lima", "Rome", "Oslo"))
@@ -223,6 +224,63 @@ def test_copy_share_grows_inside_a_word_not_at_the_next_word():
         with torch.no_grad():
             share[name] = float(torch.sigmoid(head._attend(ids, last=1)[3][0, -1]))
     assert share["next word"] < 0.01 < 0.5 < min(share["inside a word"], share["the same name's statement"])
+
+
+def test_particle_keys_mark_where_a_told_korean_word_ends():
+    def ends(text: str) -> list[str]:
+        ids = torch.tensor([list(text.encode())])
+        return [bytes(ids[0, :j + 1].tolist()).decode(errors="replace").split()[-1] for j in
+                particle_keys(ids)[0].nonzero().flatten().tolist()]
+
+    assert ends("내 이름은 여울이야.") == ["이름", "여울"]  # the longest particle: 이야, not 야
+    assert ends("나는 부산에 산다.") == ["나", "부산", "산"]  # 다 of a verb reads as the copula; no answer copies a verb
+    assert ends("고양이를 키워.") == ["고양이"]  # 이 of 고양이 is the word's; 를 is the particle
+    assert ends("Mina lives in Busan.") == [] and ends("그는 여울이야") == ["그"]  # a word at the end may go on
+
+
+def test_word_end_vote_stops_a_copy_before_a_korean_particle():
+    """Told "내 이름은 여울이야.", asked "내 이름이 뭐야? 여울": the key after 여울 holds 이 of the
+    copula 이야. With bytes its vote goes to the bytes that end a word, so the model's "."
+    answers "여울."; without (the vote for 이 as told) the product continues "여울이"."""
+    text = "내 이름은 여울이야.\n내 이름이 뭐야? 여울".encode()
+    ids = torch.tensor([list(text)])
+    model = torch.zeros(1, 260)
+    model[0, 0xEB], model[0, 0xEC], model[0, ord(".")] = 1.0, 0.5, 0.3  # a name of 2 or 3 syllables
+    logp = torch.log_softmax(model, -1)
+    answers = {}
+    for utf8 in (False, True):
+        head = _head(combine="poe").eval()
+        head.utf8 = utf8
+        head(torch.randn(16).expand(1, ids.shape[1], 16))  # equal states: the token match decides
+        answers[utf8] = int(head.mix_last(ids, logp).argmax())
+    assert answers == {False: 0xEC, True: ord(".")}
+
+
+def test_look_ahead_keys_read_what_their_finished_sentence_goes_on_to_say():
+    """"나는 치즈를 좋아해. 나는 부산에 살아." then a food question: the keys before 치즈 and
+    before 부산 are alike (both follow "나는 "); only the end of each sentence says which is a
+    food. A key of a finished sentence that reads its sentence's end (here set by hand to
+    point the food sentence's keys at the query) is found; without ``look_ahead`` they tie."""
+    text = "나는 치즈를 좋아해. 나는 부산에 살아.\n나는 무슨 음식을 좋아해? ".encode()
+    ids = torch.tensor([list(text)])
+    food_end = text.index("해.".encode()) + 3  # the "." closing the food statement
+    states = torch.zeros(1, len(text), 16)
+    states[..., 0] = 1.0  # every position alike ...
+    states[0, food_end] = torch.eye(16)[1]  # ... but the end of the food statement
+    keys = {}
+    for ahead in (False, True):
+        head = _head(combine="poe", look_ahead=ahead).eval()
+        head.idf = lambda w: 0.0  # no word overlap: the keys alone
+        head(states)
+        with torch.no_grad():
+            if ahead:  # the food statement's end, read by its keys, turns them to the query
+                q = head.project(head.hidden)[0][0, -1]
+                head.key_ahead.weight.copy_(20 * torch.outer(q / q.norm(), head.norm(states[0, food_end])) / 16)
+            attn = head._attend(ids, last=1)[0][0, -1]
+        keys[ahead] = (float(attn[text.index("치".encode()) - 1]), float(attn[text.index("부".encode()) - 1]))
+    assert keys[False][0] == pytest.approx(keys[False][1])
+    assert keys[True][0] > 5 * keys[True][1]
+    assert PointerHead(16, 8).key_ahead is None  # off by default: runs saved before it load unchanged
 
 
 def test_restated_bonus_continues_the_same_names_statement_not_the_template():

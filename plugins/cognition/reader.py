@@ -110,6 +110,10 @@ class Reader(CognitiveFeature):
         copying: bool = Field(False, description="poe: mix the product with the pointer's own distribution by a "
                                               "learned share that grows where the pointer continues a "
                                               "copy (a told name never seen in training).")
+        look_ahead: bool = Field(False, description="A key in a sentence finished before the query's also "
+                                                    "reads its sentence's end (a learned term, zero at "
+                                                    "first): where the value comes before the words "
+                                                    "saying what it is, as in Korean.")
         gate_bias: float = Field(-1.0, description="combine: gate: the initial logit of the gate.")
         recall: bool = Field(True, description="Put told texts relevant to a prompt back before it.")
         max_texts: int = Field(256, gt=0, description="Told texts kept per session (the oldest dropped).")
@@ -141,7 +145,8 @@ class Reader(CognitiveFeature):
             raise ValueError("the reader sits after the last block, where another memory module already is")
         st = self.settings
         self.head = PointerHead(core.config.dim, st.dim, st.gate_bias, combine=st.combine, eps=st.eps,
-                                beta=st.beta, fold_case=st.fold_case, read_eps=st.read_eps, copying=st.copying)
+                                beta=st.beta, fold_case=st.fold_case, read_eps=st.read_eps, copying=st.copying,
+                                look_ahead=st.look_ahead)
         self.head.to(next(core.parameters()).device)
         self.head.idf = self.byte_idf
         self.head.utf8 = isinstance(model.tokenizer, ByteTokenizer)

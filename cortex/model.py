@@ -150,10 +150,10 @@ class CortexModel(nn.Module):
         and kNN-LM keys the prompt as it would without them (see ``_read_ids``)."""
         for feature in self._adjusters():
             logits = feature.adjust_logits(ids, logits, session)
-        if not self._knn_lm():
+        start = start if 0 < start < ids.shape[1] else 0
+        if not self._knn_lm() or (self.memory_system.settings.lm_recalled_only and start == 0):
             return logits
         stream = session_stream(session)
-        start = start if 0 < start < ids.shape[1] else 0
         if logits.dim() == 2:
             return self.memory_system.knn_lm_next(ids[:, start:], logits, stream, keys=keys)
         read = self.memory_system.knn_lm_logits(ids[:, start:], logits[:, start:],

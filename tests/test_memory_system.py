@@ -221,6 +221,23 @@ def test_knn_lm_margin_lowers_memory_weight_where_a_rival_token_is_nearly_as_clo
     assert ambiguous < 0.05 * clear and clear > 0.95 * off_clear and off_ambiguous == off_clear > 0
 
 
+def test_knn_lm_recalled_only_reads_memory_only_for_prompts_about_told_text(build_model):
+    """With ``lm_recalled_only`` kNN-LM reads where a feature (here the reader, by a rare shared
+    word) put told text before the prompt: the told name's cue completes from memory, the
+    same wording about a name never told does not. Without it, both read the told value."""
+    answers = {}
+    for only in (False, True):
+        torch.manual_seed(0)
+        model = build_model(tiny_manifest(
+            "mem", **CORE, memory=[{"type": "stm", "settings": {"capacity": 256}}],
+            memory_system={"read": ["knn_lm"], "key_window": 16, "lm_recalled_only": only},
+            features=[{"type": "reader", "settings": {"background": 300}}])).eval()
+        model.remember("Aris's locker number is 3817.")
+        answers[only] = [model.generate_text(f"{name}'s locker number is", max_new_tokens=5).startswith(" 3817")
+                         for name in ("Aris", "Cato")]
+    assert answers == {False: [True, True], True: [True, False]}
+
+
 def test_read_min_score_leaves_unrelated_text_alone_outside_training(build_model):
     """With a floor, an inference read of entries no closer than it adds nothing (the output
     equals an empty memory's); close entries are still read, and training reads them all."""

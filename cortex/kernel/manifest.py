@@ -52,6 +52,7 @@ class MemorySettings(Settings):
     lm_min_score: float = Field(0.9, ge=-1, le=1, description="kNN-LM ignores neighbours below this cosine.")
     lm_margin: float = Field(0.0, ge=0, description="kNN-LM weighs memory by 1 - exp(-m / lm_margin), m: how much "
                                                     "closer the best neighbour is than one saying another token (0: off).")
+    lm_recalled_only: bool = Field(False, description="kNN-LM reads only prompts a feature put told text before.")
     use_bonus: float = Field(1.0, ge=0, description="kNN-LM log-weight bonus per log(1 + uses): repetition raises confidence.")
     read_temperature: float = Field(0.1, gt=0, description="Initial temperature of kNN-attention scores.")
     read_min_score: float | None = Field(None, ge=-1, le=1, description="Outside training, kNN-attention skips "
@@ -60,8 +61,7 @@ class MemorySettings(Settings):
     gate_init: float = Field(-1.0, description="Initial logit of the kNN-attention gate.")
     residual_weight: float = Field(1.0, ge=0, description="Scale of the memory output added to the stream.")
     memory_dropout: float = Field(0.0, ge=0, lt=1, description="Share of retrieved slots dropped in training.")
-    gumbel_temperature: float | None = Field(
-        None, gt=0, description="Gumbel-softmax soft sparsity over slots in training (None: plain softmax).")
+    gumbel_temperature: float | None = Field(None, gt=0, description="Gumbel-softmax slot sparsity in training (None: off).")
     train_read_tiers: int = Field(1, ge=1, description="Tiers kNN-attention reads in training (the first N; all at "
                                                        "inference). Exact batched search of the first tier is cheap; "
                                                        "FAISS per token is not.")

@@ -9,7 +9,7 @@ and reports medians and their ratio.
 Generation tokens/s (KV cache, greedy) is timed the same way, every target in alternating
 rounds. A model with memory first remembers demo-corpus text in the session it generates in,
 and the prompt is the start of that text, so every token reads tiers that hold entries (its
-kNN-LM read per token, or kNN-attention) and some reads match.
+kNN-LM read per token, also under ``lm_recalled_only``, or kNN-attention) and some reads match.
 """
 
 from __future__ import annotations
@@ -188,6 +188,9 @@ class Throughput(BenchSuite):
                 if model.memory_system is not None:
                     for text in texts:
                         model.remember(text)
+                    # every token reads memory, as a prompt about told text does (the prompt
+                    # here is token ids, which no feature reads told text for)
+                    model.memory_system.settings.lm_recalled_only = False
                 length = min(32, model.config.context // 2)  # leaves room to generate in a small context
                 prompt = torch.tensor([model.tokenizer.encode(texts[0])[:length]], dtype=torch.long,
                                       device=self.settings.device)

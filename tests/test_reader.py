@@ -256,6 +256,27 @@ def test_word_end_vote_stops_a_copy_before_a_korean_particle():
     assert answers == {False: 0xEC, True: ord(".")}
 
 
+def test_when_reading_a_word_starts_only_where_a_told_word_started():
+    """After "? " the answer's first byte: a Hangul syllable's first byte is one of four, so
+    the keys inside 작가 (value 가's first byte) compete with the key before 작가 in the
+    told statement. When reading, a key inside a word is not read where a word starts;
+    training reads every key."""
+    text = "새론은 작가다.\n새론은 무슨 일을 해? ".encode()
+    ids = torch.tensor([list(text)])
+    word = [0x30 <= b <= 0x39 or 0x41 <= b <= 0x5A or 0x61 <= b <= 0x7A or b >= 0x80 for b in text]
+    inside = torch.tensor([a and b for a, b in zip(word, word[1:] + [False])])  # a word goes on after the key
+    mass = {}
+    for training in (True, False):
+        head = _head(combine="poe").train(training)
+        head.utf8 = True
+        head(torch.randn(16).expand(1, ids.shape[1], 16))  # equal states
+        with torch.no_grad():
+            attn = head._attend(ids, last=1)[0][0, -1]
+        mass[training] = float(attn[inside].sum())
+    assert mass[True] > 0.3 and mass[False] == 0.0
+    assert float(attn[text.index("작가다.".encode()) + 8]) > 0  # the key before "." ends a word: read
+
+
 def test_look_ahead_keys_read_what_their_finished_sentence_goes_on_to_say():
     """"나는 치즈를 좋아해. 나는 부산에 살아." then a food question: the keys before 치즈 and
     before 부산 are alike (both follow "나는 "); only the end of each sentence says which is a

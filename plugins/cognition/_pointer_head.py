@@ -357,6 +357,11 @@ class PointerHead(nn.Module):
             cont, inside = continues_character(ids)
             value_cont = F.pad(cont[:, 1:], (0, 1))  # the value of key j is the byte after it
             blocked = blocked | (value_cont[:, None, :] != inside[:, -Tq:, None])
+            if not self.training:  # when reading, a word starts where a told word started:
+                # after a non-word byte, no key inside a word whose value goes on with it
+                word = word_bytes(ids)
+                inner = word & F.pad(word[:, 1:], (0, 1))
+                blocked = blocked | (~word[:, -Tq:, None] & inner[:, None, :])
         return logits.masked_fill(blocked, float("-inf"))
 
     def same_statement(self, match: torch.Tensor, lex: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.slow
 #: between the floors below and what this model reaches. Builds of it differ far more than
 #: that, on one machine too (threaded bf16 sums): new names 0.50-0.97, other words 0.67-0.86,
 #: corrections 0.39-0.83 over the builds measured, so the floors guard the gap to the
-#: baselines (at most 0.1), not the quickstart's targets (``cortex bench reads``)
+#: baselines (at most 0.2), not the quickstart's targets (``cortex bench reads``)
 TRIALS = 36
 MANIFEST = tiny_manifest(
     "reading", dim=192, layers=2, heads=4, context=192, seed=0, tokenizer={"type": "byte"},
@@ -77,8 +77,9 @@ def test_training_lowered_the_loss(run):
 ])
 def test_reads_where_a_lookup_table_and_the_untrained_model_cannot(figures, task, floor):
     assert figures["trained"][task] >= floor
-    # at chance: 1 of 36 right by luck happens (the twin names some value of the right kind)
-    assert figures["untrained"][task] <= 0.1 and figures["verbatim"][task] <= 0.1
+    # near chance: kept to word starts when reading, the twin's pointer sometimes lands on the
+    # asked value (up to 4 of 36 measured)
+    assert figures["untrained"][task] <= 0.2 and figures["verbatim"][task] <= 0.1
 
 
 def test_a_told_value_stays_off_other_names_and_unrelated_prompts(figures):

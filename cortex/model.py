@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from cortex.core.memory import KeyStream, MemoryRead, MemorySystem, session_stream
+from cortex.core.memory import KeyStream, MemorySystem, session_stream
 from cortex.core.tokenizer import Tokenizer
 from cortex.core.transformer import ModelConfig, Transformer
 from cortex.kernel.errors import CheckpointError, CortexError
@@ -217,7 +217,7 @@ class CortexModel(nn.Module):
         inputs, targets = ids[:, :-1], ids[:, 1:]
         read = None
         if self.memory_system is not None:
-            read = MemoryRead(torch.full((1,), session_stream(session)), touch=False)
+            read = self.memory_system.pass_read(inputs, torch.full((1,), session_stream(session)), touch=False)
         logits, _ = self.core(inputs, memory=read)
         logits = self._adjust(inputs, logits, session, touch=False, start=max(start, 0))
         logp = torch.log_softmax(logits.float(), dim=-1)[0, -n:].gather(1, targets[0, -n:, None])
@@ -244,11 +244,12 @@ class CortexModel(nn.Module):
         """Token generation with the KV cache, reading ``session``'s memory and adjusted by
         the features' ``adjust_logits`` (see ``Transformer.generate``); ``prompt_start``: where
         the prompt begins in ``idx`` after what the features put in front of it."""
-        keys = KeyStream(self.memory_system) if self._knn_lm() else None
+        ms = self.memory_system
+        keys = KeyStream(ms) if self._knn_lm() or (ms is not None and ms.query_keys) else None
         adjust = (lambda ids, logits: self._adjust(ids, logits, session, keys=keys, start=prompt_start)) if self._knn_lm() or self._adjusters() else None
         read = None
-        if self.memory_system is not None:
-            read = MemoryRead(torch.full((idx.shape[0],), session_stream(session)))
+        if ms is not None:
+            read = ms.generation_read(torch.full((idx.shape[0],), session_stream(session)), keys)
         return self.core.generate(idx, max_new_tokens, adjust=adjust, memory=read, **sampling)
 
     def _stateful(self) -> dict[str, Any]:

@@ -32,7 +32,7 @@ def test_quick_report_memory_on_beats_off(cortex_cli, tmp_path):
     result = cortex_cli("bench", "recall", manifest, "--quick", "-o", tmp_path / "out")
     assert result.exit_code == 0, result.output
     figures = json.loads((tmp_path / "out" / "recall" / "results.json").read_text())["figures"]
-    assert set(figures) == {f"{manifest}:{t}:{m}:{d}" for t in ("passkey", "mqar")
+    assert set(figures) == {f"{manifest}:{t}:{m}:{d}" for t in ("passkey", "mqar", "qa")
                             for m in ("knn_lm", "off", "verbatim store") for d in (1, 4)}
     assert figures[f"{manifest}:passkey:knn_lm:1"]["mean"] > figures[f"{manifest}:passkey:off:1"]["mean"]
     assert figures[f"{manifest}:passkey:off:4"]["mean"] == 0.0

@@ -20,7 +20,8 @@ def generate(
     smallest set whose probability reaches p. ``stream(token_id)`` is called for each
     new token (batch size 1 only). ``adjust(ids, logits)`` may replace the next-token
     logits (B, vocab) given the ids so far (kNN-LM uses it). ``memory`` goes to the
-    core's memory modules at every step. The model runs in eval mode meanwhile.
+    core's memory modules at every step; a callable ``memory(ids, new)`` is asked at every
+    step for what to give them about the last ``new`` positions of the ids so far. The model runs in eval mode meanwhile.
 
     Sliding window: the model attends to at most ``context`` tokens. When the cache is
     full, it is rebuilt from the last ``context // 2`` tokens (positions restart at 0)
@@ -40,7 +41,7 @@ def generate(
         out = idx
         cache = core.new_cache(idx.size(0))
         window = out[:, -context:]
-        logits = core.forward_cached(window, cache, 0, memory)[:, -1]
+        logits = core.forward_cached(window, cache, 0, _read(memory, out, window.size(1)))[:, -1]
         pos = window.size(1)
         for i in range(max_new_tokens):
             if adjust is not None:
@@ -54,14 +55,20 @@ def generate(
             if pos == context:  # full: rebuild from the last `keep` tokens
                 cache.reset()
                 window = out[:, -keep:]
-                logits = core.forward_cached(window, cache, 0, memory)[:, -1]
+                logits = core.forward_cached(window, cache, 0, _read(memory, out, window.size(1)))[:, -1]
                 pos = window.size(1)
             else:
-                logits = core.forward_cached(token, cache, pos, memory)[:, -1]
+                logits = core.forward_cached(token, cache, pos, _read(memory, out, 1))[:, -1]
                 pos += 1
         return out
     finally:
         core.train(was_training)
+
+
+def _read(memory: Any, ids: torch.Tensor, new: int) -> Any:
+    """What the memory modules get for a cached step over the last ``new`` of ``ids``:
+    ``memory`` itself, or what it returns when it is a function of them."""
+    return memory(ids, new) if callable(memory) else memory
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,

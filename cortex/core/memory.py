@@ -15,7 +15,10 @@ Two read modes, both configurable and both measured:
   ``null_slot`` every query also attends to a learned null slot whose value is zero: in
   training it is one more soft choice, so the read learns to rest on it when nothing stored
   helps; outside training no entry scoring at or below it is read, so unrelated text reads
-  nothing.
+  nothing. With ``query: key`` the query is the position's own memory key, so a repeat of
+  stored context finds its entry at cosine 1 before anything is learnt; with ``value: next``
+  (or ``both``) an entry carries the embedding of the token that followed its key, which a
+  read of the state alone cannot (a causal state does not know its next token).
 * ``knn_lm`` (Khandelwal et al.): training-free; at evaluation and generation the
   next-token distribution of the retrieved neighbours is interpolated with the model's.
 
@@ -34,7 +37,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
@@ -89,6 +92,7 @@ class MemoryAttention(nn.Module):
             self.query.weight.copy_(torch.eye(dim))
             self.value.weight.copy_(torch.eye(dim))
             nn.init.normal_(self.out.weight, std=0.02)
+        self.query.requires_grad_(settings.query == "learned")  # with `key`, the keys query
 
     def forward(self, x: torch.Tensor, memory: MemoryRead | None) -> torch.Tensor:
         """``x`` plus what the tiers hold for ``memory.streams``; ``x`` itself when memory
@@ -98,7 +102,12 @@ class MemoryAttention(nn.Module):
             return x
         if memory.value is None:
             memory.value = x.detach()
-        q = F.normalize(self.query(self.norm(x)), dim=-1)
+        if self.settings.query == "key":
+            if memory.keys is None:
+                raise ValueError("kNN-attention with query: key needs the memory keys of the pass (MemoryRead.keys)")
+            q = memory.keys.to(x.dtype)
+        else:
+            q = F.normalize(self.query(self.norm(x)), dim=-1)
         null = q.float() @ self.null_key + self.null_score if self.settings.null_slot is not None else None
         tiers = system.readable_tiers(self.training)
         mixed, best = [], []
@@ -184,6 +193,8 @@ class MemoryRead:
     value: torch.Tensor | None = None
     #: ``False`` only looks: the read strengthens no entry and is not counted (``confidence``)
     touch: bool = True
+    #: the memory keys (B, T, d) of the pass's positions, where readers query with them (``query: key``)
+    keys: torch.Tensor | None = None
 
 
 class KeyStream:
@@ -207,6 +218,7 @@ class KeyStream:
         self.keep = max(system.settings.key_offsets) + 1  # states a key reads
         self.cache = core.new_cache(1)
         self.tail: torch.Tensor | None = None  # the last `span` ids seen
+        self.key: tuple[torch.Tensor, int] | None = None  # what the last call returned
         self.length = 0  # ids seen in all
         self.states: torch.Tensor | None = None  # (B, <= keep, d) normalised
 
@@ -214,6 +226,8 @@ class KeyStream:
     def last(self, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
         """The key (B, d) after ``ids`` (B, T) and its position in the window (for coverage)."""
         B, T = ids.shape
+        if self.tail is not None and T == self.length and torch.equal(ids[:, -self.tail.shape[1]:], self.tail):
+            return self.key  # asked again for the same ids (the read, then kNN-LM)
         continues = (self.tail is not None and T == self.length + 1 and B == self.tail.shape[0]
                      and torch.equal(ids[:, -self.tail.shape[1] - 1:-1], self.tail))
         if continues and self.cache.length < self.system.core.config.context:
@@ -223,8 +237,8 @@ class KeyStream:
         self.tail, self.length = ids[:, -self.span:], T
         n = self.states.shape[1]
         rows = torch.arange(B, device=ids.device)
-        key = self.system.combine(self.states, rows, torch.full_like(rows, n - 1))
-        return key, min(T, self.span) - 1
+        self.key = self.system.combine(self.states, rows, torch.full_like(rows, n - 1)), min(T, self.span) - 1
+        return self.key
 
     def _run(self, x: torch.Tensor, start: int, mask: torch.Tensor | None) -> torch.Tensor:
         rope = self.system.core._rope(start, start + x.shape[1])
@@ -285,6 +299,29 @@ class MemorySystem:
                 self.readers.append(reader)
 
     # -- reading ----------------------------------------------------------------------
+
+    @property
+    def query_keys(self) -> bool:
+        """Whether kNN-attention queries with the positions' memory keys (``query: key``)."""
+        return bool(self.readers) and self.settings.query == "key"
+
+    def pass_read(self, idx: torch.Tensor, streams: torch.Tensor, *, touch: bool = True) -> MemoryRead:
+        """What a forward pass over ``idx`` reads: the rows' streams, and the positions' keys
+        where readers query with them."""
+        return MemoryRead(streams, touch=touch, keys=self.keys(idx) if self.query_keys else None)
+
+    def generation_read(self, streams: torch.Tensor, keys: KeyStream | None) -> MemoryRead | Callable:
+        """What generation passes to the core: one read, or (``query: key``) a function of
+        the ids so far and the count of new positions a cached step runs, whose keys come
+        from ``keys`` one token at a time (the same stream kNN-LM reads)."""
+        if not self.query_keys:
+            return MemoryRead(streams)
+
+        def read(ids: torch.Tensor, new: int) -> MemoryRead:
+            if new == 1 and keys is not None:
+                return MemoryRead(streams, keys=keys.last(ids)[0][:, None])
+            return MemoryRead(streams, keys=self.keys(ids[:, -new:]))
+        return read
 
     def readable_tiers(self, training: bool) -> list[MemoryTier]:
         """Tiers kNN-attention reads: the first ``train_read_tiers`` in training, all otherwise."""
@@ -370,12 +407,15 @@ class MemorySystem:
     @torch.no_grad()
     def write_segment(self, idx: torch.Tensor, targets: torch.Tensor, streams: torch.Tensor,
                       *, importance: torch.Tensor | None = None, values: torch.Tensor | None = None,
-                      meta: list[dict[str, Any]] | None = None, training: bool = False) -> int:
+                      meta: list[dict[str, Any]] | None = None, training: bool = False,
+                      keys: torch.Tensor | None = None) -> int:
         """Write the chosen positions of a processed segment to the first tier.
 
         ``importance`` (B, T) ranks positions for ``write: surprise``; ``values`` (B, T, d)
-        are what kNN-attention will read (the stream entering the memory layer); without
-        readers the keys serve as values. Positions whose target is -1 are never written.
+        are what kNN-attention will read (the stream entering the memory layer, with ``value:
+        next`` or ``both`` the embedding of the token that followed); without readers the keys
+        serve as values. ``keys`` (B, T, d): the positions' keys, if the pass computed them.
+        Positions whose target is -1 are never written.
         Returns the number of entries written.
         """
         B, T = idx.shape
@@ -390,10 +430,10 @@ class MemorySystem:
         rows, cols = keep.nonzero(as_tuple=True)
         if rows.numel() == 0:
             return 0
-        keys = self.keys(idx, at=(rows, cols))
+        keys = self.keys(idx, at=(rows, cols)) if keys is None else keys[rows, cols]
         entries = Entries(
             keys=keys,
-            values=keys if values is None else values[rows, cols].float(),
+            values=keys if values is None else self._values(values[rows, cols].float(), targets[rows, cols]),
             tokens=targets[rows, cols].long(),
             streams=streams[rows].long(),
             meta=[meta[i] for i in (rows * T + cols).tolist()] if meta is not None else None,
@@ -411,10 +451,19 @@ class MemorySystem:
         self.stats["writes"] += len(entries)
         return len(entries)
 
+    def _values(self, states: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """What kNN-attention will read of entries with ``states`` (n, d) followed by ``tokens``:
+        the states, the tokens' embeddings at the states' norm, or their sum (``value``)."""
+        if self.settings.value == "state":
+            return states
+        told = self.core.tok_emb(tokens).float()
+        told = told * (states.norm(dim=-1, keepdim=True) / told.norm(dim=-1, keepdim=True).clamp_min(1e-6))
+        return told if self.settings.value == "next" else states + told
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None, streams: torch.Tensor,
                 *, training: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The core's forward pass with memory: reads, then (training) writes or (eval) kNN-LM."""
-        segment = MemoryRead(streams)
+        segment = self.pass_read(idx, streams)
         logits, loss = self.core(idx, targets, memory=segment)
         if training:
             if targets is not None and self.settings.write_in_training:
@@ -424,7 +473,7 @@ class MemorySystem:
                         importance = F.cross_entropy(logits.detach().float().transpose(1, 2),
                                                      targets.clamp_min(0), reduction="none")
                 self.write_segment(idx, targets, streams, importance=importance, values=segment.value,
-                                   training=True)
+                                   training=True, keys=segment.keys)
         elif "knn_lm" in self.settings.read:
             logits = self.knn_lm_logits(idx, logits, streams)
             if targets is not None:
@@ -448,13 +497,13 @@ class MemorySystem:
                 break
             inputs, targets = chunk[:-1].unsqueeze(0), chunk[1:].unsqueeze(0)
             streams = torch.tensor([stream])
-            segment = MemoryRead(streams)
+            segment = self.pass_read(inputs, streams)
             self.core(inputs, memory=segment)
             entry_meta = None
             if meta is not None:
                 entry_meta = [{**meta, "position": start + t} for t in range(inputs.shape[1])]
             written += self.write_segment(inputs, targets, streams, values=segment.value, meta=entry_meta,
-                                          importance=None)
+                                          importance=None, keys=segment.keys)
         self.step += 1  # outside training, each remembered text ages memory by one step
         if self.settings.consolidate == "step":
             self.consolidate()  # as at a training step's end: due entries move down the tiers

@@ -62,6 +62,10 @@ class MemorySettings(Settings):
     residual_weight: float = Field(1.0, ge=0, description="Scale of the memory output added to the stream.")
     memory_dropout: float = Field(0.0, ge=0, lt=1, description="Share of retrieved slots dropped in training.")
     gumbel_temperature: float | None = Field(None, gt=0, description="Gumbel-softmax slot sparsity in training (None: off).")
+    query: Literal["learned", "key"] = Field("learned", description="kNN-attention's query: learned from the stream, "
+                                             "or the position's own memory key (a repeat matches its entry exactly).")
+    value: Literal["state", "next", "both"] = Field("state", description="What kNN-attention reads of an entry: the "
+                                                    "stream's state, the token that followed its key, or both.")
     train_read_tiers: int = Field(1, ge=1, description="Tiers kNN-attention reads in training (the first N; all at "
                                                        "inference). Exact batched search of the first tier is cheap; "
                                                        "FAISS per token is not.")
@@ -72,8 +76,7 @@ class MemorySettings(Settings):
             raise ValueError("key_offsets must be non-negative and include 0 (the current position)")
         return self
 
-    write: Literal["all", "surprise"] = Field(
-        "surprise", description="What to store: every position, or the most surprising (highest loss).")
+    write: Literal["all", "surprise"] = Field("surprise", description="Store every position, or the most surprising (top loss).")
     write_fraction: float = Field(0.25, gt=0, le=1, description="Share of positions stored with `surprise`.")
     write_in_training: bool = Field(True, description="Write each training segment to STM.")
     spill: Literal["never", "inference", "always"] = Field("inference", description=(
@@ -157,16 +160,14 @@ class TrainSection(_Section):
     warmup: int = Field(100, ge=0, description="Linear warm-up steps before cosine decay.")
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay.")
     clip: float = Field(1.0, gt=0, description="Gradient-norm clipping threshold.")
-    precision: Literal["fp32", "bf16", "auto"] = Field(
-        "bf16", description="Autocast precision; `auto` picks bf16 where the device runs it fast, else fp32.")
+    precision: Literal["fp32", "bf16", "auto"] = Field("bf16", description="Autocast; `auto`: bf16 where it is fast, else fp32.")
     min_lr: float | None = Field(None, ge=0, description="Learning rate at the end of the cosine decay (default: `lr / 10`).")
     micro_batch: int | None = Field(
         None, gt=0, description="Sequences per forward pass (per process under torchrun); the passes of a "
         "step are accumulated (default: from `grad_accum`, else picked for the device).")
     grad_accum: int | None = Field(None, gt=0, description="Micro-batches accumulated per step; `batch` must be a multiple of it.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train; `auto` uses CUDA when present.")
-    gradient_checkpointing: bool = Field(
-        False, description="Recompute each block's activations in backward: less memory, more compute.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, more compute.")
     compile: bool = Field(False, description="`torch.compile` the core for training: faster steps on a GPU after a slow start.")
     val_fraction: float = Field(0.05, ge=0, lt=0.5, description="Share of documents held out for validation when preparing data.")
     eval_every: int = Field(200, ge=0, description="Validation loss every N steps (0: only at the end).")
@@ -176,8 +177,7 @@ class TrainSection(_Section):
     sample_tokens: int = Field(64, gt=0, description="Tokens per sample generation.")
     checkpoint_every: int = Field(500, ge=0, description="Write a resumable checkpoint every N steps (0: only at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="How many of the latest checkpoints to keep.")
-    spike_factor: float = Field(
-        3.0, gt=1, description="A loss above this multiple of the recent mean rolls back to the last checkpoint.")
+    spike_factor: float = Field(3.0, gt=1, description="A loss this many times the recent mean rolls back to a checkpoint.")
     spike_window: int = Field(20, gt=0, description="Recent steps averaged for spike detection (none before that many).")
     max_rollbacks: int = Field(10, ge=0, description="Rollbacks allowed in one run before training stops.")
     loggers: list[ComponentSpec] = Field(default_factory=list, description="Experiment trackers fed what "

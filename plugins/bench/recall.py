@@ -5,7 +5,10 @@ Two tasks, generated offline from seeds:
 - **passkey**: "The pass key is 48213. Remember it." followed by ``d`` context windows
   of demo-corpus filler; then the cue "The pass key is" alone must complete to the key;
 - **mqar** (multi-query associative recall): several "Remember: kq=73." pairs, ``d``
-  windows of filler, then each "Remember: kq=" must complete to its value.
+  windows of filler, then each "Remember: kq=" must complete to its value;
+- **qa** (long-document question answering): a demo world's statements ("Hana is an
+  accountant. ..."), ``d`` windows of filler, then its questions in the demo's own wording
+  ("What is Hana's job?" must be answered "An accountant"), English or Korean.
 
 Everything before the cue is written to memory through the real-time API and is gone
 from the context when the cue is asked, so only memory can answer. Accuracy is reported by
@@ -61,7 +64,14 @@ def mqar_trial(rng: random.Random, pairs: int = 4) -> tuple[str, list[tuple[str,
     return text, [(f"Remember: {k}=", v) for k, v in zip(keys, values)]
 
 
-TASKS = {"passkey": passkey_trial, "mqar": mqar_trial}
+def qa_trial(rng: random.Random) -> tuple[str, list[tuple[str, str]]]:
+    from cortex_plugins.data.demo import make_world
+
+    world = make_world(rng, rng.random() < 0.5, kind="facts")
+    return world.text.split("\n", 1)[0], [(q, a.rstrip(".")) for q, a in world.qa]
+
+
+TASKS = {"passkey": passkey_trial, "mqar": mqar_trial, "qa": qa_trial}
 
 
 class RecallSuite(BenchSuite):
@@ -147,7 +157,8 @@ class RecallSuite(BenchSuite):
                                 ms.settings.read = [mode]
                             who = session if mode != "off" else f"{session}-untold"
                             correct[mode] = correct.get(mode, 0) + sum(
-                                model.generate_text(cue, session=who, max_new_tokens=len(answer) + 1)
+                                model.generate_text(cue, session=who, max_new_tokens=len(
+                                    model.tokenizer.encode(" " + answer)))
                                 .strip().startswith(answer) for cue, answer in questions)
                         if ms is not None:
                             ms.settings.read = original

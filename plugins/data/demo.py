@@ -466,17 +466,18 @@ def demo_documents(n: int, seed: int = 0, korean: float = 0.5, updates: float = 
 
 
 def long_demo_worlds(n: int, windows: int, context: int, count_tokens: Callable[[str], int], seed: int = 0,
-                     korean: float = 0.5) -> Iterator[DemoWorld]:
+                     korean: float = 0.5, restate: float = 0.0) -> Iterator[DemoWorld]:
     """The first ``n`` long worlds of ``seed``: a world's facts, then other worlds (about other
     people, with their own questions) filling at least ``windows`` context windows of
     ``context`` tokens (as ``count_tokens`` counts them), then the first world's questions.
     Each asked fact is stated ``windows`` windows or more before its question, so a model
-    whose window ends at the question can answer only from memory. ``qa`` and ``people``
-    are the first world's."""
+    whose window ends at the question can answer only from memory; so can it the value of a
+    statement restated word for word among them (``restate``). ``qa`` and ``people`` are the
+    first world's."""
     for i in range(n):
         rng = random.Random(f"cortex-demo-long:{seed}:{i}")
         ko = rng.random() < korean
-        world = make_world(rng, ko, kind="facts")
+        world = make_world(rng, ko, kind="facts", restate=restate)
         facts, questions = world.text.split("\n", 1)
         names = {p.name for p in world.people}
         filler: list[str] = []
@@ -510,7 +511,8 @@ class DemoSource(DataSource):
                                                                "which only copying can answer.")
         distance_windows: int = Field(0, ge=0, description="Long documents (0: off): each world's questions "
                                                             "come after other worlds filling this many of the "
-                                                            "model's context windows; `korean` and `seed` apply.")
+                                                            "model's context windows; `korean`, `seed` and "
+                                                            "`restate` apply.")
 
     def documents(self) -> Iterator[Document]:
         s = self.settings
@@ -520,7 +522,7 @@ class DemoSource(DataSource):
                 raise DataError("demo: distance_windows counts the model's context windows — use it in a "
                                 "manifest's train.data, which knows the model")
             worlds = long_demo_worlds(s.documents, s.distance_windows, config.context,
-                                      lambda text: len(tokenizer.encode(text)), s.seed, s.korean)
+                                      lambda text: len(tokenizer.encode(text)), s.seed, s.korean, s.restate)
             return (Document(w.text, f"demo-long:{s.seed}:{i}") for i, w in enumerate(worlds))
         return demo_documents(s.documents, s.seed, s.korean, s.updates, s.restate, s.selves, s.coined)
 

@@ -1,0 +1,121 @@
+"""kNN-attention that queries with the memory keys (``query: key``) and reads what followed
+(``value: next`` / ``both``): a repeat of told text finds its own entries at cosine 1 in an
+untrained model, where the learned query does not; the stored value names the next token;
+generation gets the same keys one token at a time; the recall bench's long-document QA."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+import cortex
+from cortex.core.memory import KeyStream, MemoryAttention, session_stream
+from cortex_plugins.bench.recall import qa_trial
+from cortex_plugins.data.demo import long_demo_worlds
+from tests.conftest import tiny_manifest
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+TOLD = "Mina's locker number is 3817. She keeps her violin in it."
+OWN = torch.tensor([session_stream("self")])
+
+
+def build(tmp_path: Path, name: str, **system) -> cortex.CortexModel:
+    settings = {"read": ["knn_attention"], "key_window": 16, "write": "all", **system}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(tiny_manifest(name, seed=0, dim=64, context=64, memory_layers=[1],
+                                  memory=[{"type": "stm", "settings": {"capacity": 256}}],
+                                  memory_system=settings), encoding="utf-8")
+    return cortex.assemble(cortex.load_manifest(path)).eval()
+
+
+def best_scores(model, text: str) -> torch.Tensor:
+    """The best cosine of each position's query to the stream's entries, read as a pass reads."""
+    captured = {}
+    original = MemoryAttention._dense
+
+    def dense(self, tier, slots, q, null, read, step):
+        keys, _, valid = slots
+        captured["best"] = (q.float() @ keys.transpose(1, 2)).masked_fill(~valid[:, None, :], -2).amax(-1)[0]
+        return original(self, tier, slots, q, null, read, step)
+
+    ids = torch.tensor([model.tokenizer.encode(text)])
+    MemoryAttention._dense = dense
+    try:
+        with torch.no_grad():
+            model.core(ids, memory=model.memory_system.pass_read(ids, OWN))
+    finally:
+        MemoryAttention._dense = original
+    return captured["best"]
+
+
+def test_key_queries_find_a_repeat_exactly_where_the_learned_query_does_not(tmp_path):
+    keyed, learned = build(tmp_path, "keyed", query="key"), build(tmp_path, "learned")
+    for model in (keyed, learned):
+        model.remember(TOLD)
+    assert float(best_scores(keyed, TOLD)[1:-1].min()) > 0.999  # untrained: each position finds its own entry
+    assert float(best_scores(learned, TOLD)[1:].mean()) < 0.9
+    assert not keyed.core.memory_layer(1).query.weight.requires_grad  # the keys query: nothing to train there
+
+
+def test_the_value_carries_the_token_that_followed(tmp_path):
+    emb = None
+    for value, names_next in (("next", True), ("both", True), ("state", False)):
+        model = build(tmp_path, f"v{value}", query="key", value=value)
+        model.remember(TOLD)
+        keys, values, valid = model.memory_system.tiers[0].dense_entries(OWN)
+        tokens = model.memory_system.tiers[0].dense_tokens(OWN)[0][valid[0]]
+        emb = model.core.tok_emb.weight.detach().float()
+        nearest = (F.normalize(values[0][valid[0]], dim=-1) @ F.normalize(emb, dim=-1).T).argmax(-1)
+        share = float((nearest == tokens).float().mean())
+        assert (share > 0.95) if names_next else (share < 0.5), (value, share)
+
+
+def test_generation_reads_with_the_keys_of_each_new_token(tmp_path):
+    model = build(tmp_path, "gen", query="key", value="next")
+    model.remember(TOLD)
+    ids = torch.tensor([model.tokenizer.encode("Mina's locker number is 38")])
+    keys = KeyStream(model.memory_system)
+    read = model.memory_system.generation_read(OWN, keys)
+    whole = read(ids, ids.shape[1]).keys  # a cached pass over the window
+    stepped = read(ids, 1).keys  # one new token: the key stream's
+    torch.testing.assert_close(stepped[:, -1], whole[:, -1], atol=1e-4, rtol=0)
+    assert keys.last(ids) is keys.key  # asked again for the same ids: not computed anew
+    assert isinstance(model.generate_text("Mina's locker", max_new_tokens=4), str)
+    learned = build(tmp_path, "plain")  # the learned query needs no keys: one read for every step
+    assert learned.memory_system.generation_read(OWN, None).keys is None
+
+
+def test_a_keyed_reader_without_keys_says_what_is_missing(tmp_path):
+    model = build(tmp_path, "nokeys", query="key")
+    model.remember(TOLD)
+    ids = torch.tensor([model.tokenizer.encode(TOLD)])
+    from cortex.core.memory import MemoryRead
+    with pytest.raises(ValueError, match="query: key needs the memory keys"):
+        model.core(ids, memory=MemoryRead(OWN))
+
+
+def test_the_recall_qa_task_asks_a_worlds_facts_in_its_question_wording():
+    rng = random.Random(0)
+    for _ in range(6):
+        statements, questions = qa_trial(rng)
+        assert questions and "?" not in statements
+        for question, answer in questions:
+            assert question.endswith("?") and not answer.endswith(".")
+            assert answer.lower().split()[-1] in statements.lower() or answer in statements
+
+
+def test_long_documents_restate_a_statement_windows_after_it_was_told():
+    worlds = list(long_demo_worlds(6, 2, 64, lambda text: len(text.encode()), seed=1, restate=1.0))
+    plain = list(long_demo_worlds(6, 2, 64, lambda text: len(text.encode()), seed=1))
+    for world, same in zip(worlds, plain):
+        facts, *rest = world.text.split("\n")
+        told = {s.strip() + "." for s in facts.split(".") if s.strip()}
+        tail = "\n".join(rest)
+        restated = [line for line in rest if line in told]
+        assert restated and len(tail[: tail.index(restated[0])].encode()) >= 2 * 64
+        assert not [line for line in same.text.split("\n")[1:] if line in told]  # off: none

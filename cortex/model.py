@@ -245,11 +245,12 @@ class CortexModel(nn.Module):
         the features' ``adjust_logits`` (see ``Transformer.generate``); ``prompt_start``: where
         the prompt begins in ``idx`` after what the features put in front of it."""
         ms = self.memory_system
-        keys = KeyStream(ms) if self._knn_lm() or (ms is not None and ms.query_keys) else None
+        keys = KeyStream(ms) if self._knn_lm() else None  # kNN-LM's, over the prompt from prompt_start
         adjust = (lambda ids, logits: self._adjust(ids, logits, session, keys=keys, start=prompt_start)) if self._knn_lm() or self._adjusters() else None
         read = None
-        if ms is not None:
-            read = ms.generation_read(torch.full((idx.shape[0],), session_stream(session)), keys)
+        if ms is not None:  # kNN-attention's keys (query: key) over everything read
+            read = ms.generation_read(torch.full((idx.shape[0],), session_stream(session)),
+                                      KeyStream(ms) if ms.query_keys else None)
         return self.core.generate(idx, max_new_tokens, adjust=adjust, memory=read, **sampling)
 
     def _stateful(self) -> dict[str, Any]:

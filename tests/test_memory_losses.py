@@ -67,6 +67,23 @@ def test_each_loss_trains_the_query_path_and_nothing_else(tmp_path, feature):
     assert not any(moved(p) for p in untouched)
 
 
+@pytest.mark.parametrize("feature", ["retrieval_loss", "stm_usage_loss"])
+def test_with_key_queries_a_loss_trains_the_reads_sharpness_alone(tmp_path, feature):
+    text = tiny_manifest("losses", seed=0, context=32, memory_layers=[0],
+                         memory=[{"type": "stm", "settings": {"capacity": 32}}],
+                         memory_system={"read": ["knn_attention"], "query": "key", "value": "next"},
+                         features=[{"type": feature, "settings": {"weight": 1.0}}])
+    model = build(tmp_path, text).train()
+    batch = torch.randint(0, 40, (2, 33), generator=torch.Generator().manual_seed(0))
+    terms(model, batch)
+    got = terms(model, batch)
+    assert set(got) == {LOSSES[feature]}
+    got[LOSSES[feature]].backward()
+    reader = model.core.memory_layer(0)
+    assert float(reader.log_scale.grad.abs()) > 0
+    assert all(p.grad is None or not p.grad.any() for n, p in model.core.named_parameters() if "log_scale" not in n)
+
+
 def test_the_terms_are_functions_of_the_reads():
     # usage: every read on one slot is a collapse (1), reads spread evenly over the slots are not (0)
     valid = torch.ones(1, 4, dtype=torch.bool)

@@ -207,18 +207,18 @@ def _train_into(model: Any, path: Path, settings: Any, **options: Any) -> None:
     except CortexError as exc:
         raise CortexError(f"{exc}\nthe run directory {path} is kept, with its last checkpoint if any: fix the "
                           f"cause, then `cortex train {path} --resume auto` (or build again with --overwrite)") from None
-    from cortex.runtime.distributed import is_main
+    from cortex.runtime import distributed
 
-    if not is_main():
-        return
-    val = summary["best_val_loss"]
-    console.print(
-        f"trained {summary['steps']} steps ({summary['tokens']:,} tokens, {summary['precision']}, "
-        f"{summary['tokens_per_s'] or 0:,.0f} tokens/s, {summary['elapsed_s']:.0f} s); "
-        + (f"best validation loss {val:.4f} at step {summary['best_step']}" if val is not None
-           else f"final loss {summary['loss']:.4f}")
-    )
-    console.print(f"model: {path}  (try `cortex generate {path} --prompt ...`, `cortex plot {path}`)")
+    if distributed.is_main():
+        val = summary["best_val_loss"]
+        console.print(
+            f"trained {summary['steps']} steps ({summary['tokens']:,} tokens, {summary['precision']}, "
+            f"{summary['tokens_per_s'] or 0:,.0f} tokens/s, {summary['elapsed_s']:.0f} s); "
+            + (f"best validation loss {val:.4f} at step {summary['best_step']}" if val is not None
+               else f"final loss {summary['loss']:.4f}")
+        )
+        console.print(f"model: {path}  (try `cortex generate {path} --prompt ...`, `cortex plot {path}`)")
+    distributed.finish()  # under torchrun: every rank leaves together, past gloo's exit-time abort
 
 
 @app.command("train")

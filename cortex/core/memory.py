@@ -313,7 +313,7 @@ class MemorySystem:
     def generation_read(self, streams: torch.Tensor, keys: KeyStream | None) -> MemoryRead | Callable:
         """What generation passes to the core: one read, or (``query: key``) a function of
         the ids so far and the count of new positions a cached step runs, whose keys come
-        from ``keys`` one token at a time (the same stream kNN-LM reads)."""
+        from the key stream ``keys`` one token at a time."""
         if not self.query_keys:
             return MemoryRead(streams)
 

@@ -35,6 +35,7 @@ What stays consistent across ranks, and how:
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +53,7 @@ __all__ = [
     "barrier",
     "broadcast_",
     "destroy",
+    "finish",
     "gather_object",
     "init_from_env",
     "is_distributed",
@@ -193,6 +195,19 @@ def wrap(module: nn.Module, *, find_unused_parameters: bool = False) -> nn.Modul
     options = inspect.signature(DistributedDataParallel).parameters
     sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in options else {"broadcast_buffers": False}
     return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=find_unused_parameters, **sync)
+
+
+def finish() -> None:
+    """End a ``torchrun`` process once its work is written: leave the process group with
+    every rank, flush the output and exit at once. gloo's threads can abort a process during
+    the interpreter's own exit (SIGABRT, "terminate called without an active exception") after
+    everything is done; ``os._exit`` skips the C++ static destructors where that race lives.
+    Outside ``torchrun``: nothing."""
+    if dist.is_available() and dist.is_initialized():
+        destroy()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def destroy() -> None:

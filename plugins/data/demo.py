@@ -27,6 +27,7 @@ train:
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -466,14 +467,15 @@ def demo_documents(n: int, seed: int = 0, korean: float = 0.5, updates: float = 
 
 
 def long_demo_worlds(n: int, windows: int, context: int, count_tokens: Callable[[str], int], seed: int = 0,
-                     korean: float = 0.5, restate: float = 0.0) -> Iterator[DemoWorld]:
+                     korean: float = 0.5, restate: float = 0.0, recite: float = 0.0) -> Iterator[DemoWorld]:
     """The first ``n`` long worlds of ``seed``: a world's facts, then other worlds (about other
     people, with their own questions) filling at least ``windows`` context windows of
     ``context`` tokens (as ``count_tokens`` counts them), then the first world's questions.
     Each asked fact is stated ``windows`` windows or more before its question, so a model
     whose window ends at the question can answer only from memory; so can it the value of a
-    statement restated word for word among them (``restate``). ``qa`` and ``people`` are the
-    first world's."""
+    statement restated word for word among them (``restate``), and of the share ``recite`` of
+    its statements recited, in the order told, on a line after the filler. ``qa`` and
+    ``people`` are the first world's."""
     for i in range(n):
         rng = random.Random(f"cortex-demo-long:{seed}:{i}")
         ko = rng.random() < korean
@@ -485,7 +487,9 @@ def long_demo_worlds(n: int, windows: int, context: int, count_tokens: Callable[
             other = make_world(rng, ko)
             if not names & {p.name for p in other.people}:  # nobody asked about appears again
                 filler.append(other.text)
-        yield DemoWorld(ko, "facts", world.people, world.qa, "\n".join([facts, *filler, questions]))
+        recited = [s.strip() for s in re.findall(r"[^.]+\.", facts) if rng.random() < recite] if recite else []
+        recital = [" ".join(recited)] if recited else []
+        yield DemoWorld(ko, "facts", world.people, world.qa, "\n".join([facts, *filler, *recital, questions]))
 
 
 class DemoSource(DataSource):
@@ -513,6 +517,9 @@ class DemoSource(DataSource):
                                                             "come after other worlds filling this many of the "
                                                             "model's context windows; `korean`, `seed` and "
                                                             "`restate` apply.")
+        recite: float = Field(0.0, ge=0.0, le=1.0, description="Long documents: share of a world's statements "
+                                                               "recited word for word after the filler, before "
+                                                               "its questions (memory alone predicts their values).")
 
     def documents(self) -> Iterator[Document]:
         s = self.settings
@@ -522,7 +529,8 @@ class DemoSource(DataSource):
                 raise DataError("demo: distance_windows counts the model's context windows — use it in a "
                                 "manifest's train.data, which knows the model")
             worlds = long_demo_worlds(s.documents, s.distance_windows, config.context,
-                                      lambda text: len(tokenizer.encode(text)), s.seed, s.korean, s.restate)
+                                      lambda text: len(tokenizer.encode(text)), s.seed, s.korean, s.restate,
+                                      s.recite)
             return (Document(w.text, f"demo-long:{s.seed}:{i}") for i, w in enumerate(worlds))
         return demo_documents(s.documents, s.seed, s.korean, s.updates, s.restate, s.selves, s.coined)
 

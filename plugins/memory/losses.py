@@ -37,7 +37,8 @@ position's next token. The reader's attention over a row's slots is recomputed a
   attention, and the loss is the share of that weight on slots that were not useful.
 
 Every term trains the query path only: the reader's ``norm``, ``query`` and ``log_scale``,
-and the blocks and embeddings below the memory layer. Retrieved keys are stop-gradient, and
+and the blocks and embeddings below the memory layer (with ``query: key`` the query is the
+stop-gradient memory key, so only ``log_scale``, the read's sharpness). Retrieved keys are stop-gradient, and
 the reader's ``value``, ``out`` and ``gate`` get no gradient from these terms. A step whose
 memory holds no positive (or no filled slot) logs no term.
 """
@@ -111,9 +112,16 @@ class Read:
     scale: torch.Tensor  # the reader's logit scale (a parameter's exp)
     k: int
     q: torch.Tensor | None = None  # (B, T, d) normalised, with its gradient
+    computed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # attention(), once per pass
 
     def attention(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Logits (B, T, S), the reader's top-k ``keep`` and its attention over them."""
+        """Logits (B, T, S), the reader's top-k ``keep`` and its attention over them
+        (computed once: every loss of a pass shares them)."""
+        if self.computed is None:
+            self.computed = self._attention()
+        return self.computed
+
+    def _attention(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q = self.q.float()
         logits = torch.einsum("btd,bsd->bts", q, self.keys) * self.scale.float()
         scores = torch.einsum("btd,bsd->bts", q.detach(), self.keys).masked_fill(~self.valid[:, None, :], float("-inf"))
@@ -153,6 +161,8 @@ class ReadCapture:
             if slots:
                 keys, tokens, valid = (torch.cat(part, dim=1) for part in zip(*slots))
                 self.reads[i] = Read(keys.float(), tokens, valid, reader.log_scale.exp(), reader.settings.k)
+                if reader.settings.query == "key":  # the keys query: no projection to hook
+                    self.reads[i].q = memory.keys
         return hook
 
     def _query(self, i: int):

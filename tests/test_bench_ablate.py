@@ -48,3 +48,15 @@ def test_quick_ablation_shows_what_each_tier_does(cortex_cli, tmp_path):
     # a small STM alone forgets the passkey under a window of filler; with the LTM it is kept
     assert table["full"][metric]["mean"] > table["without memory[1] ltm"][metric]["mean"]
     assert table["full"][metric]["mean"] > table["full"]["recall:passkey:off:1"]["mean"]
+
+
+def test_a_variant_its_components_refuse_is_named_and_the_others_measured(cortex_cli, tmp_path):
+    manifest = tmp_path / "loss.yaml"  # without the STM, the retrieval loss has no dense tier to read
+    manifest.write_text(tiny_manifest("abl", context=64, memory_layers=[1], memory=[STM, LTM],
+                                      memory_system={"read": ["knn_attention"]}, features=["retrieval_loss"]))
+    result = cortex_cli("bench", "ablate", manifest, "--quick", "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "ablate" / "results.json").read_text())
+    table = report["figures"][str(manifest)]
+    assert table["without memory[0] stm"] == {} and table["full"] and table["without features[0] retrieval_loss"]
+    assert any("without memory[0] stm: not measured" in note and "dense" in note for note in report["notes"])

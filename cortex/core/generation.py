@@ -21,7 +21,8 @@ def generate(
     new token (batch size 1 only). ``adjust(ids, logits)`` may replace the next-token
     logits (B, vocab) given the ids so far (kNN-LM uses it). ``memory`` goes to the
     core's memory modules at every step; a callable ``memory(ids, new)`` is asked at every
-    step for what to give them about the last ``new`` positions of the ids so far. The model runs in eval mode meanwhile.
+    step for what to give them about the last ``new`` positions of the ids so far. The
+    model runs in eval mode meanwhile.
 
     Sliding window: the model attends to at most ``context`` tokens. When the cache is
     full, it is rebuilt from the last ``context // 2`` tokens (positions restart at 0)

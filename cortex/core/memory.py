@@ -227,7 +227,7 @@ class KeyStream:
         """The key (B, d) after ``ids`` (B, T) and its position in the window (for coverage)."""
         B, T = ids.shape
         if self.tail is not None and T == self.length and torch.equal(ids[:, -self.tail.shape[1]:], self.tail):
-            return self.key  # asked again for the same ids (the read, then kNN-LM)
+            return self.key  # asked again for the same ids: nothing new to run
         continues = (self.tail is not None and T == self.length + 1 and B == self.tail.shape[0]
                      and torch.equal(ids[:, -self.tail.shape[1] - 1:-1], self.tail))
         if continues and self.cache.length < self.system.core.config.context:

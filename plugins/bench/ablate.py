@@ -3,7 +3,9 @@
 Variants: the manifest as written, and one variant without each memory tier, plasticity
 rule and feature (removing the last tier removes the memory system too). Every variant
 runs the same measuring suites (``recall`` and ``facts`` by default) with the same seeds;
-the report tabulates each metric per variant with its change from the full manifest.
+the report tabulates each metric per variant with its change from the full manifest. A
+variant the remaining components refuse (a loss that needs a dense first tier, without it)
+is named in the notes with the reason, and the others are measured.
 With ``train_steps`` > 0 every variant is first trained that many steps on its manifest's
 data; otherwise training-free effects are what is measured (said in the report).
 """
@@ -69,15 +71,20 @@ class Ablate(BenchSuite):
                     if not self.settings.train_steps:
                         variant.pop("train", None)
                     path.write_text(yaml.safe_dump(variant, sort_keys=False), encoding="utf-8")
-                    measure_at = self._trained(path, Path(tmp), log) if self.settings.train_steps else path
                     table[label] = {}
-                    for suite_name in suites:
-                        info = registry.get("bench", suite_name)
-                        settings = info.cls.Settings(**({"distances": [1], "trials": 2} if quick and
-                                                         suite_name == "recall" else {}))
-                        suite = info.cls(settings, BuildContext())
-                        measured = suite.run([measure_at], quick=quick, seeds=seeds, log=log)
-                        table[label].update(_flatten(suite_name, measured.figures, str(measure_at)))
+                    try:
+                        measure_at = self._trained(path, Path(tmp), log) if self.settings.train_steps else path
+                        for suite_name in suites:
+                            info = registry.get("bench", suite_name)
+                            settings = info.cls.Settings(**({"distances": [1], "trials": 2} if quick and
+                                                             suite_name == "recall" else {}))
+                            suite = info.cls(settings, BuildContext())
+                            measured = suite.run([measure_at], quick=quick, seeds=seeds, log=log)
+                            table[label].update(_flatten(suite_name, measured.figures, str(measure_at)))
+                    except CortexError as exc:  # a variant the remaining components refuse: said, not fatal
+                        if label == "full":
+                            raise
+                        result.notes.append(f"{label}: not measured ({str(exc).splitlines()[0]})")
                     log(f"{target}: measured {label}")
             full = table["full"]
             rows = []

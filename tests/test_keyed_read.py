@@ -6,6 +6,7 @@ generation gets the same keys one token at a time; the recall bench's long-docum
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,23 @@ def test_long_documents_restate_a_statement_windows_after_it_was_told():
         restated = [line for line in rest if line in told]
         assert restated and len(tail[: tail.index(restated[0])].encode()) >= 2 * 64
         assert not [line for line in same.text.split("\n")[1:] if line in told]  # off: none
+
+
+def test_long_documents_tell_codes_no_pattern_predicts_and_recite_them():
+    from cortex_plugins.bench.heldout_templates import WORDINGS
+    from cortex_plugins.data.demo import CODE_WORDINGS
+
+    held_out = [w.split("{v}")[0].replace("{n}", "") for pairs in WORDINGS.values() for w, _ in pairs]
+    for wording in CODE_WORDINGS[0] + CODE_WORDINGS[1]:  # no benchmark's wording is trained on
+        assert "pass key" not in wording and not any(h.strip() in wording for h in held_out if h.strip())
+    worlds = list(long_demo_worlds(8, 2, 64, lambda text: len(text.encode()), seed=2, recite=1.0, codes=2))
+    lengths = set()
+    for world in worlds:
+        opening, *rest = world.text.split("\n")
+        codes = [s.strip() for s in re.findall(r"[^.]+\.", opening)[-2:]]  # told last in the opening
+        assert all(any(w.split("{n}")[-1].split("{v}")[0].strip() in c for w in sum(CODE_WORDINGS, [])) for c in codes)
+        lengths |= {len(re.search(r"\d+", c).group()) for c in codes}
+        assert all(c in rest[-len(world.qa) - 1] for c in codes)  # recited after the filler
+    assert len(lengths) >= 3 and min(lengths) >= 3 and max(lengths) <= 7
+    plain = next(iter(long_demo_worlds(1, 2, 64, lambda text: len(text.encode()), seed=2, recite=1.0)))
+    assert not any(w.split(" {v}")[0].split("{n}")[-1] in plain.text for w in CODE_WORDINGS[0])

@@ -466,21 +466,34 @@ def demo_documents(n: int, seed: int = 0, korean: float = 0.5, updates: float = 
         yield Document(world.text, f"demo:{seed}:{i}")
 
 
+#: (English, Korean) wordings of the codes of long documents; none is a benchmark's (no
+#: "pass key", "bike code", "badge id", "room", "extension")
+CODE_WORDINGS = (["{n}'s door code is {v}.", "{n}'s pin is {v}.", "{n}'s safe code is {v}.",
+                  "The gate code of {n} is {v}.", "{n}'s ticket number is {v}."],
+                 ["{n}의 현관 비밀번호는 {v}번이다.", "{n}의 금고 번호는 {v}번이다.", "{n}의 표 번호는 {v}번이다."])
+
+
 def long_demo_worlds(n: int, windows: int, context: int, count_tokens: Callable[[str], int], seed: int = 0,
-                     korean: float = 0.5, restate: float = 0.0, recite: float = 0.0) -> Iterator[DemoWorld]:
+                     korean: float = 0.5, restate: float = 0.0, recite: float = 0.0,
+                     codes: int = 0) -> Iterator[DemoWorld]:
     """The first ``n`` long worlds of ``seed``: a world's facts, then other worlds (about other
     people, with their own questions) filling at least ``windows`` context windows of
     ``context`` tokens (as ``count_tokens`` counts them), then the first world's questions.
     Each asked fact is stated ``windows`` windows or more before its question, so a model
     whose window ends at the question can answer only from memory; so can it the value of a
     statement restated word for word among them (``restate``), and of the share ``recite`` of
-    its statements recited, in the order told, on a line after the filler. ``qa`` and
-    ``people`` are the first world's."""
+    its statements recited, in the order told, on a line after the filler; ``codes`` more
+    statements tell codes of 3 to 7 digits (``CODE_WORDINGS``), which no pattern of the corpus
+    predicts. ``qa`` and ``people`` are the first world's."""
     for i in range(n):
         rng = random.Random(f"cortex-demo-long:{seed}:{i}")
         ko = rng.random() < korean
         world = make_world(rng, ko, kind="facts", restate=restate)
         facts, questions = world.text.split("\n", 1)
+        if codes:
+            name = rng.choice(world.people).name[ko]
+            facts += "".join(" " + rng.choice(CODE_WORDINGS[ko]).format(n=name, v=rng.randint(10 ** (k - 1), 10 ** k - 1))
+                             for k in (rng.randint(3, 7) for _ in range(codes)))
         names = {p.name for p in world.people}
         filler: list[str] = []
         while count_tokens("\n".join(filler)) < windows * context:
@@ -520,6 +533,8 @@ class DemoSource(DataSource):
         recite: float = Field(0.0, ge=0.0, le=1.0, description="Long documents: share of a world's statements "
                                                                "recited word for word after the filler, before "
                                                                "its questions (memory alone predicts their values).")
+        codes: int = Field(0, ge=0, le=8, description="Long documents: codes of 3 to 7 digits told among a world's "
+                                                      "statements (recited with them), values no pattern predicts.")
 
     def documents(self) -> Iterator[Document]:
         s = self.settings
@@ -530,7 +545,7 @@ class DemoSource(DataSource):
                                 "manifest's train.data, which knows the model")
             worlds = long_demo_worlds(s.documents, s.distance_windows, config.context,
                                       lambda text: len(tokenizer.encode(text)), s.seed, s.korean, s.restate,
-                                      s.recite)
+                                      s.recite, s.codes)
             return (Document(w.text, f"demo-long:{s.seed}:{i}") for i, w in enumerate(worlds))
         return demo_documents(s.documents, s.seed, s.korean, s.updates, s.restate, s.selves, s.coined)
 

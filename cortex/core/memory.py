@@ -475,7 +475,7 @@ class MemorySystem:
                 self.write_segment(idx, targets, streams, importance=importance, values=segment.value,
                                    training=True, keys=segment.keys)
         elif "knn_lm" in self.settings.read:
-            logits = self.knn_lm_logits(idx, logits, streams)
+            logits = self.knn_lm_logits(idx, logits, streams, keys=segment.keys)
             if targets is not None:
                 loss = F.cross_entropy(logits.flatten(0, 1), targets.reshape(-1), ignore_index=-1)
         return logits, loss
@@ -511,9 +511,10 @@ class MemorySystem:
 
     @torch.no_grad()
     def knn_lm_logits(self, idx: torch.Tensor, logits: torch.Tensor, streams: torch.Tensor, *,
-                      touch: bool = True) -> torch.Tensor:
-        """kNN-LM log-probabilities (B, T, vocab) for every position of ``idx``."""
-        keys = self.keys(idx)
+                      touch: bool = True, keys: torch.Tensor | None = None) -> torch.Tensor:
+        """kNN-LM log-probabilities (B, T, vocab) for every position of ``idx``; ``keys``: its
+        memory keys, if the pass computed them."""
+        keys = self.keys(idx) if keys is None else keys
         vocab = logits.shape[-1]
         coverage = self.key_coverage(torch.arange(idx.shape[1]))
         rows = []

@@ -597,3 +597,34 @@ def test_knn_lm_keys_the_prompt_not_the_told_text_put_in_front_of_it(build_model
     seen.clear()
     model.confidence(prompt, " Qwixburg.", session="s")
     assert seen == [own + model.tokenizer.encode(" Qwixburg")]
+
+
+@pytest.mark.parametrize("options", [dict(copying=True, look_ahead=True), dict(combine="gate")])
+def test_cached_decoding_reads_as_the_whole_sequence_does(options):
+    """Generation keeps each position's keys, bags, overlap and marks between tokens; what it
+    reads at every step equals the pointer over the whole sequence computed afresh."""
+    head = PointerHead(24, 8, window=4, **options)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(torch.randn_like(p) * 0.5)  # away from the priors: every term counts
+    head.idf = lambda w: float(sum(w) % 5)
+    head.utf8, head.min_shared = True, 1.0
+    head.eval()
+    texts = ["Mina lives in Busan. Jun lives in Seoul. 민아는 부산에 산다. Mina moved to Daegu! Where does Mina live? Da",
+             "나는 치즈를 좋아해. 지훈이야.\nJun's pin is 4821. Jun lives in Seoul. What is Jun's pin? 48"]
+    T = min(len(t.encode()) for t in texts)
+    ids = torch.tensor([list(t.encode()[:T]) for t in texts])
+    states, logits = torch.randn(2, T, 24), torch.randn(2, T, 256)
+    head(states[:, :12])  # the prompt, then one token at a time
+    for t in range(12, T):
+        if t > 12:
+            head(states[:, t - 1:t])
+        got = head.mix_last(ids[:, :t], logits[:, t - 1])
+        fresh = PointerHead(24, 8, window=4, **options)
+        fresh.load_state_dict(head.state_dict())
+        fresh.idf, fresh.utf8, fresh.min_shared = head.idf, True, 1.0
+        fresh.eval()
+        fresh.hidden = states[:, :t]
+        want = fresh.sequence_log_probs(logits[:, :t], ids[:, :t])[:, -1]
+        assert torch.allclose(got, want, atol=1e-4), t
+    assert head._decoding.length == T - 1  # the rows were kept, not recomputed

@@ -6,6 +6,7 @@ that uses them; ``reader.py`` stays free of torch at import.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import zlib
@@ -29,25 +30,28 @@ WORD_END = -2  # the value of a key whose told word ends after it (``particle_ke
 _WORD_RUN = re.compile(rb"[0-9A-Za-z\x80-\xff]+")
 
 
-def distance_buckets(T: int, device: torch.device | None = None) -> torch.Tensor:
-    """(T, T) bucket of ``t - j`` (``floor(log2(t - j))``, clamped), 0 on and above the diagonal."""
+def distance_buckets(T: int, device: torch.device | None = None, last: int | None = None) -> torch.Tensor:
+    """(Tq, T) bucket of ``t - j`` (``floor(log2(t - j))``, clamped) for the last ``Tq = last``
+    queries ``t`` (all by default), 0 on and above the diagonal."""
     pos = torch.arange(T, device=device)
-    d = (pos[:, None] - pos[None, :]).clamp_min(1).float()
+    d = (pos[T - (T if last is None else last):, None] - pos[None, :]).clamp_min(1).float()
     return torch.log2(d).floor().long().clamp(max=BUCKETS - 1)
 
 
 def match_lengths(ids: torch.Tensor, last: int | None = None) -> torch.Tensor:
     """(B, Tq, T) how many tokens, up to ``MATCH - 1``, end equally at each key ``j`` and query
-    ``t`` (``ids[t - i] == ids[j - i]`` for ``i < n``): 1 where only the current tokens agree,
-    more where what led to them agrees too (an induction head's signal)."""
+    ``t`` (``ids[t - i] == ids[j - i]`` for ``i < n``), for the last ``Tq = last`` queries (all
+    by default): 1 where only the current tokens agree, more where what led to them agrees too
+    (an induction head's signal)."""
     B, T = ids.shape
     Tq = T if last is None else last
-    eq = ids[:, :, None] == ids[:, None, :]  # (B, T, T)
+    pad = MATCH - 1  # before the start, queries and keys hold different ids: nothing matches there
+    queries = F.pad(ids, (pad, 0), value=-2)
+    keys = F.pad(ids, (pad, 0), value=-3)
     run = torch.ones(B, Tq, T, dtype=torch.bool, device=ids.device)
     out = torch.zeros(B, Tq, T, dtype=torch.long, device=ids.device)
-    for i in range(MATCH - 1):  # eq shifted by i along both axes: the i-th tokens back agree
-        shifted = F.pad(eq[:, : T - i, : T - i], (i, 0, i, 0))[:, T - Tq:]
-        run &= shifted
+    for i in range(MATCH - 1):  # the i-th tokens back of query and key agree
+        run &= queries[:, pad + T - Tq - i: pad + T - i, None] == keys[:, None, pad - i: pad + T - i]
         out += run
     return out
 
@@ -114,22 +118,102 @@ def _word_forms(word: bytes) -> list[bytes]:
     return forms
 
 
+def closes_sentence(t: int) -> bool:
+    """Whether token ``t`` ends a sentence: ``.``, ``!``, a newline or a non-byte token (not ``?``)."""
+    return t in (46, 33, 10) or not 0 <= t < 256
+
+
 def sentence_words(ids: list[int]) -> list[list[bytes]]:
-    """For each position of byte ids, the words of its sentence so far (``.``, ``!`` and a
-    newline end a sentence; ``?`` does not, so an answer shares its question's words). The
-    word being typed counts as far as it goes."""
-    out, done, current = [], [], b""
+    """For each position of byte ids, the distinct words of its sentence so far (``.``, ``!``
+    and a newline end a sentence; ``?`` does not, so an answer shares its question's words).
+    The word being typed counts as far as it goes."""
+    out: list[list[bytes]] = []
+    done: list[bytes] = []
+    current = b""
     for t in ids:
         if 0 <= t < 256 and _is_word_byte(t):
             current += bytes([t])
         else:
             if current:
-                done.extend(_word_forms(current))
+                done.extend(f for f in _word_forms(current) if f not in done)
                 current = b""
-            if t in (46, 33, 10) or not 0 <= t < 256:
+            if closes_sentence(t):
                 done = []
-        out.append(done + (_word_forms(current) if current else []))
+        out.append(done + [f for f in _word_forms(current) if f not in done] if current else list(done))
     return out
+
+
+class _Decoding:
+    """What cached decoding keeps of the positions the pointer has read (``PointerHead._decoded``):
+    their ids, queries (``q``), keys (``k``), gate logits (``g``), word bags (``bags``) and
+    ``key_ahead`` maps (B, T, ...), the key-to-key word overlap (``shared``, B, T, T), the
+    summary inputs of the last ``window - 1`` positions, the last query's ``superseded`` row
+    with the sentence starts it holds for, and the ``particle_keys`` marks. Rows live in
+    buffers that grow by doubling: a token costs its own rows, not a copy of all of them."""
+
+    ROWS = ("q", "k", "g", "bags", "key_ahead")
+
+    def __init__(self) -> None:
+        self.length = 0
+        self.ids: torch.Tensor | None = None
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.v = self.a = self.later = self.later_starts = self.marks = None
+        self.marked = 0  # ids the marks were computed for
+
+    def __getattr__(self, name: str) -> torch.Tensor | None:
+        if name not in _Decoding.ROWS and name != "shared":
+            raise AttributeError(name)
+        buffer = self.__dict__["buffers"].get(name)
+        if buffer is None:
+            return None
+        return buffer[:, :self.length, :self.length] if name == "shared" else buffer[:, :self.length]
+
+    def extend(self, ids: torch.Tensor, **rows: torch.Tensor | None) -> None:
+        """Append the new positions' ``rows`` (B, new, ...); ``ids`` are all ids so far."""
+        L, T = self.length, ids.shape[1]
+        for name, value in rows.items():
+            if value is not None:
+                self._room(name, value, T)[:, L:T] = value
+        self.ids, self.length = ids, T
+
+    def overlap(self, lex: torch.Tensor) -> None:
+        """Add the word overlap ``lex`` (B, new, T) of the newest positions with every position
+        as rows and columns of the key-to-key overlap."""
+        T = self.length
+        L = T - lex.shape[1]
+        shared = self._room("shared", lex, T)
+        shared[:, L:T, :T] = lex
+        shared[:, :L, L:T] = lex[:, :, :L].transpose(1, 2)
+
+    def _room(self, name: str, like: torch.Tensor, T: int) -> torch.Tensor:
+        """The buffer of ``name``, grown (doubled) to hold ``T`` positions, rows kept."""
+        buffer = self.buffers.get(name)
+        if buffer is not None and buffer.shape[1] >= T:
+            return buffer
+        square = name == "shared"
+        grown = like.new_zeros(like.shape[0], 2 * T, *((2 * T,) if square else like.shape[2:]))
+        if buffer is not None:
+            n = buffer.shape[1]
+            if square:
+                grown[:, :n, :n] = buffer
+            else:
+                grown[:, :n] = buffer
+        self.buffers[name] = grown
+        return grown
+
+    def particles(self, ids: torch.Tensor) -> torch.Tensor:
+        """``particle_keys(ids)``, computed again only from the word that ran to the end of the
+        ids marked last (an earlier word's marks are final)."""
+        start = self.marked
+        for row in ids.tolist():
+            p = self.marked
+            while p > 0 and 0 <= row[p - 1] < 256 and _is_word_byte(row[p - 1]):
+                p -= 1
+            start = min(start, p)
+        tail = particle_keys(ids[:, start:])
+        self.marks = tail if self.marks is None else torch.cat([self.marks[:, :start], tail], 1)
+        self.marked = ids.shape[1]
+        return self.marks
 
 
 class PointerHead(nn.Module):
@@ -225,50 +309,63 @@ class PointerHead(nn.Module):
         nn.init.normal_(self.key.weight, std=dim ** -0.5)
         #: byte-level word -> rarity (0 for template words); set by the Reader
         self.idf: Callable[[bytes], float] | None = None
-        self._rarities: dict[bytes, float] = {}
+        self._rarities: dict[bytes, tuple[int, float]] = {}
         #: ids are UTF-8 bytes: a key is read only where its value can come next (a character's
         #: first byte where one starts, a continuation byte inside one); set by the Reader
         self.utf8 = False
         #: least word overlap between two key sentences for the later to supersede the earlier
         #: (a shared name, not a shared template word); set by the Reader
         self.min_shared = 0.0
-        self.hidden: torch.Tensor | None = None  # (B, T, dim) of the sequence so far
+        self.hidden = None
         #: ``False`` turns the pointer off at inference (the model alone)
         self.enabled = True
 
+    @property
+    def hidden(self) -> torch.Tensor | None:
+        """(B, T, dim) states of the sequence so far; setting them forgets the decoding cache."""
+        return self._hidden
+
+    @hidden.setter
+    def hidden(self, states: torch.Tensor | None) -> None:
+        self._hidden = states
+        self._decoding: _Decoding | None = None
+
     def forward(self, x: torch.Tensor, memory: Any = None) -> torch.Tensor:
-        if self.training or x.shape[1] > 1 or self.hidden is None or self.hidden.shape[0] != x.shape[0]:
+        if self.training or x.shape[1] > 1 or self._hidden is None or self._hidden.shape[0] != x.shape[0]:
             self.hidden = x
-        else:  # one new token of cached decoding
-            self.hidden = torch.cat([self.hidden, x.detach()], dim=1)
+        else:  # one new token of cached decoding: what is known of earlier positions stays
+            self._hidden = torch.cat([self._hidden, x.detach()], dim=1)
         return x
 
     # -- the word overlap -------------------------------------------------------------
 
-    def bags(self, ids: torch.Tensor) -> torch.Tensor:
-        """(B, T, BINS): each position's sentence words, hashed, weighted by rarity."""
+    def bags(self, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """(B, T - start, BINS): the sentence words of each position from ``start`` on, hashed,
+        weighted by rarity."""
         B, T = ids.shape
-        out = torch.zeros(B, T, BINS)
+        n = T - start
+        out = torch.zeros(B * n * BINS)
         if self.idf is None:
-            return out.to(ids.device)
+            return out.view(B, n, BINS).to(ids.device)
         index: list[int] = []
         weight: list[float] = []
         for b, row in enumerate(ids.tolist()):
-            for t, found in enumerate(sentence_words(row)):
-                for w in set(found):
-                    index.append((b * T + t) * BINS + self._bin(w))
-                    weight.append(self._rarity(w))
+            opens = start  # read from the sentence that holds `start`: a closing token ends the one before
+            while opens > 0 and not closes_sentence(row[opens - 1]):
+                opens -= 1
+            for t, found in enumerate(sentence_words(row[opens:])[start - opens:]):
+                for w in found:
+                    bin_, rarity = self._word(w)
+                    index.append((b * n + t) * BINS + bin_)
+                    weight.append(rarity)
         # words sharing a bin add up (the hashing trick)
-        out.view(-1).index_put_((torch.tensor(index, dtype=torch.long),), torch.tensor(weight), accumulate=True)
-        return out.to(ids.device)
+        out.index_put_((torch.tensor(index, dtype=torch.long),), torch.tensor(weight), accumulate=True)
+        return out.view(B, n, BINS).to(ids.device)
 
-    def _bin(self, word: bytes) -> int:
-        return zlib.crc32(word) % BINS
-
-    def _rarity(self, word: bytes) -> float:
-        """``idf(word)``, remembered per word (the Reader's rarity does not change)."""
+    def _word(self, word: bytes) -> tuple[int, float]:
+        """(hashed bin, ``idf``) of a word, remembered (the Reader's rarity does not change)."""
         if word not in self._rarities:
-            self._rarities[word] = self.idf(word)
+            self._rarities[word] = (zlib.crc32(word) % BINS, self.idf(word))
         return self._rarities[word]
 
     @staticmethod
@@ -307,21 +404,31 @@ class PointerHead(nn.Module):
         """Queries (scaled), keys, keys that read their sentence's end (``look_ahead`` and
         ``ids`` given, else None) and the gate logit (None without a gate) of states ``h``."""
         n = self.norm(h)
-        s = self.local_summary(n)
-        q = F.normalize(self.query(n) + self.query_summary(s), dim=-1) * self.log_scale.exp()
-        k = self.key(n) + self.key_summary(s)
-        ahead = None
-        if self.key_ahead is not None and ids is not None:
-            end = self.sentence_ends(ids)[..., None].expand(-1, -1, n.shape[-1])
-            ahead = F.normalize(k + self.key_ahead(n.gather(1, end)), dim=-1)
-        return q, F.normalize(k, dim=-1), ahead, (self.gate(n).squeeze(-1) if self.combine == "gate" else None)
+        v, a = self.summary(n).float(), self.salience(n).float()[..., 0]
+        q, k, g = self._query_key(n, self.local_summary(v, a))
+        ahead = self._ahead(k, self.key_ahead(n), ids) if self.key_ahead is not None and ids is not None else None
+        return q, F.normalize(k, dim=-1), ahead, g
 
-    def local_summary(self, n: torch.Tensor) -> torch.Tensor:
-        """(B, T, width): for each position, a softmax-weighted sum of the projected states
-        of itself and the ``window - 1`` positions before it."""
-        W = self.window
-        v = F.pad(self.summary(n).float(), (0, 0, W - 1, 0)).unfold(1, W, 1)  # (B, T, width, W)
-        a = F.pad(self.salience(n).float()[..., 0], (W - 1, 0), value=float("-inf")).unfold(1, W, 1)  # (B, T, W)
+    def _query_key(self, n: torch.Tensor, s: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Scaled unit queries, keys (not normalised) and gate logits of normed states ``n``
+        with local summaries ``s``."""
+        q = F.normalize(self.query(n) + self.query_summary(s), dim=-1) * self.log_scale.exp()
+        return q, self.key(n) + self.key_summary(s), (self.gate(n).squeeze(-1) if self.combine == "gate" else None)
+
+    def _ahead(self, k: torch.Tensor, key_ahead: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Unit keys that read their sentence's end: ``k`` plus ``key_ahead`` (the ``key_ahead``
+        map of every state) at the position closing the key's sentence."""
+        end = self.sentence_ends(ids)[..., None].expand(-1, -1, key_ahead.shape[-1])
+        return F.normalize(k + key_ahead.gather(1, end), dim=-1)
+
+    def local_summary(self, v: torch.Tensor, a: torch.Tensor, new: int | None = None) -> torch.Tensor:
+        """(B, new, width): for each of the last ``new`` positions (all by default), a
+        softmax-weighted sum of the projected states ``v`` (B, T, width) of itself and the
+        ``window - 1`` positions before it, weighted by saliences ``a`` (B, T)."""
+        W, new = self.window, v.shape[1] if new is None else new
+        v = F.pad(v, (0, 0, W - 1, 0))[:, -(new + W - 1):].unfold(1, W, 1)  # (B, new, width, W)
+        a = F.pad(a, (W - 1, 0), value=float("-inf"))[:, -(new + W - 1):].unfold(1, W, 1)  # (B, new, W)
         a = torch.softmax(a + self.offset_bias.flip(0), dim=-1)  # window slot W-1 is offset 0
         return torch.einsum("btrw,btw->btr", v, a)
 
@@ -339,7 +446,7 @@ class PointerHead(nn.Module):
             sentence = self.sentences(ids)
             closed = sentence[:, None, :] < sentence[:, -Tq:, None]
             logits = torch.where(closed, torch.einsum("bqr,bkr->bqk", q.float(), ahead.float()), logits)
-        logits = logits + self.recency[distance_buckets(Tk, q.device)[Tk - Tq:]]
+        logits = logits + self.recency[distance_buckets(Tk, q.device, Tq)]
         if lex is not None:
             logits = logits + self.log_lexical.exp() * lex
         if ids is not None:
@@ -380,14 +487,18 @@ class PointerHead(nn.Module):
         sim = torch.einsum("bjr,bkr->bjk", k.float(), k.float()).clamp_min(0)
         sim = sim.masked_fill(~(after & (shared > 0) & (shared >= self.min_shared)), 0.0)
         best = F.pad(sim.cummax(dim=-1).values, (1, 0))  # best[j, s] = max over j' < s
-        sentence = self.sentences(ids)
-        opens = torch.ones_like(sentence, dtype=torch.bool)
-        opens[:, 1:] = sentence[:, 1:] != sentence[:, :-1]
-        start = (torch.arange(T, device=ids.device) * opens).cummax(dim=1).values  # first position of t's sentence
+        start = self._sentence_start(self.sentences(ids))
         if last is not None:
             start = start[:, -last:]
         # out[t, j] = best[j, start(t)]: the keys j' before t's sentence
         return best.gather(2, start[:, None, :].expand(B, T, -1)).transpose(1, 2)
+
+    @staticmethod
+    def _sentence_start(sentence: torch.Tensor) -> torch.Tensor:
+        """(B, T) the first position of each position's sentence (``sentence``: ``sentences(ids)``)."""
+        opens = torch.ones_like(sentence, dtype=torch.bool)
+        opens[:, 1:] = sentence[:, 1:] != sentence[:, :-1]
+        return (torch.arange(sentence.shape[1], device=sentence.device) * opens).cummax(dim=1).values
 
     def gate_logit(self, g: torch.Tensor, s: torch.Tensor, lex: torch.Tensor) -> torch.Tensor:
         """combine: gate: the gate from the hidden state plus the overlap of the attended keys."""
@@ -415,12 +526,11 @@ class PointerHead(nn.Module):
         """
         if self.combine == "poe":
             told = p_ptr  # a distribution (the folded factor below counts both cases)
+            swap, letters, word_ends = self._vocab_tables(p_ptr.shape[-1], p_ptr.device)
             if self.fold_case and p_ptr.shape[-1] >= 128:
-                swap = torch.arange(p_ptr.shape[-1], device=p_ptr.device)
-                swap[65:91], swap[97:123] = swap[97:123].clone(), swap[65:91].clone()
-                p_ptr = p_ptr + p_ptr[..., swap] * (swap != torch.arange(len(swap), device=swap.device))
+                p_ptr = p_ptr + p_ptr[..., swap] * letters
             if ends is not None:
-                p_ptr = p_ptr + ends * self._word_end_bytes(p_ptr.shape[-1], p_ptr.device)
+                p_ptr = p_ptr + ends * word_ends
             eps = self.eps if self.training else self.read_eps
             joint = torch.log_softmax(logp + self.beta * torch.log(eps + p_ptr), dim=-1)
             if g is None:
@@ -433,14 +543,20 @@ class PointerHead(nn.Module):
         return torch.log((gate * p_ptr + (1 - gate) * logp.exp()).clamp_min(1e-12))
 
     def _attend(self, ids: torch.Tensor, last: int | None = None):
-        q, k, ahead, g = self.project(self.hidden, ids)
-        bags = self.bags(ids)
-        shared = self.overlap(ids, bags=bags)  # key to key
+        """Attention (B, Tq, T) of the last ``Tq = last`` queries (all by default), its logits, the
+        queries' word overlap with every key and the share (or gate) logits. Outside training the
+        decoding cache supplies the per-position quantities of earlier calls."""
+        if last is not None and not self.training:
+            q, k, ahead, g, shared, later = self._decoded(ids)
+        else:
+            q, k, ahead, g = self.project(self.hidden, ids)
+            shared = self.overlap(ids)  # key to key
+            later = self.superseded(ids, k if ahead is None else ahead, shared, last)
         lex = shared if last is None else shared[:, -last:]
         if last is not None:
-            q = q[:, -last:]
+            q, g = q[:, -last:], None if g is None else g[:, -last:]
         match = match_lengths(ids, q.shape[1])
-        s = self.scores(q, k, lex, ids, self.superseded(ids, k if ahead is None else ahead, shared, last), match, ahead)
+        s = self.scores(q, k, lex, ids, later, match, ahead)
         attn = torch.softmax(s, dim=-1).nan_to_num(0.0)  # row 0 sees nothing
         if self.copy_share is not None:  # poe: the copy share's logit stands in for the gate's
             copies = match >= 2
@@ -472,8 +588,43 @@ class PointerHead(nn.Module):
         small reader of tests/test_reading.py bound 0.39 of new names where it binds 0.7-0.97)."""
         values = F.pad(ids[:, 1:], (0, 1), value=-1)
         if self.utf8 and self.combine == "poe" and not self.training:
-            values = values.masked_fill(particle_keys(ids), WORD_END)
+            d = self._decoding
+            marks = particle_keys(ids) if d is None or d.length != ids.shape[1] else d.particles(ids)
+            values = values.masked_fill(marks, WORD_END)
         return values
+
+    # -- cached decoding --------------------------------------------------------------
+
+    @torch.no_grad()
+    def _decoded(self, ids: torch.Tensor):
+        """``_attend``'s per-position quantities of ``ids`` (B, T) from the kept states, in
+        cached decoding: the rows of earlier calls are kept, only new positions are computed
+        (each quantity depends on the positions up to its own). The last query's
+        ``superseded`` row is computed once per sentence (it reads only earlier sentences)."""
+        d = self._decoding
+        T, h = ids.shape[1], self._hidden
+        if d is None or d.length > T or not torch.equal(d.ids, ids[:, :d.length]):
+            d = self._decoding = _Decoding()
+        new = T - d.length
+        n = self.norm(h[:, d.length:T])
+        v, a = self.summary(n).float(), self.salience(n).float()[..., 0]
+        if d.length:  # the summary reads the `window - 1` positions before
+            v, a = (torch.cat([old[:, max(0, old.shape[1] - self.window + 1):], x], 1) for old, x in ((d.v, v), (d.a, a)))
+        d.v, d.a = v, a
+        q, k, g = self._query_key(n, self.local_summary(v, a, new))
+        bags = self.bags(ids, d.length)
+        d.extend(ids, q=q, k=k, g=g, bags=bags, key_ahead=None if self.key_ahead is None else self.key_ahead(n))
+        sentence = self.sentences(ids)
+        lex = torch.bmm(bags, d.bags.transpose(1, 2))  # (B, new, T)
+        d.overlap(lex.masked_fill(sentence[:, -new:, None] == sentence[:, None, :], 0.0))
+        ahead = None if self.key_ahead is None else self._ahead(d.k, d.key_ahead, ids)
+        unit = F.normalize(d.k, dim=-1)
+        starts = self._sentence_start(sentence)[:, -1]
+        if d.later_starts is None or not torch.equal(d.later_starts, starts):  # a new sentence
+            d.later_starts = starts
+            d.later = self.superseded(ids, unit if ahead is None else ahead, d.shared, last=1)
+        later = F.pad(d.later, (0, T - d.later.shape[-1]))  # keys since the sentence began: none later
+        return d.q, unit, ahead, d.g, d.shared, later
 
     @staticmethod
     def _scatter(attn: torch.Tensor, values: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -485,11 +636,18 @@ class PointerHead(nn.Module):
         return p_ptr, (attn * (values == WORD_END)[:, None, :]).sum(-1, keepdim=True)
 
     @staticmethod
-    def _word_end_bytes(vocab: int, device: torch.device) -> torch.Tensor:
-        """(vocab,) 1 at each ``WORD_ENDS`` byte."""
-        out = torch.zeros(vocab, device=device)
-        out[list(WORD_ENDS)] = 1.0
-        return out
+    @functools.cache
+    def _vocab_tables(vocab: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For a vocabulary of byte ids: each id's other ASCII case (itself where none), 1 at
+        the ASCII letters, and 1 at each ``WORD_ENDS`` byte (vocab,)."""
+        swap = torch.arange(vocab, device=device)
+        letters = torch.zeros(vocab, device=device)
+        word_ends = torch.zeros(vocab, device=device)
+        if vocab >= 128:
+            swap[65:91], swap[97:123] = swap[97:123].clone(), swap[65:91].clone()
+            letters[65:91] = letters[97:123] = 1.0
+        word_ends[[b for b in WORD_ENDS if b < vocab]] = 1.0
+        return swap, letters, word_ends
 
     def mixture_log_probs(self, logits: torch.Tensor, values: torch.Tensor, targets: torch.Tensor,
                           ids: torch.Tensor) -> torch.Tensor:

@@ -140,3 +140,29 @@ def test_long_documents_tell_codes_no_pattern_predicts_and_recite_them():
     assert len(lengths) >= 3 and min(lengths) >= 3 and max(lengths) <= 7
     plain = next(iter(long_demo_worlds(1, 2, 64, lambda text: len(text.encode()), seed=2, recite=1.0)))
     assert not any(w.split(" {v}")[0].split("{n}")[-1] in plain.text for w in CODE_WORDINGS[0])
+
+
+def test_long_documents_tell_key_value_lists_and_recite_them_in_another_order():
+    from cortex_plugins.data.demo import PAIR_HEADS
+
+    count = lambda text: len(text.encode())  # noqa: E731
+    worlds = list(long_demo_worlds(40, 2, 64, count, seed=4, recite=1.0, codes=1, pairs=0.5))
+    plain = list(long_demo_worlds(40, 2, 64, count, seed=4, recite=1.0, codes=1))
+    listed = reordered = 0
+    for world, without in zip(worlds, plain):
+        opening, *rest = world.text.split("\n")
+        told = re.search(r"(\S+): ((?:\w+=\d+, )*\w+=\d+)\.$", opening)
+        if told is None:
+            assert world.text == without.text  # the other worlds are as without lists
+            continue
+        listed += 1
+        assert told.group(1) in PAIR_HEADS and "Remember" not in world.text
+        pairs = re.findall(r"(\w+)=(\d+)", told.group(2))
+        assert 3 <= len(pairs) <= 6
+        assert not any(k.isalpha() and len(k) == 2 for k, _ in pairs)  # never MQAR's two letters
+        recital = rest[-len(world.qa) - 1]
+        assert sorted(re.findall(r"(\w+)=(\d+)", recital)) == sorted(pairs)  # every pair again, after the filler
+        reordered += re.findall(r"(\w+)=(\d+)", recital) != pairs
+        assert opening.replace(told.group(0), "").strip() == without.text.split("\n")[0]  # the rest unchanged
+    assert 10 <= listed <= 30 and reordered >= listed // 2
+    assert len({re.findall(r"\w+=", w.text.split("\n")[0])[0] for w in worlds if "=" in w.text}) > 5

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import random
 import re
+import string
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -473,9 +474,25 @@ CODE_WORDINGS = (["{n}'s door code is {v}.", "{n}'s pin is {v}.", "{n}'s safe co
                  ["{n}의 현관 비밀번호는 {v}번이다.", "{n}의 금고 번호는 {v}번이다.", "{n}의 표 번호는 {v}번이다."])
 
 
+#: heads of the key=value lists of long documents (not MQAR's "Remember:")
+PAIR_HEADS = ("Tags", "Slots", "Table", "Map", "표", "목록")
+
+
+def pair_list(rng: random.Random) -> list[tuple[str, str]]:
+    """3 to 6 short keys — a letter and a digit, a digit and a letter, or three letters; never
+    two letters, as MQAR's — with values of 2 or 3 digits."""
+    def key() -> str:
+        shape = rng.randrange(3)
+        if shape == 2:
+            return "".join(rng.sample(string.ascii_lowercase, 3))
+        letter, digit = rng.choice(string.ascii_lowercase), rng.choice(string.digits)
+        return letter + digit if shape == 0 else digit + letter
+    return [(key(), str(rng.randint(10, 999))) for _ in range(rng.randint(3, 6))]
+
+
 def long_demo_worlds(n: int, windows: int, context: int, count_tokens: Callable[[str], int], seed: int = 0,
                      korean: float = 0.5, restate: float = 0.0, recite: float = 0.0,
-                     codes: int = 0) -> Iterator[DemoWorld]:
+                     codes: int = 0, pairs: float = 0.0) -> Iterator[DemoWorld]:
     """The first ``n`` long worlds of ``seed``: a world's facts, then other worlds (about other
     people, with their own questions) filling at least ``windows`` context windows of
     ``context`` tokens (as ``count_tokens`` counts them), then the first world's questions.
@@ -484,7 +501,9 @@ def long_demo_worlds(n: int, windows: int, context: int, count_tokens: Callable[
     statement restated word for word among them (``restate``), and of the share ``recite`` of
     its statements recited, in the order told, on a line after the filler; ``codes`` more
     statements tell codes of 3 to 7 digits (``CODE_WORDINGS``), which no pattern of the corpus
-    predicts. ``qa`` and ``people`` are the first world's."""
+    predicts; a share ``pairs`` of the worlds also tells a list of short key=value pairs
+    (``pair_list``) after its statements, recited after the filler in another order, so that a
+    value is read by its key alone. ``qa`` and ``people`` are the first world's."""
     for i in range(n):
         rng = random.Random(f"cortex-demo-long:{seed}:{i}")
         ko = rng.random() < korean
@@ -501,6 +520,12 @@ def long_demo_worlds(n: int, windows: int, context: int, count_tokens: Callable[
             if not names & {p.name for p in other.people}:  # nobody asked about appears again
                 filler.append(other.text)
         recited = [s.strip() for s in re.findall(r"[^.]+\.", facts) if rng.random() < recite] if recite else []
+        listing = random.Random(f"cortex-demo-pairs:{seed}:{i}")  # its own draws: the rest stays as without
+        if pairs and listing.random() < pairs:
+            told = pair_list(listing)
+            facts += f" {listing.choice(PAIR_HEADS)}: " + ", ".join(f"{k}={v}" for k, v in told) + "."
+            again = listing.sample(told, len(told))
+            recited.append(listing.choice([" ", ". ", ", ", "; "]).join(f"{k}={v}" for k, v in again) + ".")
         recital = [" ".join(recited)] if recited else []
         yield DemoWorld(ko, "facts", world.people, world.qa, "\n".join([facts, *filler, *recital, questions]))
 
@@ -535,6 +560,9 @@ class DemoSource(DataSource):
                                                                "its questions (memory alone predicts their values).")
         codes: int = Field(0, ge=0, le=8, description="Long documents: codes of 3 to 7 digits told among a world's "
                                                       "statements (recited with them), values no pattern predicts.")
+        pairs: float = Field(0.0, ge=0.0, le=1.0, description="Long documents: share of worlds that also tell a list "
+                                                              "of 3 to 6 short key=value pairs, recited after the "
+                                                              "filler in another order (a value read by its key).")
 
     def documents(self) -> Iterator[Document]:
         s = self.settings
@@ -545,7 +573,7 @@ class DemoSource(DataSource):
                                 "manifest's train.data, which knows the model")
             worlds = long_demo_worlds(s.documents, s.distance_windows, config.context,
                                       lambda text: len(tokenizer.encode(text)), s.seed, s.korean, s.restate,
-                                      s.recite, s.codes)
+                                      s.recite, s.codes, s.pairs)
             return (Document(w.text, f"demo-long:{s.seed}:{i}") for i, w in enumerate(worlds))
         return demo_documents(s.documents, s.seed, s.korean, s.updates, s.restate, s.selves, s.coined)
 

@@ -627,4 +627,5 @@ def test_cached_decoding_reads_as_the_whole_sequence_does(options):
         fresh.hidden = states[:, :t]
         want = fresh.sequence_log_probs(logits[:, :t], ids[:, :t])[:, -1]
         assert torch.allclose(got, want, atol=1e-4), t
+        assert torch.allclose(head.mix_last(ids[:, :t], logits[:, t - 1]), got)  # asked again: the same
     assert head._decoding.length == T - 1  # the rows were kept, not recomputed

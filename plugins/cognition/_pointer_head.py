@@ -605,18 +605,19 @@ class PointerHead(nn.Module):
         T, h = ids.shape[1], self._hidden
         if d is None or d.length > T or not torch.equal(d.ids, ids[:, :d.length]):
             d = self._decoding = _Decoding()
-        new = T - d.length
-        n = self.norm(h[:, d.length:T])
-        v, a = self.summary(n).float(), self.salience(n).float()[..., 0]
-        if d.length:  # the summary reads the `window - 1` positions before
-            v, a = (torch.cat([old[:, max(0, old.shape[1] - self.window + 1):], x], 1) for old, x in ((d.v, v), (d.a, a)))
-        d.v, d.a = v, a
-        q, k, g = self._query_key(n, self.local_summary(v, a, new))
-        bags = self.bags(ids, d.length)
-        d.extend(ids, q=q, k=k, g=g, bags=bags, key_ahead=None if self.key_ahead is None else self.key_ahead(n))
-        sentence = self.sentences(ids)
-        lex = torch.bmm(bags, d.bags.transpose(1, 2))  # (B, new, T)
-        d.overlap(lex.masked_fill(sentence[:, -new:, None] == sentence[:, None, :], 0.0))
+        new, sentence = T - d.length, self.sentences(ids)
+        if new:  # asked again for the same ids: nothing to add
+            n = self.norm(h[:, d.length:T])
+            v, a = self.summary(n).float(), self.salience(n).float()[..., 0]
+            if d.length:  # the summary reads the `window - 1` positions before
+                v, a = (torch.cat([old[:, max(0, old.shape[1] - self.window + 1):], x], 1)
+                        for old, x in ((d.v, v), (d.a, a)))
+            d.v, d.a = v, a
+            q, k, g = self._query_key(n, self.local_summary(v, a, new))
+            bags = self.bags(ids, d.length)
+            d.extend(ids, q=q, k=k, g=g, bags=bags, key_ahead=None if self.key_ahead is None else self.key_ahead(n))
+            lex = torch.bmm(bags, d.bags.transpose(1, 2))  # (B, new, T)
+            d.overlap(lex.masked_fill(sentence[:, T - new:, None] == sentence[:, None, :], 0.0))
         ahead = None if self.key_ahead is None else self._ahead(d.k, d.key_ahead, ids)
         unit = F.normalize(d.k, dim=-1)
         starts = self._sentence_start(sentence)[:, -1]

@@ -166,3 +166,17 @@ def test_long_documents_tell_key_value_lists_and_recite_them_in_another_order():
         assert opening.replace(told.group(0), "").strip() == without.text.split("\n")[0]  # the rest unchanged
     assert 10 <= listed <= 30 and reordered >= listed // 2
     assert len({re.findall(r"\w+=", w.text.split("\n")[0])[0] for w in worlds if "=" in w.text}) > 5
+
+
+def test_the_demo_source_passes_recite_codes_and_pairs_to_its_long_documents():
+    from cortex import ByteTokenizer
+    from cortex.core.transformer import ModelConfig
+    from cortex.kernel.interfaces import BuildContext
+    from cortex_plugins.data.demo import DemoSource
+
+    settings = DemoSource.Settings(documents=12, distance_windows=2, seed=5, recite=1.0, codes=1, pairs=1.0)
+    config = ModelConfig(vocab_size=259, dim=8, layers=1, heads=2, context=48)
+    docs = [d.text for d in DemoSource(settings, BuildContext(config=config, tokenizer=ByteTokenizer())).documents()]
+    count = lambda text: len(ByteTokenizer().encode(text))  # noqa: E731
+    assert docs == [w.text for w in long_demo_worlds(12, 2, 48, count, seed=5, recite=1.0, codes=1, pairs=1.0)]
+    assert all(re.search(r"\w+=\d+", d.split("\n")[0]) for d in docs)  # every opening tells a list

@@ -154,11 +154,15 @@ class _Decoding:
     ROWS = ("q", "k", "g", "bags", "key_ahead")
 
     def __init__(self) -> None:
-        self.length = 0
-        self.ids: torch.Tensor | None = None
+        self.ids: torch.Tensor | None = None  # every id read so far
         self.buffers: dict[str, torch.Tensor] = {}
         self.v = self.a = self.later = self.later_starts = self.marks = None
         self.marked = 0  # ids the marks were computed for
+
+    @property
+    def length(self) -> int:
+        """Positions read so far."""
+        return 0 if self.ids is None else self.ids.shape[1]
 
     def __getattr__(self, name: str) -> torch.Tensor | None:
         if name not in _Decoding.ROWS and name != "shared":
@@ -174,9 +178,9 @@ class _Decoding:
         for name, value in rows.items():
             if value is not None:
                 self._room(name, value, T)[:, L:T] = value
-        self.ids, self.length = ids, T
+        self.ids = ids
 
-    def overlap(self, lex: torch.Tensor) -> None:
+    def add_overlap(self, lex: torch.Tensor) -> None:
         """Add the word overlap ``lex`` (B, new, T) of the newest positions with every position
         as rows and columns of the key-to-key overlap."""
         T = self.length
@@ -616,8 +620,7 @@ class PointerHead(nn.Module):
             q, k, g = self._query_key(n, self.local_summary(v, a, new))
             bags = self.bags(ids, d.length)
             d.extend(ids, q=q, k=k, g=g, bags=bags, key_ahead=None if self.key_ahead is None else self.key_ahead(n))
-            lex = torch.bmm(bags, d.bags.transpose(1, 2))  # (B, new, T)
-            d.overlap(lex.masked_fill(sentence[:, T - new:, None] == sentence[:, None, :], 0.0))
+            d.add_overlap(self.overlap(ids, last=new, bags=d.bags))  # (B, new, T)
         ahead = None if self.key_ahead is None else self._ahead(d.k, d.key_ahead, ids)
         unit = F.normalize(d.k, dim=-1)
         starts = self._sentence_start(sentence)[:, -1]

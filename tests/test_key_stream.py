@@ -70,3 +70,22 @@ def test_generation_reads_memory_through_the_key_stream_as_token_by_token_keys_w
     assert torch.equal(streamed, fresh)
     text = model.tokenizer.decode(streamed[0, prompt.shape[1]:].tolist())
     assert text.startswith(told[30:])  # memory was read: the untrained core alone says nothing of it
+
+
+def test_where_remember_cuts_a_long_text_into_windows_does_not_show_in_its_keys(build_model):
+    """A text longer than the context is stored window by window; the keys of positions just
+    after a cut still read the tokens before it, as the key of the same position in one pass."""
+    torch.manual_seed(0)
+    model = build_model(manifest(key_layer=1, key_window=6, context=48))
+    ms = model.memory_system
+    ids = torch.randint(0, 256, (150,))
+    model.remember(model.tokenizer.decode(ids.tolist()))
+    told = torch.tensor(model.tokenizer.encode(model.tokenizer.decode(ids.tolist())))
+    span, stream = ms.key_span(), session_stream("self")
+    for cut in (48, 96):
+        for p in (cut + 1, cut + 4, cut + 9):
+            whole = ms.keys(told[p - span + 1:p + 1][None])[:, -1]  # the key with all it reads
+            cut_off = ms.keys(told[cut:p + 1][None])[:, -1]  # read from the window's start only
+            assert float(whole @ cut_off.T) < (0.99 if p < cut + 8 else 0.9999)  # the cut would show
+            found = ms.tiers[0].read(whole, 1, stream=stream, step=0, touch=False)
+            assert float(found.scores[0, 0]) > 0.9999 and int(found.tokens[0, 0]) == int(told[p + 1])

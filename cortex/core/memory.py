@@ -484,7 +484,9 @@ class MemorySystem:
     def remember(self, ids: torch.Tensor, stream: int, meta: dict[str, Any] | None = None) -> int:
         """Store every position of token ids (1-D) in ``stream``; returns entries written.
 
-        Texts longer than the context are stored window by window. Entries pushed out of
+        Texts longer than the context are stored window by window, the keys near a window's
+        start read over the text before it, so where a window cuts a text does not show in
+        its keys. Entries pushed out of
         a full tier move down the chain (``spill``), so what was told is not forgotten, and
         each text ends like a training step: consolidation hands due entries down.
         """
@@ -497,13 +499,17 @@ class MemorySystem:
                 break
             inputs, targets = chunk[:-1].unsqueeze(0), chunk[1:].unsqueeze(0)
             streams = torch.tensor([stream])
-            segment = self.pass_read(inputs, streams)
+            keys = self.keys(inputs)
+            if start:  # keys near the window's start read the text before it too
+                n = min(self.key_span() - 1, ctx // 2, inputs.shape[1])
+                keys[:, :n] = self.keys(ids[start - n:start + n].unsqueeze(0))[:, n:]
+            segment = MemoryRead(streams, keys=keys if self.query_keys else None)
             self.core(inputs, memory=segment)
             entry_meta = None
             if meta is not None:
                 entry_meta = [{**meta, "position": start + t} for t in range(inputs.shape[1])]
             written += self.write_segment(inputs, targets, streams, values=segment.value, meta=entry_meta,
-                                          importance=None, keys=segment.keys)
+                                          importance=None, keys=keys)
         self.step += 1  # outside training, each remembered text ages memory by one step
         if self.settings.consolidate == "step":
             self.consolidate()  # as at a training step's end: due entries move down the tiers

@@ -25,10 +25,10 @@ TOLD = "Mina's locker number is 3817. She keeps her violin in it."
 OWN = torch.tensor([session_stream("self")])
 
 
-def build(tmp_path: Path, name: str, **system) -> cortex.CortexModel:
+def build(tmp_path: Path, name: str, layers: int = 2, **system) -> cortex.CortexModel:
     settings = {"read": ["knn_attention"], "key_window": 16, "write": "all", **system}
     path = tmp_path / f"{name}.yaml"
-    path.write_text(tiny_manifest(name, seed=0, dim=64, context=64, memory_layers=[1],
+    path.write_text(tiny_manifest(name, seed=0, dim=64, layers=layers, context=64, memory_layers=[1],
                                   memory=[{"type": "stm", "settings": {"capacity": 256}}],
                                   memory_system=settings), encoding="utf-8")
     return cortex.assemble(cortex.load_manifest(path)).eval()
@@ -89,6 +89,38 @@ def test_generation_reads_with_the_keys_of_each_new_token(tmp_path):
     assert isinstance(model.generate_text("Mina's locker", max_new_tokens=4), str)
     learned = build(tmp_path, "plain")  # the learned query needs no keys: one read for every step
     assert learned.memory_system.generation_read(OWN, None).keys is None
+
+
+def test_reading_at_the_frontier_leaves_a_prompts_own_text_unread(tmp_path):
+    """``read_at: frontier``: generation reads memory only where the next token is unknown, so
+    a prompt that repeats told text and goes on elsewhere continues as in a session told
+    nothing, where reading at every position pulls the told text into the prompt's states;
+    a prompt that ends on told text still reads it."""
+    models = {}
+    for read_at in ("every", "frontier"):
+        model = build(tmp_path, read_at, layers=3, query="key", value="next", read_min_score=0.99, read_at=read_at)
+        if models:
+            model.load_state_dict(models["every"].state_dict())
+        reader = model.core.memory_layer(1)
+        torch.manual_seed(1)
+        torch.nn.init.normal_(reader.out.weight, std=1.0)  # the read shows in the output
+        with torch.no_grad():
+            reader.gate.fill_(5.0)
+        model.remember(TOLD)
+        models[read_at] = model
+
+    def next_logits(model, prompt, session):  # the prompt's pass, read as generation reads
+        ms, ids = model.memory_system, torch.tensor([model.tokenizer.encode(prompt)])
+        read = ms.generation_read(torch.tensor([session_stream(session)]), KeyStream(ms))
+        with torch.no_grad():
+            return model.core(ids, memory=read(ids, ids.shape[1]))[0][:, -1]
+
+    def reads(model, prompt):
+        return not torch.allclose(next_logits(model, prompt, "self"), next_logits(model, prompt, "untold"), atol=1e-4)
+
+    goes_on = TOLD[:24] + " lost, said the porter at noon; ask"
+    assert reads(models["every"], goes_on) and not reads(models["frontier"], goes_on)
+    assert reads(models["frontier"], TOLD[:24])
 
 
 def test_a_keyed_reader_without_keys_says_what_is_missing(tmp_path):

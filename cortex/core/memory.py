@@ -18,7 +18,9 @@ Two read modes, both configurable and both measured:
   nothing. With ``query: key`` the query is the position's own memory key, so a repeat of
   stored context finds its entry at cosine 1 before anything is learnt; with ``value: next``
   (or ``both``) an entry carries the embedding of the token that followed its key, which a
-  read of the state alone cannot (a causal state does not know its next token).
+  read of the state alone cannot (a causal state does not know its next token). With
+  ``read_at: frontier`` generation reads only at the last position of each pass, the one
+  whose next token is unknown, so a prompt's own text pulls nothing from memory.
 * ``knn_lm`` (Khandelwal et al.): training-free; at evaluation and generation the
   next-token distribution of the retrieved neighbours is interpolated with the model's.
 
@@ -36,7 +38,7 @@ the states of the window are computed once, then one token at a time.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -100,6 +102,9 @@ class MemoryAttention(nn.Module):
         system = self._system[0]
         if memory is None or "knn_attention" not in self.settings.read:
             return x
+        if memory.frontier and x.shape[1] > 1:
+            last = replace(memory, frontier=False, keys=None if memory.keys is None else memory.keys[:, -1:])
+            return torch.cat([x[:, :-1], self(x[:, -1:], last)], dim=1)
         if memory.value is None:
             memory.value = x.detach()
         if self.settings.query == "key":
@@ -195,6 +200,8 @@ class MemoryRead:
     touch: bool = True
     #: the memory keys (B, T, d) of the pass's positions, where readers query with them (``query: key``)
     keys: torch.Tensor | None = None
+    #: only the last position reads (``read_at: frontier``): in generation the others' next tokens are known
+    frontier: bool = False
 
 
 class KeyStream:
@@ -313,13 +320,17 @@ class MemorySystem:
     def generation_read(self, streams: torch.Tensor, keys: KeyStream | None) -> MemoryRead | Callable:
         """What generation passes to the core: one read, or (``query: key``) a function of
         the ids so far and the count of new positions a cached step runs, whose keys come
-        from the key stream ``keys`` one token at a time."""
+        from the key stream ``keys`` one token at a time. With ``read_at: frontier`` only the
+        last position of a pass reads (and only its key is computed)."""
+        frontier = self.settings.read_at == "frontier"
         if not self.query_keys:
-            return MemoryRead(streams)
+            return MemoryRead(streams, frontier=frontier)
 
         def read(ids: torch.Tensor, new: int) -> MemoryRead:
             if new == 1 and keys is not None:
                 return MemoryRead(streams, keys=keys.last(ids)[0][:, None])
+            if frontier:  # the last key reads only the key span before it
+                return MemoryRead(streams, keys=self.keys(ids[:, -min(new, self.key_span()):])[:, -1:], frontier=True)
             return MemoryRead(streams, keys=self.keys(ids[:, -new:]))
         return read
 

@@ -67,8 +67,9 @@ class MemorySettings(Settings):
     value: Literal["state", "next", "both"] = Field("state", description="What kNN-attention reads of an entry: the "
                                                     "stream's state, the token that followed its key, or both.")
     train_read_tiers: int = Field(1, ge=1, description="Tiers kNN-attention reads in training (the first N; all at "
-                                                       "inference). Exact batched search of the first tier is cheap; "
-                                                       "FAISS per token is not.")
+                                                       "inference): exact batched search is cheap, FAISS per token not.")
+    read_at: Literal["every", "frontier"] = Field("every", description="Generation: kNN-attention reads at every position, "
+                                                  "or only where the next token is unknown (a prompt's text reads nothing).")
 
     @model_validator(mode="after")
     def _offsets(self) -> MemorySettings:
@@ -79,9 +80,8 @@ class MemorySettings(Settings):
     write: Literal["all", "surprise"] = Field("surprise", description="Store every position, or the most surprising (top loss).")
     write_fraction: float = Field(0.25, gt=0, le=1, description="Share of positions stored with `surprise`.")
     write_in_training: bool = Field(True, description="Write each training segment to STM.")
-    spill: Literal["never", "inference", "always"] = Field("inference", description=(
-        "When entries pushed out of a full tier move to the next one instead of being forgotten: never, outside "
-        "training (real-time use), or always."))
+    spill: Literal["never", "inference", "always"] = Field("inference", description="When entries pushed out of a "
+                                                           "full tier go to the next one: never, outside training, or always.")
     consolidate: Literal["step", "sleep"] = Field(
         "step", description="Hand entries down the tiers at every step end, or only during sleep (NREM).")
 

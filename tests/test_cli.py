@@ -131,6 +131,22 @@ def test_bench_throughput_compares_a_memory_manifest_with_the_plain_one(cortex_c
     assert data["figures"][f"{plain}:fp32"]["vs_first_target"]["mean"] == 1.0
 
 
+def test_bench_throughput_times_generation_that_reads_memory_at_every_token(tmp_path, monkeypatch):
+    """Its prompt is token ids, which no feature reads told text for, so under
+    ``lm_recalled_only`` kNN-LM would read nothing: the timing switches it off."""
+    from cortex.core.memory import MemorySystem
+    from cortex_plugins.bench.throughput import Throughput
+
+    path = write(tmp_path, tiny_manifest("lm", memory=[{"type": "stm", "settings": {"capacity": 64}}],
+                                         memory_system={"read": ["knn_lm"], "lm_recalled_only": True}), "lm.yaml")
+    reads = []
+    original = MemorySystem.knn_distribution
+    monkeypatch.setattr(MemorySystem, "knn_distribution", lambda self, *a, **k: reads.append(1) or original(self, *a, **k))
+    figures = Throughput(Throughput.Settings(), None)._generation([path], rounds=1, seeds=[0], log=lambda _: None)
+    assert figures[str(path)]["tokens_per_s"]["mean"] > 0 and figures[str(path)]["remembered_tokens"] > 0
+    assert len(reads) >= 4 + 16  # the warm-up's tokens and every timed one (context 32: 16 new after 16)
+
+
 def test_tables_never_cut_names_when_the_output_is_not_a_terminal():
     import subprocess
     import sys

@@ -207,6 +207,24 @@ def test_copy_spells_a_told_name_the_models_prior_vetoes():
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in head.parameters() if p.grad is not None)
 
 
+def test_the_copy_share_takes_only_the_pointer_mass_that_names_a_token():
+    """Attention on keys whose told word ends there (a Korean particle) votes for word ends in
+    the product and names no token to copy: the mixture still sums to 1, and with no such
+    mass it is the plain ``(1 - c) p_poe + c p_ptr``."""
+    head = _head(combine="poe", copying=True).eval()
+    logp = torch.log_softmax(torch.randn(2, 260), -1)
+    ptr = torch.zeros(2, 260)
+    ptr[0, ord("k")], ptr[1, ord("k")] = 0.6, 1.0  # row 0: the other 0.4 on a word end
+    ends = torch.tensor([[0.4], [0.0]])
+    g = torch.tensor([1.5, 1.5])
+    out = head.combine_log_probs(logp, ptr, g, ends).exp()
+    torch.testing.assert_close(out.sum(-1), torch.ones(2), atol=1e-5, rtol=0)
+    c = torch.sigmoid(g[1])
+    poe = head.combine_log_probs(logp, ptr, None, ends).exp()
+    torch.testing.assert_close(out[1], (1 - c) * poe[1] + c * ptr[1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[0], (1 - c * 0.6) * poe[0] + c * ptr[0], atol=1e-5, rtol=0)
+
+
 def test_copy_share_grows_inside_a_word_not_at_the_next_word():
     """With bytes, a copy's share counts while a word is being spelt or a told statement about
     the same name goes on as told; after "Jun lives in " (the template of "Mina lives in

@@ -523,7 +523,8 @@ class PointerHead(nn.Module):
         The model supplies the template and the type (a city starts here), the pointer the
         binding (which city); where the pointer has nothing the factor is a constant and the
         model is unchanged. With ``copying`` the product is mixed with the pointer's distribution,
-        ``(1 - c) p_poe + c p_ptr``, where the share ``c`` (``g``, a logit) grows with the
+        ``(1 - c m) p_poe + c p_ptr`` (``m``: the pointer's mass that names a token, so the mix
+        sums to 1 where attention sits on word ends), where the share ``c`` (``g``, a logit) grows with the
         attention on keys that continue a copy: a name never seen in training, which the
         model's prior would veto letter by letter, is copied as told. ``gate``:
         ``g p_ptr + (1 - g) p_model``.
@@ -539,10 +540,15 @@ class PointerHead(nn.Module):
             joint = torch.log_softmax(logp + self.beta * torch.log(eps + p_ptr), dim=-1)
             if g is None:
                 return joint
-            keys = told.sum(-1, keepdim=True) > 0  # no share where the pointer sees no key
-            log_share = F.logsigmoid(g.float())[..., None].masked_fill(~keys, float("-inf"))
-            log_rest = F.logsigmoid(-g.float())[..., None].masked_fill(~keys, 0.0)  # in log space: no NaN when saturated
-            return torch.logaddexp(log_rest + joint, log_share + torch.log(told.clamp_min(1e-12)))
+            # (1 - c m) p_poe + c p_ptr: the share c takes only the mass m that names a token (the
+            # word-end votes stay in the product), so the mixture sums to 1; none where m is 0
+            mass = told.sum(-1, keepdim=True)
+            log_share = F.logsigmoid(g.float())[..., None]
+            log_rest = torch.logaddexp(F.logsigmoid(-g.float())[..., None],  # in log space: no NaN when saturated
+                                       log_share + torch.log1p(-mass.clamp(max=1 - 1e-6)))
+            keys = mass > 0
+            return torch.logaddexp(log_rest.masked_fill(~keys, 0.0) + joint,
+                                   log_share.masked_fill(~keys, float("-inf")) + torch.log(told.clamp_min(1e-12)))
         gate = torch.sigmoid(g.float())[..., None]
         return torch.log((gate * p_ptr + (1 - gate) * logp.exp()).clamp_min(1e-12))
 

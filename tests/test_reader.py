@@ -6,19 +6,26 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+import zlib
 
 import pytest
 import torch
 
 from cortex import CortexError
 from cortex.kernel.interfaces import CognitiveFeature
-from cortex_plugins.cognition._pointer_head import (PointerHead, continues_character, match_lengths, particle_keys,
-                                                    sentence_words)
+from cortex_plugins.cognition._pointer_head import (BINS, PointerHead, continues_character, match_lengths,
+                                                    particle_keys, word_spans)
 from cortex_plugins.cognition.reader import Reader
 from cortex_plugins.data.demo import demo_documents, demo_worlds, make_world
 from tests.conftest import tiny_manifest
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+
+def sentence_words(ids: list[int]) -> list[list[bytes]]:
+    """Each position's words, from ``word_spans``, in the order they came."""
+    spans = word_spans(ids)
+    return [[w for w, first, end in spans if first <= t < end] for t in range(len(ids))]
 
 
 def test_sentence_words_keep_the_question_with_its_answer():
@@ -27,8 +34,27 @@ def test_sentence_words_keep_the_question_with_its_answer():
     assert w[13] == [b"bora", b"lives", b"in"]
     assert w[-1] == [b"where", b"does", b"bora", b"live", b"dae"]
     assert b"s" not in w[text.index("job")]  # the s of a possessive is not a word
-    ko = sentence_words(list("민아는 부산에 산다.".encode()))[-2]
-    assert "민아".encode() in ko  # the particle cut, next to 민아는
+    assert w[text.index(".")] == [] and w[text.index("Tom") + 1] == [b"to"]  # a sentence ends; a word is typed
+    ko = sentence_words(list("민아는 부산에 산다. 민아는 ".encode()))
+    assert "민아".encode() in ko[-14] and ko[-14].count("민아".encode()) == 1  # the particle cut, next to 민아는
+    assert ko[-1] == ["민아는".encode(), "민아".encode()]  # a new sentence forgets the last one's words
+
+
+def test_word_bags_sum_each_positions_words_by_rarity():
+    """``bags`` (hashed, one vector a position, from ``start`` on) equals the bag built word by
+    word from each position's sentence words, for English and Korean demo text."""
+    head = _head()
+    head.idf = lambda w: 1.0 + len(w) % 3
+    texts = [w.text[:120] for w in demo_worlds(6, seed=3)]
+    ids = torch.tensor([list(t.encode()[:100]) for t in texts])
+    for start in (0, 37, 99):
+        bags = head.bags(ids, start)
+        expected = torch.zeros(ids.shape[0], ids.shape[1] - start, BINS)
+        for b, row in enumerate(ids.tolist()):
+            for t, found in enumerate(sentence_words(row)[start:]):
+                for w in found:
+                    expected[b, t, zlib.crc32(w) % BINS] += head.idf(w)
+        torch.testing.assert_close(bags, expected)
 
 
 def _head(dim=16, width=8, **options):

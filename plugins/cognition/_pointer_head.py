@@ -123,24 +123,31 @@ def closes_sentence(t: int) -> bool:
     return t in (46, 33, 10) or not 0 <= t < 256
 
 
-def sentence_words(ids: list[int]) -> list[list[bytes]]:
-    """For each position of byte ids, the distinct words of its sentence so far (``.``, ``!``
-    and a newline end a sentence; ``?`` does not, so an answer shares its question's words).
-    The word being typed counts as far as it goes."""
-    out: list[list[bytes]] = []
-    done: list[bytes] = []
-    current = b""
-    for t in ids:
-        if 0 <= t < 256 and _is_word_byte(t):
-            current += bytes([t])
-        else:
-            if current:
-                done.extend(f for f in _word_forms(current) if f not in done)
-                current = b""
-            if closes_sentence(t):
-                done = []
-        out.append(done + [f for f in _word_forms(current) if f not in done] if current else list(done))
-    return out
+def word_spans(ids: list[int]) -> list[tuple[bytes, int, int]]:
+    """The words of each position's sentence so far, as spans ``(word, first, end)``: the word
+    is in the bag of positions ``first`` to ``end - 1``. A told word counts from the token
+    after it to its sentence's end (``.``, ``!`` and a newline end a sentence; ``?`` does not,
+    so an answer shares its question's words), once per sentence; the word being typed counts
+    as far as it goes, at each of its positions, unless told before in its sentence."""
+    spans: list[list] = []
+    told: dict[bytes, int] = {}  # the told words of the current sentence -> their span
+    start = None  # where the word being typed began
+    for t, token in enumerate(ids):
+        if 0 <= token < 256 and _is_word_byte(token):
+            start = t if start is None else start
+            spans += [[f, t, t + 1] for f in _word_forms(bytes(ids[start:t + 1])) if f not in told]
+            continue
+        if start is not None:
+            for f in _word_forms(bytes(ids[start:t])):
+                if f not in told:
+                    told[f] = len(spans)
+                    spans.append([f, t, len(ids)])
+            start = None
+        if closes_sentence(token):
+            for i in told.values():
+                spans[i][2] = t  # the closing token's bag is empty
+            told = {}
+    return [tuple(span) for span in spans]
 
 
 class _Decoding:
@@ -351,19 +358,29 @@ class PointerHead(nn.Module):
         out = torch.zeros(B * n * BINS)
         if self.idf is None:
             return out.view(B, n, BINS).to(ids.device)
-        index: list[int] = []
+        first: list[int] = []
+        bins: list[int] = []
         weight: list[float] = []
+        lengths: list[int] = []
         for b, row in enumerate(ids.tolist()):
             opens = start  # read from the sentence that holds `start`: a closing token ends the one before
             while opens > 0 and not closes_sentence(row[opens - 1]):
                 opens -= 1
-            for t, found in enumerate(sentence_words(row[opens:])[start - opens:]):
-                for w in found:
-                    bin_, rarity = self._word(w)
-                    index.append((b * n + t) * BINS + bin_)
+            skip = start - opens
+            for word, lo, hi in word_spans(row[opens:]):
+                lo = max(lo, skip)
+                if lo < hi:
+                    bin_, rarity = self._word(word)
+                    first.append(b * n + lo - skip)
+                    lengths.append(hi - lo)
+                    bins.append(bin_)
                     weight.append(rarity)
-        # words sharing a bin add up (the hashing trick)
-        out.index_put_((torch.tensor(index, dtype=torch.long),), torch.tensor(weight), accumulate=True)
+        # every position of each span, then words sharing a bin add up (the hashing trick)
+        length = torch.tensor(lengths, dtype=torch.long)
+        offset = torch.arange(int(length.sum())) - torch.repeat_interleave(length.cumsum(0) - length, length)
+        rows = torch.repeat_interleave(torch.tensor(first, dtype=torch.long), length) + offset
+        index = rows * BINS + torch.repeat_interleave(torch.tensor(bins, dtype=torch.long), length)
+        out.index_put_((index,), torch.repeat_interleave(torch.tensor(weight), length), accumulate=True)
         return out.view(B, n, BINS).to(ids.device)
 
     def _word(self, word: bytes) -> tuple[int, float]:

@@ -312,10 +312,13 @@ class MemorySystem:
         """Whether kNN-attention queries with the positions' memory keys (``query: key``)."""
         return bool(self.readers) and self.settings.query == "key"
 
-    def pass_read(self, idx: torch.Tensor, streams: torch.Tensor, *, touch: bool = True) -> MemoryRead:
+    def pass_read(self, idx: torch.Tensor, streams: torch.Tensor, *, touch: bool = True,
+                  keys: torch.Tensor | None = None) -> MemoryRead:
         """What a forward pass over ``idx`` reads: the rows' streams, and the positions' keys
-        where readers query with them."""
-        return MemoryRead(streams, touch=touch, keys=self.keys(idx) if self.query_keys else None)
+        (``keys``, if already computed) where readers query with them."""
+        if not self.query_keys:
+            return MemoryRead(streams, touch=touch)
+        return MemoryRead(streams, touch=touch, keys=self.keys(idx) if keys is None else keys)
 
     def generation_read(self, streams: torch.Tensor, keys: KeyStream | None) -> MemoryRead | Callable:
         """What generation passes to the core: one read, or (``query: key``) a function of
@@ -514,7 +517,7 @@ class MemorySystem:
             if start:  # keys near the window's start read the text before it too
                 n = min(self.key_span() - 1, ctx // 2, inputs.shape[1])
                 keys[:, :n] = self.keys(ids[start - n:start + n].unsqueeze(0))[:, n:]
-            segment = MemoryRead(streams, keys=keys if self.query_keys else None)
+            segment = self.pass_read(inputs, streams, keys=keys)
             self.core(inputs, memory=segment)
             entry_meta = None
             if meta is not None:

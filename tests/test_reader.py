@@ -55,6 +55,42 @@ def test_word_bags_sum_each_positions_words_by_rarity():
                 for w in found:
                     expected[b, t, zlib.crc32(w) % BINS] += head.idf(w)
         torch.testing.assert_close(bags, expected)
+    compact = head.bags(ids, compact=True)  # only the bins in use: the same overlaps, narrower
+    full = head.bags(ids)
+    assert compact.shape[-1] < BINS // 4
+    torch.testing.assert_close(compact @ compact.transpose(1, 2), full @ full.transpose(1, 2))
+    assert compact.sum() == full.sum()
+
+
+def test_local_summary_weighs_each_positions_window_by_salience_and_offset():
+    """Position t's summary: softmax over j in (t - window, t] of ``a[j] + offset_bias[t - j]``,
+    applied to ``v[j]``; for every position or only the last few."""
+    head = _head()  # window 4
+    with torch.no_grad():
+        head.offset_bias.copy_(torch.tensor([0.5, -1.0, 2.0, 0.0]))
+    v, a = torch.randn(2, 9, 8), torch.randn(2, 9)
+    expected = torch.zeros(2, 9, 8)
+    for t in range(9):
+        js = list(range(max(0, t - 3), t + 1))
+        w = torch.softmax(torch.stack([a[:, j] + head.offset_bias[t - j] for j in js], -1), -1)
+        expected[:, t] = sum(w[:, i, None] * v[:, j] for i, j in enumerate(js))
+    torch.testing.assert_close(head.local_summary(v, a), expected)
+    torch.testing.assert_close(head.local_summary(v, a, new=3), expected[:, -3:])
+
+
+def test_learned_tables_get_the_gradient_indexing_gives_them():
+    """``lookup`` (a bincount backward) trains a table as ``table[index]`` would."""
+    from cortex_plugins.cognition._pointer_head import lookup
+
+    index = torch.randint(0, 5, (3, 7, 11))
+    weight = torch.randn(3, 7, 11)
+    grads = []
+    for read in (lookup, lambda t, i: t[i]):
+        table = torch.randn(5, generator=torch.Generator().manual_seed(0)).requires_grad_()
+        (read(table, index) * weight).sum().backward()
+        grads.append(table.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+    assert grads[0].abs().min() > 0
 
 
 def _head(dim=16, width=8, **options):

@@ -38,6 +38,28 @@ def distance_buckets(T: int, device: torch.device | None = None, last: int | Non
     return torch.log2(d).floor().long().clamp(max=BUCKETS - 1)
 
 
+class _Lookup(torch.autograd.Function):
+    """``table[index]`` whose backward counts the gradient into the table's few entries with one
+    ``bincount`` (indexing's own backward accumulates element by element: slow on (B, T, T))."""
+
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.size = table.shape[0]
+        return table[index]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        counted = torch.bincount(index.flatten(), weights=grad.flatten().float(), minlength=ctx.size)
+        return counted.to(grad.dtype), None
+
+
+def lookup(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``table[index]`` for a small 1-d ``table`` of learned values and a large ``index``."""
+    return _Lookup.apply(table, index)
+
+
 def match_lengths(ids: torch.Tensor, last: int | None = None) -> torch.Tensor:
     """(B, Tq, T) how many tokens, up to ``MATCH - 1``, end equally at each key ``j`` and query
     ``t`` (``ids[t - i] == ids[j - i]`` for ``i < n``), for the last ``Tq = last`` queries (all
@@ -289,9 +311,8 @@ class PointerHead(nn.Module):
         self.log_lexical = nn.Parameter(torch.tensor(math.log(2.0)))
         self.log_scale = nn.Parameter(torch.tensor(math.log(10.0)))
         self.recency = nn.Parameter(torch.zeros(BUCKETS))
-        # learned from priors: a key gains match[i] for its (i+1)-th equal token (increments:
-        # cheap masks, where a table lookup's backward is slow), and loses to a later statement
-        # like it (supersede < 0)
+        # learned from priors: a key gains match[i] for its (i+1)-th equal token, and loses to
+        # a later statement like it (supersede < 0)
         self.match = nn.Parameter(torch.ones(MATCH - 1))
         # ... and gains `restated` where the key's sentence also shares a rare word with the
         # query's: a told statement about the same name, continued as told (where a template
@@ -350,14 +371,14 @@ class PointerHead(nn.Module):
 
     # -- the word overlap -------------------------------------------------------------
 
-    def bags(self, ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+    def bags(self, ids: torch.Tensor, start: int = 0, compact: bool = False) -> torch.Tensor:
         """(B, T - start, BINS): the sentence words of each position from ``start`` on, hashed,
-        weighted by rarity."""
+        weighted by rarity. ``compact``: only the bins some word of ``ids`` falls in, as
+        columns (the same dot products between bags, at a fraction of the width)."""
         B, T = ids.shape
         n = T - start
-        out = torch.zeros(B * n * BINS)
         if self.idf is None:
-            return out.view(B, n, BINS).to(ids.device)
+            return torch.zeros(B, n, 1 if compact else BINS, device=ids.device)
         first: list[int] = []
         bins: list[int] = []
         weight: list[float] = []
@@ -376,12 +397,18 @@ class PointerHead(nn.Module):
                     bins.append(bin_)
                     weight.append(rarity)
         # every position of each span, then words sharing a bin add up (the hashing trick)
+        column = torch.tensor(bins, dtype=torch.long)
+        width = BINS
+        if compact:
+            used, column = torch.unique(column, return_inverse=True)
+            width = max(1, used.numel())
+        out = torch.zeros(B * n * width)
         length = torch.tensor(lengths, dtype=torch.long)
         offset = torch.arange(int(length.sum())) - torch.repeat_interleave(length.cumsum(0) - length, length)
         rows = torch.repeat_interleave(torch.tensor(first, dtype=torch.long), length) + offset
-        index = rows * BINS + torch.repeat_interleave(torch.tensor(bins, dtype=torch.long), length)
+        index = rows * width + torch.repeat_interleave(column, length)
         out.index_put_((index,), torch.repeat_interleave(torch.tensor(weight), length), accumulate=True)
-        return out.view(B, n, BINS).to(ids.device)
+        return out.view(B, n, width).to(ids.device)
 
     def _word(self, word: bytes) -> tuple[int, float]:
         """(hashed bin, ``idf``) of a word, remembered (the Reader's rarity does not change)."""
@@ -411,7 +438,7 @@ class PointerHead(nn.Module):
         """(B, Tq, T) rarity-weighted word overlap of each query position's sentence (the
         last ``last`` positions, default all) with each position's in *other* sentences
         (a sentence trivially shares its own words); ``bags``: ``self.bags(ids)`` if known."""
-        bags = self.bags(ids) if bags is None else bags
+        bags = self.bags(ids, compact=True) if bags is None else bags
         sentence = self.sentences(ids)
         q = bags if last is None else bags[:, -last:]
         qs = sentence if last is None else sentence[:, -last:]
@@ -446,12 +473,16 @@ class PointerHead(nn.Module):
     def local_summary(self, v: torch.Tensor, a: torch.Tensor, new: int | None = None) -> torch.Tensor:
         """(B, new, width): for each of the last ``new`` positions (all by default), a
         softmax-weighted sum of the projected states ``v`` (B, T, width) of itself and the
-        ``window - 1`` positions before it, weighted by saliences ``a`` (B, T)."""
-        W, new = self.window, v.shape[1] if new is None else new
-        v = F.pad(v, (0, 0, W - 1, 0))[:, -(new + W - 1):].unfold(1, W, 1)  # (B, new, width, W)
-        a = F.pad(a, (W - 1, 0), value=float("-inf"))[:, -(new + W - 1):].unfold(1, W, 1)  # (B, new, W)
-        a = torch.softmax(a + self.offset_bias.flip(0), dim=-1)  # window slot W-1 is offset 0
-        return torch.einsum("btrw,btw->btr", v, a)
+        ``window - 1`` positions before it, weighted by saliences ``a`` (B, T).
+
+        One banded (new, T) softmax and a batched product: cheaper forward and backward
+        than unfolding ``v`` into windows."""
+        T = v.shape[1]
+        new = T if new is None else new
+        offset = torch.arange(T - new, T, device=v.device)[:, None] - torch.arange(T, device=v.device)
+        inside = (offset >= 0) & (offset < self.window)
+        bias = self.offset_bias[offset.clamp(0, self.window - 1)].masked_fill(~inside, float("-inf"))
+        return torch.bmm(torch.softmax(a[:, None, :] + bias, dim=-1), v)
 
     def scores(self, q: torch.Tensor, k: torch.Tensor, lex: torch.Tensor | None = None,
                ids: torch.Tensor | None = None, later: torch.Tensor | None = None,
@@ -467,13 +498,12 @@ class PointerHead(nn.Module):
             sentence = self.sentences(ids)
             closed = sentence[:, None, :] < sentence[:, -Tq:, None]
             logits = torch.where(closed, torch.einsum("bqr,bkr->bqk", q.float(), ahead.float()), logits)
-        logits = logits + self.recency[distance_buckets(Tk, q.device, Tq)]
+        logits = logits + lookup(self.recency, distance_buckets(Tk, q.device, Tq))
         if lex is not None:
             logits = logits + self.log_lexical.exp() * lex
         if ids is not None:
             n = match_lengths(ids, Tq) if match is None else match
-            for i, w in enumerate(self.match):
-                logits = logits + w * (n > i)
+            logits = logits + lookup(F.pad(self.match.cumsum(0), (1, 0)), n)  # match[:n] summed
             if lex is not None:
                 logits = logits + self.restated * self.same_statement(n, lex)
         if later is not None:
@@ -548,11 +578,11 @@ class PointerHead(nn.Module):
         """
         if self.combine == "poe":
             told = p_ptr  # a distribution (the folded factor below counts both cases)
-            swap, letters, word_ends = self._vocab_tables(p_ptr.shape[-1], p_ptr.device)
-            if self.fold_case and p_ptr.shape[-1] >= 128:
-                p_ptr = p_ptr + p_ptr[..., swap] * letters
+            if self.fold_case and p_ptr.shape[-1] >= 128:  # a letter's two cases share their mass
+                both = p_ptr[..., 65:91] + p_ptr[..., 97:123]
+                p_ptr = torch.cat([p_ptr[..., :65], both, p_ptr[..., 91:97], both, p_ptr[..., 123:]], dim=-1)
             if ends is not None:
-                p_ptr = p_ptr + ends * word_ends
+                p_ptr = p_ptr + ends * self._word_ends(p_ptr.shape[-1], p_ptr.device)
             eps = self.eps if self.training else self.read_eps
             joint = torch.log_softmax(logp + self.beta * torch.log(eps + p_ptr), dim=-1)
             if g is None:
@@ -664,17 +694,11 @@ class PointerHead(nn.Module):
 
     @staticmethod
     @functools.cache
-    def _vocab_tables(vocab: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """For a vocabulary of byte ids: each id's other ASCII case (itself where none), 1 at
-        the ASCII letters, and 1 at each ``WORD_ENDS`` byte (vocab,)."""
-        swap = torch.arange(vocab, device=device)
-        letters = torch.zeros(vocab, device=device)
+    def _word_ends(vocab: int, device: torch.device) -> torch.Tensor:
+        """(vocab,) 1 at each ``WORD_ENDS`` byte of a vocabulary of byte ids."""
         word_ends = torch.zeros(vocab, device=device)
-        if vocab >= 128:
-            swap[65:91], swap[97:123] = swap[97:123].clone(), swap[65:91].clone()
-            letters[65:91] = letters[97:123] = 1.0
         word_ends[[b for b in WORD_ENDS if b < vocab]] = 1.0
-        return swap, letters, word_ends
+        return word_ends
 
     def mixture_log_probs(self, logits: torch.Tensor, values: torch.Tensor, targets: torch.Tensor,
                           ids: torch.Tensor) -> torch.Tensor:

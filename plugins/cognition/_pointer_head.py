@@ -70,12 +70,12 @@ def match_lengths(ids: torch.Tensor, last: int | None = None) -> torch.Tensor:
     pad = MATCH - 1  # before the start, queries and keys hold different ids: nothing matches there
     queries = F.pad(ids, (pad, 0), value=-2)
     keys = F.pad(ids, (pad, 0), value=-3)
-    run = torch.ones(B, Tq, T, dtype=torch.bool, device=ids.device)
-    out = torch.zeros(B, Tq, T, dtype=torch.long, device=ids.device)
-    for i in range(MATCH - 1):  # the i-th tokens back of query and key agree
+    run = queries[:, pad + T - Tq: pad + T, None] == keys[:, None, pad: pad + T]
+    out = run.to(torch.uint8)  # counted in bytes, widened once
+    for i in range(1, MATCH - 1):  # the i-th tokens back of query and key agree
         run &= queries[:, pad + T - Tq - i: pad + T - i, None] == keys[:, None, pad - i: pad + T - i]
         out += run
-    return out
+    return out.long()
 
 
 def continues_character(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,13 +15,17 @@ from the context when the cue is asked, so only memory can answer. Accuracy is r
 distance (in context windows) for each read mode the model has, with memory off (a
 session that was told nothing; chance is 1e-5 for a passkey, 1e-2 for a value), for the
 same manifest untrained and for a verbatim store (see
-[`_baselines`][cortex_plugins.bench._baselines]).
+[`_baselines`][cortex_plugins.bench._baselines]). A model is also asked **in window**
+(reported at distance 0): the told sentence that answers the cue, then the cue, in the
+prompt of a session told nothing: what the model reads with the fact in view, the most a
+memory read that hands it the same text can expect.
 """
 
 from __future__ import annotations
 
 import functools
 import random
+import re
 import string
 from pathlib import Path
 from typing import Callable
@@ -72,6 +76,18 @@ def qa_trial(rng: random.Random) -> tuple[str, list[tuple[str, str]]]:
 
 
 TASKS = {"passkey": passkey_trial, "mqar": mqar_trial, "qa": qa_trial}
+
+
+def told_sentence(text: str, cue: str, answer: str) -> str:
+    """The sentence of told ``text`` that answers ``cue``: of those holding ``answer`` (in any
+    case, not inside a longer number), the one sharing the most words with the cue (the asked
+    name, the pair's key)."""
+    words = set(re.findall(r"\w+", cue.lower()))
+    value = re.compile(rf"(?<!\d){re.escape(answer.lower())}(?!\d)")
+    holding = [s.strip() for s in re.findall(r"[^.!?\n]+[.!?]?", text) if value.search(s.lower())]
+    if not holding:
+        raise ValueError(f"no sentence of the told text holds the answer {answer!r}")
+    return max(holding, key=lambda s: len(words & set(re.findall(r"\w+", s.lower()))))
 
 
 class RecallSuite(BenchSuite):
@@ -127,6 +143,12 @@ class RecallSuite(BenchSuite):
         return result
 
     @staticmethod
+    def _answers(model, prompt: str, answer: str, session: str) -> bool:
+        """Whether greedy text after ``prompt`` in ``session`` starts with ``answer``."""
+        out = model.generate_text(prompt, session=session, max_new_tokens=len(model.tokenizer.encode(" " + answer)))
+        return out.strip().startswith(answer)
+
+    @staticmethod
     def _one_seed(model, seed: int, distances: list[int], trials: int,
                   window: int | None = None) -> dict[tuple[str, str, int], float]:
         """Accuracy per (task, read mode, distance) of ``model``, or of a stand-in with the
@@ -144,8 +166,10 @@ class RecallSuite(BenchSuite):
                     rng = random.Random(f"{task}:{seed}:{distance}")
                     correct: dict[str, int] = {}
                     asked = 0
+                    drawn = []
                     for trial in range(trials):
                         text, questions = make(rng)
+                        drawn.append((text, questions))
                         session = f"recall-{task}-{seed}-{distance}-{trial}"
                         if ms is not None or stand_in:
                             model.remember(text, session=session)
@@ -157,13 +181,16 @@ class RecallSuite(BenchSuite):
                                 ms.settings.read = [mode]
                             who = session if mode != "off" else f"{session}-untold"
                             correct[mode] = correct.get(mode, 0) + sum(
-                                model.generate_text(cue, session=who, max_new_tokens=len(
-                                    model.tokenizer.encode(" " + answer)))
-                                .strip().startswith(answer) for cue, answer in questions)
+                                RecallSuite._answers(model, cue, answer, who) for cue, answer in questions)
                         if ms is not None:
                             ms.settings.read = original
                     for mode, n in correct.items():
                         out[(task, mode, distance)] = n / asked
+                    if not stand_in and distance == distances[0]:  # the fact in view, memory empty
+                        out[(task, "in window", 0)] = sum(
+                            RecallSuite._answers(model, told_sentence(text, cue, answer) + "\n" + cue, answer,
+                                                 f"recall-{task}-{seed}-window-{i}")
+                            for i, (text, questions) in enumerate(drawn) for cue, answer in questions) / asked
         finally:
             if ms is not None:
                 ms.settings.read = original

@@ -483,6 +483,18 @@ def test_recall_gives_closed_class_words_no_weight(monkeypatch):
         assert ("I'm 60 years old." in r.recall("How old am I?", "s")) is read
 
 
+def test_a_long_told_text_is_read_by_the_sentences_about_the_asked_name():
+    """Told texts are kept sentence by sentence: a question reads its name's statements, not
+    the other people's told with them (which, put before it, pushed the asked statement out
+    of a small context)."""
+    told = "Mia's favourite colour is silver. Aris likes potatoes. Bexa is a teacher!\nAris lives in Busan."
+    r = _reader()
+    assert r.remember(told, "s") == 4
+    assert r.recall("What does Aris like to eat?", "s") == ["Aris likes potatoes.", "Aris lives in Busan."]
+    assert r.recall("What is Bexa's job?", "s") == ["Bexa is a teacher!"]
+    assert r.recall("Where does Mina live?", "s") == []
+
+
 def test_recall_keeps_told_order_so_the_later_statement_is_nearer():
     r = _reader()
     r.remember("Aris lives in Busan.", "s")

@@ -30,7 +30,8 @@ adds the combined distribution's negative log-likelihood to the LM loss
 (``reader/pointer``), with gradients into the core.
 
 **Told text read by meaning.** ``model.remember``ed texts and chat prompts are kept per
-session (bounded, saved with the run). Before a prompt is answered, the told texts that
+session, sentence by sentence (bounded, saved with the run). Before a prompt is answered,
+the told sentences that
 share a rare word with it (rarity from the demo corpus; a relevance floor, so unrelated
 prompts read nothing; a first-person word counts as rare, since in a session "I" is its
 speaker; a word many of the session's texts share weighs less, so a name outweighs a
@@ -85,6 +86,12 @@ def words(text: str) -> list[str]:
     return out
 
 
+def told_sentences(text: str) -> list[str]:
+    """The sentences of a told text: split after ``.``, ``!`` or ``?`` before a space, and at
+    line breaks."""
+    return [part.strip() for part in re.split(r"(?<=[.!?])\s+|\n+", text) if part.strip()]
+
+
 class Reader(CognitiveFeature):
     """The pointer read over the context and the told text that feeds it (module docs)."""
 
@@ -116,7 +123,7 @@ class Reader(CognitiveFeature):
                                                     "saying what it is, as in Korean.")
         gate_bias: float = Field(-1.0, description="combine: gate: the initial logit of the gate.")
         recall: bool = Field(True, description="Put told texts relevant to a prompt back before it.")
-        max_texts: int = Field(256, gt=0, description="Told texts kept per session (the oldest dropped).")
+        max_texts: int = Field(256, gt=0, description="Told sentences kept per session (the oldest dropped).")
         top: int = Field(4, gt=0, description="Told texts put back before a prompt at most.")
         keep: float = Field(0.75, ge=0, le=1, description="Told texts read score at least this share of the "
                                                           "best one's (a word many told texts share weighs less).")
@@ -169,10 +176,13 @@ class Reader(CognitiveFeature):
     # -- the read path (called by the model) ----------------------------------------------
 
     def remember(self, text: str, session: str) -> int:
+        """Keep each sentence of ``text`` as a told text of its own: a question then reads the
+        statements that share its rare word, not everything told with them."""
+        sentences = told_sentences(text)
         kept = self.texts.setdefault(session, [])
-        kept.append(text.strip())
+        kept.extend(sentences)
         del kept[: -self.settings.max_texts]
-        return 1
+        return len(sentences)
 
     def context_for(self, prompt: str, session: str) -> str:
         """``prompt`` with the relevant told texts before it (the prompt itself unchanged)."""

@@ -481,7 +481,7 @@ class PointerHead(nn.Module):
         new = T if new is None else new
         offset = torch.arange(T - new, T, device=v.device)[:, None] - torch.arange(T, device=v.device)
         inside = (offset >= 0) & (offset < self.window)
-        bias = self.offset_bias[offset.clamp(0, self.window - 1)].masked_fill(~inside, float("-inf"))
+        bias = lookup(self.offset_bias, offset.clamp(0, self.window - 1)).masked_fill(~inside, float("-inf"))
         return torch.bmm(torch.softmax(a[:, None, :] + bias, dim=-1), v)
 
     def scores(self, q: torch.Tensor, k: torch.Tensor, lex: torch.Tensor | None = None,

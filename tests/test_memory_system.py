@@ -75,6 +75,29 @@ def test_knn_attention_reads_only_the_rows_own_stream_and_no_gradient_reaches_me
         assert torch.equal(stored[key], after[key]), key
 
 
+def test_training_without_writes_trains_the_same_weights_and_leaves_memory_empty(build_model):
+    """kNN-LM reads nothing in training: with ``write_in_training: false`` the steps give the
+    same weights as with writes, every tier stays empty, and what is told afterwards is recalled."""
+    from cortex.runtime.step import make_optimizer, train_step
+
+    models = []
+    for write in (True, False):
+        torch.manual_seed(0)
+        model = build_model(manifest(write_in_training=write)).train()
+        opt = make_optimizer(model, lr=1e-3)
+        data = torch.randint(0, 50, (4, 33), generator=torch.Generator().manual_seed(1))
+        for step in range(3):
+            metrics = train_step(model, opt, [data], step=step, hook=model.pm.hook)
+        models.append((model, metrics))
+    (written, with_writes), (unwritten, without) = models
+    assert with_writes["memory/writes"] > 0 and without["memory/writes"] == 0
+    assert len(written.memory[0]) > 0 and all(len(tier) == 0 for tier in unwritten.memory)
+    for a, b in zip(written.core.parameters(), unwritten.core.parameters()):
+        assert torch.equal(a, b)
+    unwritten.eval().remember("Mina's locker number is 3817.")
+    assert len(unwritten.memory[0]) > 0  # real-time use still writes
+
+
 def test_training_steps_fill_every_tier_with_consolidation(build_model):
     from cortex.runtime.step import make_optimizer, train_step
 

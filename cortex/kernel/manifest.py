@@ -79,7 +79,7 @@ class MemorySettings(Settings):
 
     write: Literal["all", "surprise"] = Field("surprise", description="Store every position, or the most surprising (top loss).")
     write_fraction: float = Field(0.25, gt=0, le=1, description="Share of positions stored with `surprise`.")
-    write_in_training: bool = Field(True, description="Write each training segment to STM.")
+    write_in_training: bool = Field(True, description="Write each training segment to STM. Off saves the key pass where nothing reads what training rows wrote (kNN-LM alone reads only outside training, in sessions' streams).")
     spill: Literal["never", "inference", "always"] = Field("inference", description="When entries pushed out of a "
                                                            "full tier go to the next one: never, outside training, or always.")
     consolidate: Literal["step", "sleep"] = Field(

@@ -657,6 +657,35 @@ def test_training_adds_the_pointer_loss_with_gradients_into_the_core(reader_mode
     assert reader_model.core.blocks[0].attn.proj.weight.grad.abs().sum() > 0
 
 
+def test_train_rows_trains_the_pointer_on_the_first_rows_alone(reader_model):
+    """``train_rows: 0.5`` of a batch of 4: the pointer's loss is the loss of rows 0-1 read alone,
+    whatever rows 2-3 hold, and no gradient reaches the later rows' states."""
+    reader_model.train()
+    reader = _reader_of(reader_model)
+    texts = [b"Bora lives in Daejeon. Where does Bora live? Daejeon.", b"Mina is 34 years old. How old is Mina? 34.",
+             b"Jun likes tea. What does Jun like to eat? Tea. Jun has 2 cats.", b"Sora is a nurse. What is Sora's job?"]
+    batch = torch.tensor([list(t[:36]) for t in texts])
+
+    def pointer_loss(batch, share):
+        reader.settings.train_rows = share
+        logits, _ = reader_model(batch[:, :-1], batch[:, 1:])
+        states = reader.head.hidden
+        states.retain_grad()
+        loss = [r for r in reader_model.pm.hook.cortex_extra_losses(model=reader_model, batch=batch, logits=logits)
+                if r][0]["reader/pointer"]
+        loss.backward()
+        return loss, states.grad
+
+    half, grad = pointer_loss(batch, 0.5)
+    alone, _ = pointer_loss(batch[:2], 1.0)
+    other_rows, _ = pointer_loss(torch.cat([batch[:2], batch[2:].flip(1)]), 0.5)
+    whole, whole_grad = pointer_loss(batch, 1.0)
+    assert torch.allclose(half, alone, atol=1e-5) and torch.allclose(half, other_rows, atol=1e-5)
+    assert grad[2:].abs().sum() == 0 and grad[:2].abs().sum() > 0  # the later rows' states never enter it
+    assert whole_grad[2:].abs().sum() > 0
+    assert not torch.allclose(half, whole, atol=1e-4)  # all four rows: another loss
+
+
 def test_the_reader_reads_before_knn_lm_with_memory_tiers(build_model):
     model = build_model(tiny_manifest(dim=32, layers=2, context=96, memory=[{"type": "stm"}],
                                       memory_system={"read": ["knn_lm"]},

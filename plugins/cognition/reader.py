@@ -100,6 +100,9 @@ class Reader(CognitiveFeature):
     class Settings(Settings):
         dim: int = Field(64, gt=0, description="Width of the pointer's queries and keys.")
         weight: float = Field(1.0, ge=0, description="Weight of the pointer loss beside the LM loss.")
+        train_rows: float = Field(1.0, gt=0, le=1, description="Share of each training batch's rows (the first "
+                                                               "ones) the pointer's losses read: its (T, T) "
+                                                               "work per step shrinks with it.")
         direct: float = Field(0.0, ge=0, description="Weight of the pointer's own negative log-likelihood of "
                                                        "the next token where a key it sees holds it "
                                                        "(``reader/direct``): the pointer lands on the answer's "
@@ -164,6 +167,9 @@ class Reader(CognitiveFeature):
     def cortex_extra_losses(self, model: ModelHandle, batch: torch.Tensor, logits: torch.Tensor):
         if self.head is None or self.settings.weight == 0 or self.head.hidden is None:
             return None
+        rows = math.ceil(self.settings.train_rows * batch.shape[0])
+        if rows < batch.shape[0]:
+            batch, logits, self.head.hidden = batch[:rows], logits[:rows], self.head.hidden[:rows]
         targets = batch[:, 1:]
         logp, own = self.head.training_log_probs(logits, targets, targets, batch[:, :-1])
         valid = targets >= 0

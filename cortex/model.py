@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import functools
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -22,6 +24,14 @@ from cortex.kernel.hookspecs import hookimpl
 from cortex.kernel.interfaces import CognitiveFeature, Component, MemoryTier, PlasticityRule
 from cortex.kernel.manifest import ResolvedComponent, ValidatedManifest
 from cortex.kernel.plugins import CortexPluginManager
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+def told_sentences(text: str) -> list[str]:
+    """The sentences of a told text: split after ``.``, ``!`` or ``?`` before a space, and at
+    line breaks."""
+    return [part.strip() for part in _SENTENCE_END.split(text) if part.strip()]
 
 
 class _RuleRunner:
@@ -141,13 +151,29 @@ class CortexModel(nn.Module):
     def _knn_lm(self) -> bool:
         return self.memory_system is not None and "knn_lm" in self.memory_system.settings.read
 
+    def _told_before(self, ids: torch.Tensor, start: int) -> Callable[[str | None], bool] | None:
+        """With ``lm_recalled_only``, which told texts kNN-LM may read: those with a sentence
+        among what the features put before the prompt (``ids[0, :start]``), so that a
+        question reads the statements recalled for it and not a template it shares with
+        others ("What is Yuna's locker number? 2869." for "What is Sejin's ...")."""
+        if not (self._knn_lm() and self.memory_system.settings.lm_recalled_only) or start <= 0:
+            return None
+        front = self.tokenizer.decode(ids[0, :start].tolist())
+
+        @functools.lru_cache(maxsize=None)
+        def told(text: str | None) -> bool:
+            return text is not None and any(sentence in front for sentence in told_sentences(text))
+        return told
+
     def _adjust(self, ids: torch.Tensor, logits: torch.Tensor, session: str, *, touch: bool = True,
-                keys: KeyStream | None = None, start: int = 0) -> torch.Tensor:
+                keys: KeyStream | None = None, start: int = 0,
+                told: Callable[[str | None], bool] | None = None) -> torch.Tensor:
         """Next-token scores after ``ids``: every feature's ``adjust_logits``, then kNN-LM.
         ``logits`` is (B, vocab) for the token after ``ids`` or (B, T, vocab) for every position;
         ``keys`` carries a generation's memory keys from token to token. kNN-LM reads ``ids``
         from ``start`` on: text the features put in front of the prompt is theirs to read,
-        and kNN-LM keys the prompt as it would without them (see ``_read_ids``)."""
+        and kNN-LM keys the prompt as it would without them (see ``_read_ids``); ``told``
+        (``_told_before``) picks the told texts it reads."""
         for feature in self._adjusters():
             logits = feature.adjust_logits(ids, logits, session)
         start = start if 0 < start < ids.shape[1] else 0
@@ -155,9 +181,9 @@ class CortexModel(nn.Module):
             return logits
         stream = session_stream(session)
         if logits.dim() == 2:
-            return self.memory_system.knn_lm_next(ids[:, start:], logits, stream, keys=keys)
+            return self.memory_system.knn_lm_next(ids[:, start:], logits, stream, keys=keys, told=told)
         read = self.memory_system.knn_lm_logits(ids[:, start:], logits[:, start:],
-                                                torch.full((ids.shape[0],), stream), touch=touch)
+                                                torch.full((ids.shape[0],), stream), touch=touch, told=told)
         return torch.cat([logits[:, :start], read], dim=1)
 
     def chat(self, text: str, *, session: str = "self", learn: bool = True, **generation: Any) -> Reply:
@@ -219,7 +245,8 @@ class CortexModel(nn.Module):
         if self.memory_system is not None:
             read = self.memory_system.pass_read(inputs, torch.full((1,), session_stream(session)), touch=False)
         logits, _ = self.core(inputs, memory=read)
-        logits = self._adjust(inputs, logits, session, touch=False, start=max(start, 0))
+        logits = self._adjust(inputs, logits, session, touch=False, start=max(start, 0),
+                              told=self._told_before(inputs, start))
         logp = torch.log_softmax(logits.float(), dim=-1)[0, -n:].gather(1, targets[0, -n:, None])
         return float(logp.exp().mean())
 
@@ -246,7 +273,8 @@ class CortexModel(nn.Module):
         the prompt begins in ``idx`` after what the features put in front of it."""
         ms = self.memory_system
         keys = KeyStream(ms) if self._knn_lm() else None  # kNN-LM's, over the prompt from prompt_start
-        adjust = (lambda ids, logits: self._adjust(ids, logits, session, keys=keys, start=prompt_start)) if self._knn_lm() or self._adjusters() else None
+        told = self._told_before(idx, prompt_start)
+        adjust = (lambda ids, logits: self._adjust(ids, logits, session, keys=keys, start=prompt_start, told=told)) if self._knn_lm() or self._adjusters() else None
         read = None
         if ms is not None:  # kNN-attention's keys (query: key) over everything read
             read = ms.generation_read(torch.full((idx.shape[0],), session_stream(session)),

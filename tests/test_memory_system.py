@@ -48,6 +48,26 @@ def test_knn_lm_recalls_a_fact_told_once_whatever_precedes_the_cue(build_model):
     assert not model.generate_text(cue, max_new_tokens=5, session="someone-else").startswith(" 3817")
 
 
+def test_knn_lm_reads_only_the_told_texts_it_is_given(build_model):
+    """Two told texts in one wording: kNN-LM reads both, or with ``told`` only the one it
+    accepts (by the text each entry was written from), or nothing when it accepts none."""
+    torch.manual_seed(0)
+    model = build_model(manifest()).eval()
+    old, new = "Old note. Mina's locker number is 5290.", "New note! Mina's locker number is 3817."
+    model.remember(old, session="s")
+    model.remember(new, session="s")
+    system, stream = model.memory_system, session_stream("s")
+    key = system.keys(torch.tensor([model.tokenizer.encode("Mina's locker number is ")]))[0, -1:]
+    vocab = model.config.vocab_size
+    five, three = model.tokenizer.encode("5")[0], model.tokenizer.encode("3")[0]
+    both, lam = system.knn_distribution(key, stream, vocab)
+    assert both[0, five] > 1e-3 and both[0, three] > 1e-3 and lam[0] > 0
+    only_new, lam = system.knn_distribution(key, stream, vocab, told=lambda text: text == new)
+    assert only_new[0, five] == 0 and only_new[0, three] > 0.99 and lam[0] > 0
+    _, lam = system.knn_distribution(key, stream, vocab, told=lambda text: False)
+    assert lam[0] == 0  # nothing it may read: the model's own distribution
+
+
 def test_knn_attention_reads_only_the_rows_own_stream_and_no_gradient_reaches_memory(build_model):
     torch.manual_seed(0)
     model = build_model(manifest(read=["knn_attention"], layers=[0]))

@@ -720,6 +720,28 @@ def test_knn_lm_keys_the_prompt_not_the_told_text_put_in_front_of_it(build_model
     assert seen == [own + model.tokenizer.encode(" Qwixburg")]
 
 
+def test_knn_lm_reads_only_the_told_texts_the_reader_recalled(build_model):
+    """With ``lm_recalled_only`` a question reads, of memory, the told texts whose sentences
+    the reader put before it: not a template another text shares ("... locker number is")."""
+    def build(recalled_only):
+        return build_model(tiny_manifest(dim=32, layers=2, context=96, memory=[{"type": "stm"}],
+                                         memory_system={"read": ["knn_lm"], "lm_recalled_only": recalled_only},
+                                         features=[{"type": "reader", "settings": {"background": 200}}])).eval()
+    model = build(True)
+    asked, other = "Hi there. Zorblat's locker number is 4270.", "Quentavius's locker number is 2869."
+    model.remember(asked, session="s")
+    model.remember(other, session="s")
+    read, start = model._read_ids("What is Zorblat's locker number?", "s")
+    told = model._told_before(torch.tensor([read]), start)
+    assert told(asked) and not told(other) and not told(None)  # a sentence of it was put before the prompt
+    seen = []
+    real = model.memory_system.knn_lm_next
+    model.memory_system.knn_lm_next = lambda *a, **k: seen.append(k["told"]) or real(*a, **k)
+    model.generate_text("What is Zorblat's locker number?", session="s", max_new_tokens=2)
+    assert seen and all(t(asked) and not t(other) for t in seen)
+    assert build(False)._told_before(torch.tensor([read]), start) is None  # reads every told text
+
+
 @pytest.mark.parametrize("options", [dict(copying=True, look_ahead=True), dict(combine="gate")])
 def test_cached_decoding_reads_as_the_whole_sequence_does(options):
     """Generation keeps each position's keys, bags, overlap and marks between tokens; what it

@@ -531,31 +531,34 @@ class MemorySystem:
 
     @torch.no_grad()
     def knn_lm_logits(self, idx: torch.Tensor, logits: torch.Tensor, streams: torch.Tensor, *,
-                      touch: bool = True, keys: torch.Tensor | None = None) -> torch.Tensor:
+                      touch: bool = True, keys: torch.Tensor | None = None,
+                      told: Callable[[str | None], bool] | None = None) -> torch.Tensor:
         """kNN-LM log-probabilities (B, T, vocab) for every position of ``idx``; ``keys``: its
-        memory keys, if the pass computed them."""
+        memory keys, if the pass computed them; ``told``: see ``knn_distribution``."""
         keys = self.keys(idx) if keys is None else keys
         vocab = logits.shape[-1]
         coverage = self.key_coverage(torch.arange(idx.shape[1]))
         rows = []
         for b in range(idx.shape[0]):
-            dist, lam = self.knn_distribution(keys[b], int(streams[b]), vocab, touch=touch, coverage=coverage)
+            dist, lam = self.knn_distribution(keys[b], int(streams[b]), vocab, touch=touch, coverage=coverage,
+                                              told=told)
             rows.append(self.interpolate(logits[b], dist, lam))
         return torch.stack(rows)
 
     @torch.no_grad()
     def knn_lm_next(self, ids: torch.Tensor, logits: torch.Tensor, stream: int, *,
-                    keys: KeyStream | None = None) -> torch.Tensor:
+                    keys: KeyStream | None = None, told: Callable[[str | None], bool] | None = None) -> torch.Tensor:
         """kNN-LM log-probabilities (B, vocab) of the token after ``ids`` (B, T).
 
         ``keys`` is the generation's [`KeyStream`][cortex.core.memory.KeyStream] (the same key,
         computed from the states of earlier calls); without one the window is computed anew.
+        ``told``: see ``knn_distribution``.
         """
         if not any(len(tier) for tier in self.tiers):
             return torch.log_softmax(logits.float(), dim=-1)  # nothing held: the model's own
         key, position = (keys if keys is not None else KeyStream(self)).last(ids)
         coverage = self._coverage_at(position).expand(key.shape[0])
-        dist, lam = self.knn_distribution(key, stream, logits.shape[-1], coverage=coverage)
+        dist, lam = self.knn_distribution(key, stream, logits.shape[-1], coverage=coverage, told=told)
         return self.interpolate(logits, dist, lam)
 
     def _coverage_at(self, position: int) -> torch.Tensor:
@@ -569,7 +572,8 @@ class MemorySystem:
 
     @torch.no_grad()
     def knn_distribution(self, keys: torch.Tensor, stream: int, vocab: int, *, touch: bool = True,
-                         coverage: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         coverage: torch.Tensor | None = None,
+                         told: Callable[[str | None], bool] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Next-token distribution (Q, vocab) of the neighbours of ``keys`` (Q, d) in ``stream``,
         and the memory weight λ per query: 0 where nothing close was found, else
         ``lm_lambda * s / (s + 1)`` with ``s`` the strength (1 + uses) of the best match.
@@ -580,11 +584,16 @@ class MemorySystem:
         The neighbours of every tier are pooled into one softmax (a kNN-LM's datastore is
         the whole hierarchy): the best match wins wherever it is held. Weighting tiers
         first would let a near miss in one tier outvote the exact match in another.
+
+        With ``told`` only entries written from a text it accepts count (the ``text`` of the
+        entry's metadata, ``None`` where there is none); a tier that keeps no metadata
+        (no ``meta_of``) is read whole.
         """
         s = self.settings
         Q = keys.shape[0]
         dist = torch.zeros(Q, vocab)
-        reads = [tier.read(keys, s.k, stream=stream, step=self.step, touch=touch) for tier in self.tiers if len(tier)]
+        tiers = [tier for tier in self.tiers if len(tier)]
+        reads = [tier.read(keys, s.k, stream=stream, step=self.step, touch=touch) for tier in tiers]
         if not reads:
             return dist, torch.zeros(Q)
         scores = torch.cat([r.scores for r in reads], dim=1)
@@ -593,6 +602,8 @@ class MemorySystem:
         floor = s.lm_min_score if coverage is None else s.lm_min_score * coverage[:, None]
         valid = (torch.cat([r.ids for r in reads], dim=1) >= 0) & (scores >= floor)
         valid &= (tokens >= 0) & (tokens < vocab)
+        if told is not None:
+            valid &= torch.cat([self._written_from(tier, r.ids, told) for tier, r in zip(tiers, reads)], dim=1)
         found = valid.any(dim=1)
         logits = (scores / s.lm_temperature + s.use_bonus * torch.log1p(uses)).masked_fill(~valid, float("-inf"))
         p = torch.zeros_like(logits)
@@ -606,6 +617,15 @@ class MemorySystem:
             margin = scores.gather(1, best)[:, 0] - scores.masked_fill(~rival, float("-inf")).max(dim=1).values
             lam = lam * -torch.expm1(-margin / s.lm_margin)
         return dist, lam
+
+    @staticmethod
+    def _written_from(tier: MemoryTier, ids: torch.Tensor, told: Callable[[str | None], bool]) -> torch.Tensor:
+        """Whether each entry ``ids`` (Q, k) of ``tier`` was written from a text ``told`` accepts."""
+        meta_of = getattr(tier, "meta_of", None)
+        if meta_of is None:
+            return torch.ones_like(ids, dtype=torch.bool)
+        return torch.tensor([told(m.get("text") if isinstance(m, dict) else None) for m in meta_of(ids)],
+                            dtype=torch.bool).view(ids.shape)
 
     @staticmethod
     def _uses(r: Retrieval) -> torch.Tensor:

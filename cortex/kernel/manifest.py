@@ -52,7 +52,7 @@ class MemorySettings(Settings):
     lm_min_score: float = Field(0.9, ge=-1, le=1, description="kNN-LM ignores neighbours below this cosine.")
     lm_margin: float = Field(0.0, ge=0, description="kNN-LM weighs memory by 1 - exp(-m / lm_margin), m: how much "
                                                     "closer the best neighbour is than one saying another token (0: off).")
-    lm_recalled_only: bool = Field(False, description="kNN-LM reads only prompts a feature put told text before.")
+    lm_recalled_only: bool = Field(False, description="kNN-LM reads only prompts a feature put told text before, and of memory only the texts a sentence of which is there.")
     use_bonus: float = Field(1.0, ge=0, description="kNN-LM log-weight bonus per log(1 + uses): repetition raises confidence.")
     read_temperature: float = Field(0.1, gt=0, description="Initial temperature of kNN-attention scores.")
     read_min_score: float | None = Field(None, ge=-1, le=1, description="Outside training, kNN-attention skips "

@@ -86,12 +86,6 @@ def words(text: str) -> list[str]:
     return out
 
 
-def told_sentences(text: str) -> list[str]:
-    """The sentences of a told text: split after ``.``, ``!`` or ``?`` before a space, and at
-    line breaks."""
-    return [part.strip() for part in re.split(r"(?<=[.!?])\s+|\n+", text) if part.strip()]
-
-
 class Reader(CognitiveFeature):
     """The pointer read over the context and the told text that feeds it (module docs)."""
 
@@ -184,6 +178,8 @@ class Reader(CognitiveFeature):
     def remember(self, text: str, session: str) -> int:
         """Keep each sentence of ``text`` as a told text of its own: a question then reads the
         statements that share its rare word, not everything told with them."""
+        from cortex.model import told_sentences  # here: the command line starts without torch
+
         sentences = told_sentences(text)
         kept = self.texts.setdefault(session, [])
         kept.extend(sentences)

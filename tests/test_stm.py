@@ -182,7 +182,14 @@ def test_read_batch_equals_per_row_reads():
         ref = tier.read(queries[row], 8, stream=stream, touch=False)
         assert torch.equal(got.ids[row], ref.ids) and torch.equal(got.tokens[row], ref.tokens)
         assert torch.allclose(got.scores[row], ref.scores) and torch.equal(got.values[row], ref.values)
+        assert torch.equal(got.keys[row], ref.keys) and torch.equal(got.uses[row], ref.uses)
     assert (got.ids[3] == -1).all()
+    # a read one stream at a time counts the same uses as the batched read
+    twin = stm(capacity=6)
+    twin.load_state_dict(tier.state_dict())
+    twin.read(queries[0], 2, stream=8, step=4)
+    tier.read_batch(queries[:1], streams[:1], 2, step=4)
+    assert torch.equal(twin.uses, tier.uses) and torch.equal(twin.steps, tier.steps) and int(tier.uses.sum()) > 0
     # the batched read counts uses per row, like the reads one by one
     tier.read_batch(queries, streams, 2)
     assert int(tier.uses.sum()) > 0

@@ -85,8 +85,9 @@ class ShortTermMemory(TierCommon, MemoryTier):
     _ROW_FIELDS = ("stream_ids", "keys", "values", "tokens", "uses", "steps", "ids", "valid")
 
     def _reindex(self) -> None:
-        """Sorted stream ids for vectorised stream -> row lookups."""
+        """Sorted stream ids for vectorised stream -> row lookups, and the row of each stream id."""
         self._sorted_ids, self._sorted_rows = torch.sort(self.stream_ids)
+        self._row_of = {stream: row for row, stream in enumerate(self.stream_ids.tolist())}
 
     def _rows(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows of ``streams`` (B,) and whether each stream has a row at all."""
@@ -284,9 +285,30 @@ class ShortTermMemory(TierCommon, MemoryTier):
 
     @no_grad
     def read(self, queries: torch.Tensor, k: int, *, stream: int = 0, step: int = 0, touch: bool = True) -> Retrieval:
-        streams = torch.tensor([stream], dtype=torch.long, device=queries.device)
-        got = self.read_batch(queries[None], streams, k, step=step, touch=touch)
-        return Retrieval(got.values[0], got.tokens[0], got.scores[0], got.ids[0], got.keys[0], got.uses[0])
+        """``read_batch`` for the queries (Q, d) of one stream, without its batching (kNN-LM
+        asks one query per generated token)."""
+        nq = queries.shape[0]
+        self.counters.queries += nq
+        row = self._row_of.get(int(stream))
+        if k <= 0 or row is None:
+            return empty_retrieval((nq,), max(k, 0), self.dim, queries.device)
+        sims = (normalize(queries).to(self.device) @ self.keys[row].T).masked_fill_(~self.valid[row], -math.inf)
+        scores, slot = sims.topk(min(k, self.settings.capacity), dim=-1)
+        ok = scores > -math.inf
+        self.counters.hits += int(ok.any(dim=-1).sum())
+        if touch and bool(ok.any()):  # one use per distinct entry returned
+            used = slot[ok].unique()
+            self.uses[row, used] += 1
+            self.steps[row, used] = step
+        empty = ~ok
+
+        def gather(table: torch.Tensor, fill) -> torch.Tensor:
+            out = table[row][slot]
+            return out.masked_fill_(empty.view(*empty.shape, *([1] * (out.dim() - 2))), fill)
+
+        got = Retrieval(gather(self.values, 0.0), gather(self.tokens, -1), scores, gather(self.ids, -1),
+                        gather(self.keys, 0.0), gather(self.uses, 0))
+        return _padded(got, k, self.dim, queries.device)
 
     @no_grad
     def read_batch(self, queries: torch.Tensor, streams: torch.Tensor, k: int, *, step: int = 0,
@@ -330,16 +352,7 @@ class ShortTermMemory(TierCommon, MemoryTier):
             self.uses.index_put_((rows[bi], si), torch.ones_like(si), accumulate=True)
             self.steps[rows[bi], si] = step
         keys, uses = gather(self.keys, 0.0), gather(self.uses, 0)
-        if kk < k:
-            pad = empty_retrieval((b, t), k - kk, self.dim, self.device)
-            values = torch.cat([values, pad.values], dim=2)
-            tokens = torch.cat([tokens, pad.tokens], dim=2)
-            scores = torch.cat([scores, pad.scores], dim=2)
-            ids = torch.cat([ids, pad.ids], dim=2)
-            keys = torch.cat([keys, pad.keys], dim=2)
-            uses = torch.cat([uses, pad.uses], dim=2)
-        return Retrieval(values.to(out_device), tokens.to(out_device), scores.to(out_device), ids.to(out_device),
-                         keys.to(out_device), uses.to(out_device))
+        return _padded(Retrieval(values, tokens, scores, ids, keys, uses), k, self.dim, out_device)
 
     # ------------------------------------------------------------------ consolidation
 
@@ -428,6 +441,19 @@ class ShortTermMemory(TierCommon, MemoryTier):
         self._load_common_state(state)
         self.strengthened = int(state.get("strengthened", 0))
         self._reindex()
+
+
+def _padded(got: Retrieval, k: int, dim: int, device) -> Retrieval:
+    """``got`` (..., kk) widened to ``k`` results with empty slots (a stream holds fewer than
+    ``k`` slots), on ``device``."""
+    kk = got.tokens.shape[-1]
+    if kk < k:
+        pad = empty_retrieval(tuple(got.tokens.shape[:-1]), k - kk, dim, got.tokens.device)
+        got = Retrieval(*(torch.cat([a, b], dim=got.tokens.dim() - 1) for a, b in (
+            (got.values, pad.values), (got.tokens, pad.tokens), (got.scores, pad.scores), (got.ids, pad.ids),
+            (got.keys, pad.keys), (got.uses, pad.uses))))
+    return Retrieval(got.values.to(device), got.tokens.to(device), got.scores.to(device), got.ids.to(device),
+                     got.keys.to(device), got.uses.to(device))
 
 
 @hookimpl

@@ -82,9 +82,11 @@ def told_sentence(text: str, cue: str, answer: str) -> str:
     """The sentence of told ``text`` that answers ``cue``: of those holding ``answer`` (in any
     case, not inside a longer number), the one sharing the most words with the cue (the asked
     name, the pair's key)."""
+    from cortex.model import told_sentences  # here: the command line starts without torch
+
     words = set(re.findall(r"\w+", cue.lower()))
     value = re.compile(rf"(?<!\d){re.escape(answer.lower())}(?!\d)")
-    holding = [s.strip() for s in re.findall(r"[^.!?\n]+[.!?]?", text) if value.search(s.lower())]
+    holding = [s for s in told_sentences(text) if value.search(s.lower())]
     if not holding:
         raise ValueError(f"no sentence of the told text holds the answer {answer!r}")
     return max(holding, key=lambda s: len(words & set(re.findall(r"\w+", s.lower()))))

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from cortex_plugins.bench.recall import mqar_trial, passkey_trial, told_sentence
+from cortex_plugins.bench.recall import filler, mqar_trial, passkey_trial, qa_trial, told_names, told_sentence
 from tests.conftest import tiny_manifest
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -24,6 +24,23 @@ def test_trials_state_the_answers_they_ask_for():
     assert len(questions) == 4 and len({c for c, _ in questions}) == 4
     for cue, value in questions:
         assert f"{cue}{value}." in text
+
+
+def test_filler_names_nobody_the_told_text_names():
+    """A QA world's people appear in no filler after it (a later statement about a namesake
+    would change the answer); a passkey names nobody, so its filler is the suite's usual one."""
+    from cortex import ByteTokenizer
+
+    tokenizer = ByteTokenizer()
+    text, _ = qa_trial(random.Random(3))
+    names = told_names(text)
+    assert names and all(name in text for name in names)
+    usual = filler(4000, tokenizer, 7)
+    assert any(name in doc for doc in usual for name in names)  # the demo corpus does name them
+    kept = filler(4000, tokenizer, 7, names)
+    assert not any(name in doc for doc in kept for name in names)
+    assert sum(len(tokenizer.encode(doc)) for doc in kept) >= 4000
+    assert told_names(passkey_trial(random.Random(3))[0]) == frozenset()
 
 
 def test_in_window_prompts_hold_the_sentence_that_answers():

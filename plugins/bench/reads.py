@@ -13,6 +13,9 @@ alternating, values drawn fresh per seed:
   session; ``specificity``: the question about a name never told does not get the told value.
 - **corrections** — one person's city told twice, each once ("lives in" then "moved to",
   the reverse, or "Correction: ..."); the later statement must win.
+- **one_person** — three facts about one person, each another attribute, told once each
+  ("Mina lives in Busan." "Mina is a nurse." "Mina likes apples."), then the question
+  about one of them: the told statement that answers it, not the latest about the name.
 - **about_me** — a user tells their name or a fact in the first person ("My name is Aris.",
   "I live in Busan."), then two unrelated turns, then asks about themselves ("What is my
   name?", "Where do I live?"), as in ``cortex chat``.
@@ -51,7 +54,7 @@ ATTRIBUTES = ("city", "job", "colour", "food", "locker", "age")
 #: (row label, figure key suffix): both languages together, then each alone
 LANGUAGES = (("both", ""), ("English", ":en"), ("Korean", ":ko"))
 COLUMNS = ("binding", "binding_new", "other_words", "told_wording", "locality", "specificity", "corrections",
-           "about_me")
+           "one_person", "about_me")
 #: unrelated chat turns between telling and asking (about_me)
 SMALL_TALK = [("What a nice day.", "날씨가 좋네."), ("Tell me a story.", "이야기 하나 해 줘."),
               ("I am a bit tired today.", "오늘은 좀 피곤해.")]
@@ -136,6 +139,13 @@ def measure(subject: Any, seed: int, n: int, restart: Callable[[Any], Any] = lam
             subject.remember(_city_statement(name, city, wording, ko), session=session)
         asks.append(("corrections", ko, lambda s, qa=_question(Person(name, {"city": new}), "city", ko), t=session:
                      _answers(s, *qa, t)))
+        draw = random.Random(f"reads-one-person:{seed}:{i}")  # its own draws: the other tasks' stay as they were
+        person = Person(draw.choice(NAMES), {a: _value(draw, a) for a in draw.sample(ATTRIBUTES, 3)})
+        session = f"reads-{seed}-one-person-{i}"
+        for told_attr in person.facts:
+            subject.remember(_statement(person, told_attr, ko), session=session)
+        asks.append(("one_person", ko, lambda s, qa=_question(person, draw.choice(list(person.facts)), ko), t=session:
+                     _answers(s, *qa, t)))
         me = Person(rng.choice(NEW_NAMES), {attr: _value(rng, attr)})
         about = rng.choice(["name", attr])
         session = f"reads-{seed}-me-{i}"
@@ -199,7 +209,8 @@ class Reads(BenchSuite):
             "seen in training); other_words / told_wording: a fact told once with remember, then a fact about "
             "somebody else, asked with the demo question / the told wording; locality: an unrelated prompt "
             "continues as in an empty session; specificity: a never-told name does not get the told value; "
-            "corrections: a city told twice, the later must win; about_me: a user's name or fact told in the "
+            "corrections: a city told twice, the later must win; one_person: three facts about one person "
+            "told, one asked; about_me: a user's name or fact told in the "
             "first person, two unrelated turns, then asked ('What is my name?'). untrained: the run's manifest with no training "
             "step; verbatim store: the told text (or the prompt's statements) as a table from the last n tokens "
             "to the next, at its best n per figure. contribution: trained minus the better of the two.")

@@ -132,6 +132,25 @@ def test_word_overlap_points_at_the_named_statement():
     assert lex[text.index("Daejeon") - 1] > lex[text.index("Tokyo") - 1]
 
 
+def test_when_reading_a_told_word_goes_on_after_a_capital():
+    """Told "gold", answered "Gold": with ``fold_case`` the reading pointer's token match counts
+    "? G" as "s g" (two equal tokens, the copy goes on); training and ``fold_case: false`` match
+    bytes exactly."""
+    text = b"Her favourite colour is gold.\nWhat is her favourite colour? G"
+    ids = torch.tensor([list(text)])
+    key = text.index(b"gold")  # the key whose value is "o"
+    assert int(match_lengths(ids)[0, -1, key]) == 0
+    assert int(match_lengths(ids, fold=True)[0, -1, key]) == 2
+    head = _head()
+    head.eval()
+    assert int(head.matches(ids, 1)[0, -1, key]) == 2
+    head.train()
+    assert int(head.matches(ids, 1)[0, -1, key]) == 0
+    head.eval()
+    head.fold_case = False
+    assert int(head.matches(ids, 1)[0, -1, key]) == 0
+
+
 def test_match_length_counts_the_equal_tokens_ending_at_query_and_key():
     text = b"Tavi is a lawyer.\nTavi is "
     ids = torch.tensor([list(text)])
@@ -481,6 +500,23 @@ def test_recall_gives_closed_class_words_no_weight(monkeypatch):
         for text in told:
             r.remember(text, "s")
         assert ("I'm 60 years old." in r.recall("How old am I?", "s")) is read
+
+
+def test_a_prompt_sharing_no_word_reads_its_speakers_statements():
+    """"What is my job?" shares no word with "I am a nurse." ("my" against "I"), yet both are
+    about the session's speaker; the same in Korean ("내" against "나"). A prompt that shares a
+    word reads only what shares it, as before."""
+    r = _reader()
+    for text in ("I am a nurse.", "나는 부산에 살아.", "Bexa is a teacher."):
+        r.remember(text, "s")
+    assert r.recall("What is my job?", "s") == ["I am a nurse.", "나는 부산에 살아."]
+    assert r.recall("내 직업은 뭐야?", "s") == ["I am a nurse.", "나는 부산에 살아."]
+    assert r.recall("나는 어디에 살아?", "s") == ["나는 부산에 살아."]
+    assert r.recall("What is Bexa's job?", "s") == ["Bexa is a teacher."]
+    assert r.recall("What is your job?", "s") == []  # the second person is not the speaker
+    r.remember("My name is Aris.", "s")
+    assert r.recall("What is my name?", "s") == ["My name is Aris."]
+    assert r.recall("What is my job?", "s") == ["My name is Aris."]  # "my" is shared: no fallback
 
 
 def test_a_long_told_text_is_read_by_the_sentences_about_the_asked_name():

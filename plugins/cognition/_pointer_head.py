@@ -60,11 +60,13 @@ def lookup(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return _Lookup.apply(table, index)
 
 
-def match_lengths(ids: torch.Tensor, last: int | None = None) -> torch.Tensor:
+def match_lengths(ids: torch.Tensor, last: int | None = None, fold: bool = False) -> torch.Tensor:
     """(B, Tq, T) how many tokens, up to ``MATCH - 1``, end equally at each key ``j`` and query
     ``t`` (``ids[t - i] == ids[j - i]`` for ``i < n``), for the last ``Tq = last`` queries (all
     by default): 1 where only the current tokens agree, more where what led to them agrees too
-    (an induction head's signal)."""
+    (an induction head's signal). ``fold``: a byte id of an ASCII capital equals its small letter."""
+    if fold:
+        ids = torch.where((ids >= 65) & (ids <= 90), ids + 32, ids)
     B, T = ids.shape
     Tq = T if last is None else last
     pad = MATCH - 1  # before the start, queries and keys hold different ids: nothing matches there
@@ -502,7 +504,7 @@ class PointerHead(nn.Module):
         if lex is not None:
             logits = logits + self.log_lexical.exp() * lex
         if ids is not None:
-            n = match_lengths(ids, Tq) if match is None else match
+            n = self.matches(ids, Tq) if match is None else match
             logits = logits + lookup(F.pad(self.match.cumsum(0), (1, 0)), n)  # match[:n] summed
             if lex is not None:
                 logits = logits + self.restated * self.same_statement(n, lex)
@@ -521,6 +523,12 @@ class PointerHead(nn.Module):
                 inner = word & F.pad(word[:, 1:], (0, 1))
                 blocked = blocked | (~word[:, -Tq:, None] & inner[:, None, :])
         return logits.masked_fill(blocked, float("-inf"))
+
+    def matches(self, ids: torch.Tensor, last: int | None = None) -> torch.Tensor:
+        """``match_lengths`` of the last ``last`` queries; when reading with ``fold_case``, a
+        letter's two cases match, so that a told word goes on after the capital an answer
+        starts with ("Gold." after told "gold": the model's own "Green." won before)."""
+        return match_lengths(ids, last, fold=self.fold_case and not self.training)
 
     def same_statement(self, match: torch.Tensor, lex: torch.Tensor) -> torch.Tensor:
         """(B, Tq, T) where at least two tokens end equally at query and key and their
@@ -612,7 +620,7 @@ class PointerHead(nn.Module):
         lex = shared if last is None else shared[:, -last:]
         if last is not None:
             q, g = q[:, -last:], None if g is None else g[:, -last:]
-        match = match_lengths(ids, q.shape[1])
+        match = self.matches(ids, q.shape[1])
         s = self.scores(q, k, lex, ids, later, match, ahead)
         attn = torch.softmax(s, dim=-1).nan_to_num(0.0)  # row 0 sees nothing
         if self.copy_share is not None:  # poe: the copy share's logit stands in for the gate's

@@ -34,7 +34,8 @@ session, sentence by sentence (bounded, saved with the run). Before a prompt is 
 the told sentences that
 share a rare word with it (rarity from the demo corpus; a relevance floor, so unrelated
 prompts read nothing; a first-person word counts as rare, since in a session "I" is its
-speaker; a word many of the session's texts share weighs less, so a name outweighs a
+speaker, and a prompt sharing no such word reads its speaker's statements, "my" and "I"
+counting as one; a word many of the session's texts share weighs less, so a name outweighs a
 wording) are put back before it, oldest first, and the pointer reads them like any fact
 in the prompt. A ``bge_m3`` feature listed before the reader adds the texts its dense
 embeddings find.
@@ -49,7 +50,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from pydantic import Field
 
@@ -86,6 +87,12 @@ def words(text: str) -> list[str]:
     return out
 
 
+def speaker_words(text: str) -> set[str]:
+    """The set of ``words``, every first-person word (``SELF_WORDS``) counted as ``i``: "What
+    is my job?" and "I am a nurse." are about one person, the session's speaker."""
+    return {"i" if w in SELF_WORDS else w for w in words(text)}
+
+
 class Reader(CognitiveFeature):
     """The pointer read over the context and the told text that feeds it (module docs)."""
 
@@ -109,8 +116,10 @@ class Reader(CognitiveFeature):
                                                         "(generation, confidence): lower lets the pointer "
                                                         "overrule a confident model.")
         beta: float = Field(1.0, gt=0, description="poe: the exponent of the pointer's factor.")
-        fold_case: bool = Field(True, description="poe: the pointer's factor counts a byte and its other "
-                                                   "ASCII case as one (told `apples` supports `Apples.`).")
+        fold_case: bool = Field(True, description="A byte and its other ASCII case count as one in the "
+                                                   "pointer's factor (poe: told `apples` supports `Apples.`) "
+                                                   "and, when reading, in its token match (told `gold` goes "
+                                                   "on after an answer's `G`).")
         copying: bool = Field(False, description="poe: mix the product with the pointer's own distribution by a "
                                               "learned share that grows where the pointer continues a "
                                               "copy (a told name never seen in training).")
@@ -232,10 +241,18 @@ class Reader(CognitiveFeature):
         "I live in Busan." and "Where do I live?" are about its speaker). Its score is its
         best shared word's rarity times how few of the session's texts hold that word, and
         only texts scoring ``keep`` of the best are read: among many statements in one
-        wording, the one sharing the asked name, not every one sharing the wording."""
+        wording, the one sharing the asked name, not every one sharing the wording. A prompt
+        that shares no such word reads the texts it shares its speaker with: every
+        first-person word counts as one (``speaker_words``), so "What is my job?" reads "I
+        am a nurse." (and only then: "my name" otherwise reads "My name is Aris." alone)."""
         kept = self.texts.get(session, [])
-        asked = set(words(prompt))
-        told = [set(words(text)) for text in kept]
+        return (self._relevant(kept, prompt, lambda text: set(words(text)))
+                or self._relevant(kept, prompt, speaker_words))
+
+    def _relevant(self, kept: list[str], prompt: str, bag_of: Callable[[str], set[str]]) -> list[str]:
+        """``recall`` with the word sets ``bag_of`` gives."""
+        asked = bag_of(prompt)
+        told = [bag_of(text) for text in kept]
         df = Counter(w for bag in told for w in bag & asked)
         norm = math.log((len(kept) + 1) / 1.5)
         scored = []

@@ -514,6 +514,8 @@ def test_a_prompt_sharing_no_word_reads_its_speakers_statements():
     assert r.recall("나는 어디에 살아?", "s") == ["나는 부산에 살아."]
     assert r.recall("What is Bexa's job?", "s") == ["Bexa is a teacher."]
     assert r.recall("What is your job?", "s") == []  # the second person is not the speaker
+    r.remember("하람에게는 내선 3456번으로 연락하면 된다.", "s")  # 내선 (extension) is not 내 (my)
+    assert r.recall("내가 좀 피곤해.", "s") == ["I am a nurse.", "나는 부산에 살아."]
     r.remember("My name is Aris.", "s")
     assert r.recall("What is my name?", "s") == ["My name is Aris."]
     assert r.recall("What is my job?", "s") == ["My name is Aris."]  # "my" is shared: no fallback

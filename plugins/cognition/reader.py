@@ -66,6 +66,8 @@ _WORD = re.compile(r"[\w']+", re.UNICODE)
 _CLITIC = re.compile(r"'(s|m|re|ve|ll|d)$")
 #: the speaker of a chat session: told text in the first person is about whoever asks in it
 SELF_WORDS = frozenset({"i", "my", "me", "mine", "나", "내", "저", "제"})
+#: particles after a Korean first-person word (나는, 내가, 저도, 나를, 제게)
+_SELF_PARTICLES = frozenset("는가도를의랑게")
 #: closed-class words, no evidence of what a text is about however rare the demo corpus has
 #: them ("How old am I?" shares "am" with "I am tired.", not with "I'm 60 years old."); not "will" or "may": names
 FUNCTION_WORDS = frozenset(
@@ -77,11 +79,13 @@ FUNCTION_WORDS = frozenset(
 
 def words(text: str) -> list[str]:
     """Lower-cased words; a possessive ``'s``, a contraction's ``'m`` and Korean particles
-    are cut, so that ``Mina's`` and ``민아는`` give the name and ``I'm`` gives ``i``."""
+    are cut, so that ``Mina's`` and ``민아는`` give the name and ``I'm`` gives ``i``. A cut
+    that leaves a first-person word counts only before a particle a pronoun takes (나는,
+    내가; not 내선 or 저녁)."""
     out = []
     for w in _WORD.findall(text.lower()):
         w = _CLITIC.sub("", w)
-        if w and "\uac00" <= w[0] <= "\ud7a3" and len(w) > 1:
+        if w and "\uac00" <= w[0] <= "\ud7a3" and len(w) > 1 and (w[:-1] not in SELF_WORDS or w[-1] in _SELF_PARTICLES):
             out.append(w[:-1])  # 민아는 -> 민아, 부산에 -> 부산 (and the whole word too)
         out.append(w)
     return out

@@ -85,8 +85,9 @@ def words(text: str) -> list[str]:
     out = []
     for w in _WORD.findall(text.lower()):
         w = _CLITIC.sub("", w)
-        if w and "\uac00" <= w[0] <= "\ud7a3" and len(w) > 1 and (w[:-1] not in SELF_WORDS or w[-1] in _SELF_PARTICLES):
-            out.append(w[:-1])  # 민아는 -> 민아, 부산에 -> 부산 (and the whole word too)
+        stem = w[:-1]
+        if w and "\uac00" <= w[0] <= "\ud7a3" and stem and (stem not in SELF_WORDS or w[-1] in _SELF_PARTICLES):
+            out.append(stem)  # 민아는 -> 민아, 부산에 -> 부산 (and the whole word too)
         out.append(w)
     return out
 

@@ -253,6 +253,42 @@ def test_product_of_experts_binds_within_the_models_type_and_has_no_gate():
     assert torch.allclose(total, torch.ones(1, 8), atol=1e-4)
 
 
+@pytest.mark.parametrize("fold_case", [True, False])
+@pytest.mark.parametrize("copying", [True, False])
+def test_the_training_nll_at_the_targets_is_the_full_product(fold_case, copying):
+    """Training reads the product of experts at the targets alone (no (B, T, vocab) product):
+    the same log-likelihoods and gradients as the full ``combine_log_probs``, padding aside."""
+    text = list(b"Mina lives in Busan. Where does mina live? BUSAN. Abc abc xyz!")
+    ids = torch.tensor([text[:41], text[6:47]])
+    inputs, targets = ids[:, :-1], ids[:, 1:].clone()
+    targets[1, 3] = -1  # padding
+    states = torch.randn(2, 40, 16, generator=torch.Generator().manual_seed(3))
+    logits = torch.randn(2, 40, 260, generator=torch.Generator().manual_seed(4))
+    head = _head(combine="poe", fold_case=fold_case, copying=copying)
+    if copying:
+        head.copy_share.data = torch.tensor([0.3, 0.5])  # an open share: both terms of the mixture count
+    valid = targets >= 0
+    results = []
+    for full in (False, True):
+        head(states)
+        logits_ = logits.clone().requires_grad_()
+        if full:
+            attn, _, _, g = head._attend(inputs)
+            joint = head.combine_log_probs(torch.log_softmax(logits_, -1), head._scatter(attn, targets, 260)[0], g)
+            out = joint.gather(-1, targets.clamp_min(0)[..., None])[..., 0]
+        else:
+            out = head.training_log_probs(logits_, targets, targets, inputs)[0]
+        head.zero_grad()
+        (out * valid).sum().backward()
+        results.append((out.detach()[valid], logits_.grad, [p.grad.clone() for p in head.parameters() if p.grad is not None]))
+    (fast, fast_logits, fast_params), (full, full_logits, full_params) = results
+    assert torch.allclose(fast, full, atol=1e-5) and torch.allclose(fast_logits, full_logits, atol=1e-6)
+    assert len(fast_params) == len(full_params) >= 8
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(fast_params, full_params))
+    assert float((fast - torch.log_softmax(logits, -1)[valid.nonzero(as_tuple=True)].gather(
+        -1, targets[valid][:, None])[:, 0]).abs().max()) > 0.1  # the pointer moved them
+
+
 def test_copy_spells_a_told_name_the_models_prior_vetoes():
     """After "Ar" of a told "Aris", a model sure of "Areum" vetoes "i" in the product; the
     copy share, raised by attention on keys continuing the copy, lets the told name through.

@@ -595,17 +595,45 @@ class PointerHead(nn.Module):
             joint = torch.log_softmax(logp + self.beta * torch.log(eps + p_ptr), dim=-1)
             if g is None:
                 return joint
-            # (1 - c m) p_poe + c p_ptr: the share c takes only the mass m that names a token (the
-            # word-end votes stay in the product), so the mixture sums to 1; none where m is 0
-            mass = told.sum(-1, keepdim=True)
-            log_share = F.logsigmoid(g.float())[..., None]
-            log_rest = torch.logaddexp(F.logsigmoid(-g.float())[..., None],  # in log space: no NaN when saturated
-                                       log_share + torch.log1p(-mass.clamp(max=1 - 1e-6)))
-            keys = mass > 0
-            return torch.logaddexp(log_rest.masked_fill(~keys, 0.0) + joint,
-                                   log_share.masked_fill(~keys, float("-inf")) + torch.log(told.clamp_min(1e-12)))
+            return self._copy_mix(joint, told, told.sum(-1, keepdim=True), g[..., None])
         gate = torch.sigmoid(g.float())[..., None]
         return torch.log((gate * p_ptr + (1 - gate) * logp.exp()).clamp_min(1e-12))
+
+    @staticmethod
+    def _copy_mix(joint: torch.Tensor, told: torch.Tensor, mass: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """``copying``: ``log((1 - c m) p_poe + c p_ptr)`` from ``joint`` (log p_poe), ``told``
+        (p_ptr), the pointer's mass ``m`` that names a token and the share's logit ``g`` (each
+        broadcast against ``joint``). The share c takes only that mass (the word-end votes stay
+        in the product), so the mixture sums to 1; none where m is 0."""
+        log_share = F.logsigmoid(g.float())
+        log_rest = torch.logaddexp(F.logsigmoid(-g.float()),  # in log space: no NaN when saturated
+                                   log_share + torch.log1p(-mass.clamp(max=1 - 1e-6)))
+        keys = mass > 0
+        return torch.logaddexp(log_rest.masked_fill(~keys, 0.0) + joint,
+                               log_share.masked_fill(~keys, float("-inf")) + torch.log(told.clamp_min(1e-12)))
+
+    def _poe_at_targets(self, logp: torch.Tensor, attn: torch.Tensor, values: torch.Tensor,
+                        targets: torch.Tensor, told: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
+        """``combine_log_probs(logp, p_ptr, g)`` (``poe``, ``beta`` 1, no word ends) at ``targets``
+        (B, T) alone, where ``p_ptr`` is the attention ``attn`` (B, T, T) on keys' ``values`` (B, T)
+        and ``told`` (B, T) its mass on each target: the same values and gradients without a
+        (B, T, vocab) product. With ``beta`` 1 the normaliser is ``eps + sum_w p_model(w)
+        p_ptr(w)``, the attention-weighted model probability of each key's value (both cases of a
+        folded letter)."""
+        said = attn * (values >= 0)[:, None, :]
+        p = logp.exp()
+        pointed = told
+        if self.fold_case and logp.shape[-1] >= 128:  # a letter's two cases share their mass
+            both = p[..., 65:91] + p[..., 97:123]
+            p = torch.cat([p[..., :65], both, p[..., 91:97], both, p[..., 123:]], dim=-1)
+            v, y = (torch.where((x >= 65) & (x <= 90), x + 32, x) for x in (values, targets))
+            pointed = (said * (v[:, None, :] == y[:, :, None])).sum(-1)
+        index = values.clamp_min(0)[:, None, :].expand(-1, attn.shape[1], -1)
+        expected = (said * p.gather(2, index)).sum(-1)
+        eps = self.eps if self.training else self.read_eps
+        joint = (logp.gather(-1, targets.clamp_min(0)[..., None])[..., 0]
+                 + torch.log(eps + pointed) - torch.log(eps + expected))
+        return joint if g is None else self._copy_mix(joint, told, said.sum(-1), g)
 
     def _attend(self, ids: torch.Tensor, last: int | None = None):
         """Attention (B, Tq, T) of the last ``Tq = last`` queries (all by default), its logits, the
@@ -726,8 +754,10 @@ class PointerHead(nn.Module):
         p_ptr = (attn * hit).sum(-1)
         own = torch.log(p_ptr.clamp_min(1e-6)).masked_fill(~(hit & torch.isfinite(s)).any(-1), float("nan"))
         if self.combine == "poe":
-            joint = self.combine_log_probs(torch.log_softmax(logits.float(), dim=-1),
-                                           self._scatter(attn, values, logits.shape[-1])[0], g)
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            if self.beta == 1:
+                return self._poe_at_targets(logp, attn, values, targets, p_ptr, g), own
+            joint = self.combine_log_probs(logp, self._scatter(attn, values, logits.shape[-1])[0], g)
             return joint.gather(-1, targets.clamp_min(0)[..., None])[..., 0], own
         g = self.gate_logit(g, s, lex)
         seen = torch.arange(values.shape[1], device=values.device) > 0

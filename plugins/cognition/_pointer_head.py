@@ -57,6 +57,8 @@ class _Lookup(torch.autograd.Function):
 
 def lookup(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``table[index]`` for a small 1-d ``table`` of learned values and a large ``index``."""
+    if not (torch.is_grad_enabled() and table.requires_grad):
+        return table[index]  # nothing to count backward (reading): no autograd function to enter
     return _Lookup.apply(table, index)
 
 

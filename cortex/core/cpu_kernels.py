@@ -13,6 +13,10 @@ tests, switch on against switch off):
   for bf16 training on CPU, with the flash-attention backward run in float32
   (``_scaled_dot_product_flash_attention_for_cpu`` and its backward).
 
+Where nothing is differentiated (generation, ``torch.no_grad``) RMSNorm and the rotation run
+their forward computation directly: entering an autograd function costs more than either
+does on one token.
+
 **The switch.** Every entry point returns ``None`` where its fast path does not apply (another
 device or dtype, a mask, a cache, dropout...) and the caller then runs its plain PyTorch code.
 Setting ``cortex.core.cpu_kernels.enabled = False`` makes every entry point return ``None``:
@@ -46,6 +50,16 @@ def as_complex(x: torch.Tensor) -> torch.Tensor:
 _layer_norm_backward = torch.ops.aten.native_layer_norm_backward.default
 
 
+def _rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                      out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm of ``x`` in ``out_dtype`` and the reciprocal root mean square it divided by."""
+    # Tensor.norm is the fastest single-pass sum of squares on CPU here
+    rstd = x.norm(dim=-1, keepdim=True).square_().div_(x.size(-1)).add_(eps).rsqrt_()
+    # one fresh buffer, scaled in place (fresh allocations cost page faults on CPU); the
+    # cast is a separate pass because mixed-dtype ``out=`` is twice as slow on CPU
+    return torch.mul(x, rstd).mul_(weight).to(out_dtype), rstd
+
+
 class _RMSNormFunction(torch.autograd.Function):
     """``y = x * rsqrt(mean(x^2) + eps) * weight`` with a backward built on LayerNorm's.
 
@@ -60,13 +74,9 @@ class _RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps, out_dtype):
-        dim = x.size(-1)
-        # Tensor.norm is the fastest single-pass sum of squares on CPU here
-        rstd = x.norm(dim=-1, keepdim=True).square_().div_(dim).add_(eps).rsqrt_()
+        y, rstd = _rms_norm_forward(x, weight, eps, out_dtype)
         ctx.save_for_backward(x, rstd, weight)
-        # one fresh buffer, scaled in place (fresh allocations cost page faults on CPU); the
-        # cast is a separate pass because mixed-dtype ``out=`` is twice as slow on CPU
-        return torch.mul(x, rstd).mul_(weight).to(out_dtype)
+        return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -91,10 +101,28 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     if not (enabled and x.device.type == "cpu" and x.dtype == weight.dtype and x.is_contiguous()):
         return None
     out_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        return _rms_norm_forward(x, weight, eps, out_dtype)[0]  # nothing to differentiate (generation)
     return _RMSNormFunction.apply(x, weight, eps, out_dtype)
 
 
 # ------------------------------------------------------------------- RoPE and q, k, v
+
+
+def _split_rotated(qkv: torch.Tensor, rotate: torch.Tensor, heads: int, in_place: bool):
+    """q, k, v (B, heads, T, head_dim) of ``qkv`` with q and k rotated by ``rotate``."""
+    C = qkv.size(-1) // 3
+    hd = C // heads
+    qk = qkv[..., : 2 * C].unflatten(-1, (2 * heads, hd))
+    if in_place:  # view_as_complex raises rather than copy, so the rotation lands in qkv
+        torch.view_as_complex(qk.unflatten(-1, (-1, 2))).mul_(rotate)
+        rotated = qk
+    else:
+        rotated = torch.view_as_real(as_complex(qk.float()) * rotate).flatten(-2).to(qkv.dtype)
+    q = rotated[:, :, :heads].transpose(1, 2)
+    k = rotated[:, :, heads:].transpose(1, 2)
+    v = qkv[..., 2 * C :].unflatten(-1, (heads, hd)).transpose(1, 2)
+    return q, k, v
 
 
 class _RotaryQKV(torch.autograd.Function):
@@ -111,20 +139,8 @@ class _RotaryQKV(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv: torch.Tensor, rotate: torch.Tensor, unrotate: torch.Tensor, heads: int,
                 in_place: bool = False):
-        C = qkv.size(-1) // 3
-        hd = C // heads
-        qk = qkv[..., : 2 * C].unflatten(-1, (2 * heads, hd))
-        if in_place:  # view_as_complex raises rather than copy, so the rotation lands in qkv
-            torch.view_as_complex(qk.unflatten(-1, (-1, 2))).mul_(rotate)
-            rotated = qk
-        else:
-            rotated = torch.view_as_real(as_complex(qk.float()) * rotate).flatten(-2).to(qkv.dtype)
         ctx.save_for_backward(unrotate)
-        ctx.heads = heads
-        q = rotated[:, :, :heads].transpose(1, 2)
-        k = rotated[:, :, heads:].transpose(1, 2)
-        v = qkv[..., 2 * C :].unflatten(-1, (heads, hd)).transpose(1, 2)
-        return q, k, v
+        return _split_rotated(qkv, rotate, heads, in_place)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -168,6 +184,8 @@ def rotary_qkv(
     if not enabled:
         return None
     in_place = qkv.dtype == torch.float32 and _owns(projection)
+    if not (torch.is_grad_enabled() and qkv.requires_grad):
+        return _split_rotated(qkv, rope.rotate, heads, in_place)  # nothing to differentiate (generation)
     return _RotaryQKV.apply(qkv, rope.rotate, rope.unrotate, heads, in_place)
 
 

@@ -13,8 +13,8 @@ import torch
 
 from cortex import CortexError
 from cortex.kernel.interfaces import CognitiveFeature
-from cortex_plugins.cognition._pointer_head import (BINS, PointerHead, continues_character, match_lengths,
-                                                    particle_keys, word_spans)
+from cortex_plugins.cognition._pointer_head import (BINS, ByteGrammar, PointerHead, continues_character,
+                                                    match_lengths, particle_keys, word_spans)
 from cortex_plugins.cognition.reader import Reader
 from cortex_plugins.data.demo import demo_documents, demo_worlds, make_world
 from tests.conftest import tiny_manifest
@@ -287,6 +287,24 @@ def test_the_training_nll_at_the_targets_is_the_full_product(fold_case, copying)
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(fast_params, full_params))
     assert float((fast - torch.log_softmax(logits, -1)[valid.nonzero(as_tuple=True)].gather(
         -1, targets[valid][:, None])[:, 0]).abs().max()) > 0.1  # the pointer moved them
+
+
+def test_a_decoded_token_extends_the_byte_grammar_as_computed_anew():
+    """Cached decoding extends the pointer's per-position grammar one token at a time in
+    Python: the same sentences, starts, UTF-8 continuations and word bytes as computing the
+    whole sequence again, Korean, broken UTF-8 and non-byte tokens included."""
+    text = list("Mina lives in 부산. 민아는? 😀 ok!\n".encode()) + [0xA0, 0xA1, 0xE2, 0x82, 300, 0x41, 0xC3]
+    rng = random.Random(5)
+    rows = torch.tensor([text, [rng.randrange(0, 300) for _ in text]])
+    grammar = ByteGrammar(rows[:, :1])
+    for t in range(2, rows.shape[1] + 1):
+        grammar = grammar.extended(rows[:, :t])
+        fresh = ByteGrammar(rows[:, :t])
+        assert "sentence" in vars(grammar) and "character" in vars(grammar)  # extended, not recomputed
+        for name in ("sentence", "start", "word"):
+            assert torch.equal(getattr(grammar, name), getattr(fresh, name)), (name, t)
+        assert all(torch.equal(a, b) for a, b in zip(grammar.character, fresh.character)), t
+    assert int(grammar.sentence[0, -1]) == 4 and bool(grammar.character[1][0, text.index(0xEB)])
 
 
 def test_copy_spells_a_told_name_the_models_prior_vetoes():

@@ -30,9 +30,10 @@ WORD_END = -2  # the value of a key whose told word ends after it (``particle_ke
 _WORD_RUN = re.compile(rb"[0-9A-Za-z\x80-\xff]+")
 
 
+@functools.lru_cache(maxsize=64)
 def distance_buckets(T: int, device: torch.device | None = None, last: int | None = None) -> torch.Tensor:
     """(Tq, T) bucket of ``t - j`` (``floor(log2(t - j))``, clamped) for the last ``Tq = last``
-    queries ``t`` (all by default), 0 on and above the diagonal."""
+    queries ``t`` (all by default), 0 on and above the diagonal (remembered: not to be written to)."""
     pos = torch.arange(T, device=device)
     d = (pos[T - (T if last is None else last):, None] - pos[None, :]).clamp_min(1).float()
     return torch.log2(d).floor().long().clamp(max=BUCKETS - 1)
@@ -176,6 +177,62 @@ def word_spans(ids: list[int]) -> list[tuple[bytes, int, int]]:
     return [tuple(span) for span in spans]
 
 
+class ByteGrammar:
+    """What the pointer reads of byte ids (B, T) position by position, each computed once per
+    sequence (on first use): sentence numbers (``sentence``) and starts (``start``), continuation
+    bytes and whether the byte after each position must continue its character (``character``,
+    see ``continues_character``), word bytes (``word``). ``extended`` gives the grammar of the
+    ids with one more token, from this one's last column, in Python: a decoded token does not
+    recompute the whole sequence."""
+
+    def __init__(self, ids: torch.Tensor) -> None:
+        self.ids = ids
+
+    @functools.cached_property
+    def sentence(self) -> torch.Tensor:
+        return PointerHead.sentences(self.ids)
+
+    @functools.cached_property
+    def start(self) -> torch.Tensor:
+        return PointerHead._sentence_start(self.sentence)
+
+    @functools.cached_property
+    def character(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return continues_character(self.ids)
+
+    @functools.cached_property
+    def word(self) -> torch.Tensor:
+        return word_bytes(self.ids)
+
+    def extended(self, ids: torch.Tensor) -> ByteGrammar:
+        """The grammar of ``ids``: this one's ids and one token more (otherwise computed anew)."""
+        T = ids.shape[1]
+        if T != self.ids.shape[1] + 1 or T < 2:
+            return ByteGrammar(ids)
+        rows = ids[:, -2:].tolist()
+        sentence, start, (cont, inside), word = self.sentence, self.start, self.character, self.word
+        columns: list[list] = [[] for _ in range(5)]
+        for b, (before, token) in enumerate(rows):
+            number = int(sentence[b, -1]) + closes_sentence(before)
+            lead = T - 1
+            if 0x80 <= token < 0xC0:  # a continuation byte: its character began at the last lead byte
+                lead -= 1
+                while lead > 0 and bool(cont[b, lead]):
+                    lead -= 1
+            first = int(ids[b, lead])
+            length = 2 if 0xC0 <= first < 0xE0 else 3 if 0xE0 <= first < 0xF0 else 4 if 0xF0 <= first < 0xF8 else 1
+            for column, value in zip(columns, (
+                    number, T - 1 if number != int(sentence[b, -1]) else int(start[b, -1]), 0x80 <= token < 0xC0,
+                    length - 1 - (T - 1 - lead) > 0, 0 <= token < 256 and _is_word_byte(token))):
+                column.append(value)
+        grown = ByteGrammar(ids)
+        new = [torch.tensor(c, device=ids.device)[:, None] for c in columns]
+        grown.sentence, grown.start = torch.cat([sentence, new[0]], 1), torch.cat([start, new[1]], 1)
+        grown.character = torch.cat([cont, new[2]], 1), torch.cat([inside, new[3]], 1)
+        grown.word = torch.cat([word, new[4]], 1)
+        return grown
+
+
 class _Decoding:
     """What cached decoding keeps of the positions the pointer has read (``PointerHead._decoded``):
     their ids, queries (``q``), keys (``k``), gate logits (``g``), word bags (``bags``) and
@@ -190,6 +247,7 @@ class _Decoding:
         self.ids: torch.Tensor | None = None  # every id read so far
         self.buffers: dict[str, torch.Tensor] = {}
         self.v = self.a = self.later = self.later_starts = self.marks = None
+        self.grammar: ByteGrammar | None = None  # of ``ids``
         self.marked = 0  # ids the marks were computed for
 
     @property
@@ -353,6 +411,7 @@ class PointerHead(nn.Module):
         #: (a shared name, not a shared template word); set by the Reader
         self.min_shared = 0.0
         self.hidden = None
+        self._grammar: ByteGrammar | None = None  # of the ids last asked about (``grammar``)
         #: ``False`` turns the pointer off at inference (the model alone)
         self.enabled = True
 
@@ -372,6 +431,14 @@ class PointerHead(nn.Module):
         else:  # one new token of cached decoding: what is known of earlier positions stays
             self._hidden = torch.cat([self._hidden, x.detach()], dim=1)
         return x
+
+    def grammar(self, ids: torch.Tensor) -> ByteGrammar:
+        """The [`ByteGrammar`][cortex_plugins.cognition._pointer_head.ByteGrammar] of ``ids``, kept
+        while the same tensor is asked about (one forward's parts share it; cached decoding
+        extends it token by token)."""
+        if self._grammar is None or self._grammar.ids is not ids:
+            self._grammar = ByteGrammar(ids)
+        return self._grammar
 
     # -- the word overlap -------------------------------------------------------------
 
@@ -443,7 +510,7 @@ class PointerHead(nn.Module):
         last ``last`` positions, default all) with each position's in *other* sentences
         (a sentence trivially shares its own words); ``bags``: ``self.bags(ids)`` if known."""
         bags = self.bags(ids, compact=True) if bags is None else bags
-        sentence = self.sentences(ids)
+        sentence = self.grammar(ids).sentence
         q = bags if last is None else bags[:, -last:]
         qs = sentence if last is None else sentence[:, -last:]
         lex = torch.bmm(q, bags.transpose(1, 2))
@@ -499,7 +566,7 @@ class PointerHead(nn.Module):
         Tq, Tk = q.shape[1], k.shape[1]
         logits = torch.einsum("bqr,bkr->bqk", q.float(), k.float())
         if ahead is not None and ids is not None:  # the key's sentence ended before the query's began
-            sentence = self.sentences(ids)
+            sentence = self.grammar(ids).sentence
             closed = sentence[:, None, :] < sentence[:, -Tq:, None]
             logits = torch.where(closed, torch.einsum("bqr,bkr->bqk", q.float(), ahead.float()), logits)
         logits = logits + lookup(self.recency, distance_buckets(Tk, q.device, Tq))
@@ -516,12 +583,12 @@ class PointerHead(nn.Module):
         pos_k = torch.arange(Tk, device=q.device)[None, :]
         blocked = pos_k >= pos_q
         if self.utf8 and ids is not None:
-            cont, inside = continues_character(ids)
+            cont, inside = self.grammar(ids).character
             value_cont = F.pad(cont[:, 1:], (0, 1))  # the value of key j is the byte after it
             blocked = blocked | (value_cont[:, None, :] != inside[:, -Tq:, None])
             if not self.training:  # when reading, a word starts where a told word started:
                 # after a non-word byte, no key inside a word whose value goes on with it
-                word = word_bytes(ids)
+                word = self.grammar(ids).word
                 inner = word & F.pad(word[:, 1:], (0, 1))
                 blocked = blocked | (~word[:, -Tq:, None] & inner[:, None, :])
         return logits.masked_fill(blocked, float("-inf"))
@@ -548,7 +615,7 @@ class PointerHead(nn.Module):
         sim = torch.einsum("bjr,bkr->bjk", k.float(), k.float()).clamp_min(0)
         sim = sim.masked_fill(~(after & (shared > 0) & (shared >= self.min_shared)), 0.0)
         best = F.pad(sim.cummax(dim=-1).values, (1, 0))  # best[j, s] = max over j' < s
-        start = self._sentence_start(self.sentences(ids))
+        start = self.grammar(ids).start
         if last is not None:
             start = start[:, -last:]
         # out[t, j] = best[j, start(t)]: the keys j' before t's sentence
@@ -657,7 +724,7 @@ class PointerHead(nn.Module):
             copies = match >= 2
             if self.utf8:  # inside a word, or a told statement about the same name continued; not
                 # the next word after a copied template ("Jun lives in " from "Mina lives in Busan.")
-                copies = (copies & word_bytes(ids)[:, -copies.shape[1]:, None]) | self.same_statement(match, lex)
+                copies = (copies & self.grammar(ids).word[:, -copies.shape[1]:, None]) | self.same_statement(match, lex)
             g = self.copy_share[0] + self.copy_share[1].exp() * (attn * copies).sum(-1)
         return attn, s, lex, g
 
@@ -700,7 +767,8 @@ class PointerHead(nn.Module):
         T, h = ids.shape[1], self._hidden
         if d is None or d.length > T or not torch.equal(d.ids, ids[:, :d.length]):
             d = self._decoding = _Decoding()
-        new, sentence = T - d.length, self.sentences(ids)
+        new = T - d.length
+        self._grammar = d.grammar = ByteGrammar(ids) if d.grammar is None else d.grammar.extended(ids)
         if new:  # asked again for the same ids: nothing to add
             n = self.norm(h[:, d.length:T])
             v, a = self.summary(n).float(), self.salience(n).float()[..., 0]
@@ -714,7 +782,7 @@ class PointerHead(nn.Module):
             d.add_overlap(self.overlap(ids, last=new, bags=d.bags))  # (B, new, T)
         ahead = None if self.key_ahead is None else self._ahead(d.k, d.key_ahead, ids)
         unit = F.normalize(d.k, dim=-1)
-        starts = self._sentence_start(sentence)[:, -1]
+        starts = d.grammar.start[:, -1]
         if d.later_starts is None or not torch.equal(d.later_starts, starts):  # a new sentence
             d.later_starts = starts
             d.later = self.superseded(ids, unit if ahead is None else ahead, d.shared, last=1)

@@ -235,13 +235,13 @@ class ByteGrammar:
 
 class _Decoding:
     """What cached decoding keeps of the positions the pointer has read (``PointerHead._decoded``):
-    their ids, queries (``q``), keys (``k``), gate logits (``g``), word bags (``bags``) and
+    their ids, queries (``q``), keys (``k``, and as unit vectors ``unit``), gate logits (``g``), word bags (``bags``) and
     ``key_ahead`` maps (B, T, ...), the key-to-key word overlap (``shared``, B, T, T), the
     summary inputs of the last ``window - 1`` positions, the last query's ``superseded`` row
     with the sentence starts it holds for, and the ``particle_keys`` marks. Rows live in
     buffers that grow by doubling: a token costs its own rows, not a copy of all of them."""
 
-    ROWS = ("q", "k", "g", "bags", "key_ahead")
+    ROWS = ("q", "k", "unit", "g", "bags", "key_ahead")
 
     def __init__(self) -> None:
         self.ids: torch.Tensor | None = None  # every id read so far
@@ -474,6 +474,10 @@ class PointerHead(nn.Module):
             used, column = torch.unique(column, return_inverse=True)
             width = max(1, used.numel())
         out = torch.zeros(B * n * width)
+        if n == 1:  # one position (a decoded token): every span is one position long
+            out.index_put_((torch.tensor(first, dtype=torch.long) * width + column,), torch.tensor(weight),
+                           accumulate=True)
+            return out.view(B, n, width).to(ids.device)
         length = torch.tensor(lengths, dtype=torch.long)
         offset = torch.arange(int(length.sum())) - torch.repeat_interleave(length.cumsum(0) - length, length)
         rows = torch.repeat_interleave(torch.tensor(first, dtype=torch.long), length) + offset
@@ -550,6 +554,8 @@ class PointerHead(nn.Module):
         than unfolding ``v`` into windows."""
         T = v.shape[1]
         new = T if new is None else new
+        if new == 1 and T <= self.window:  # one decoded token: every position is inside its window
+            return torch.bmm(torch.softmax(a[:, None, :] + self.offset_bias[:T].flip(0), dim=-1), v)
         offset = torch.arange(T - new, T, device=v.device)[:, None] - torch.arange(T, device=v.device)
         inside = (offset >= 0) & (offset < self.window)
         bias = lookup(self.offset_bias, offset.clamp(0, self.window - 1)).masked_fill(~inside, float("-inf"))
@@ -778,10 +784,11 @@ class PointerHead(nn.Module):
             d.v, d.a = v, a
             q, k, g = self._query_key(n, self.local_summary(v, a, new))
             bags = self.bags(ids, d.length)
-            d.extend(ids, q=q, k=k, g=g, bags=bags, key_ahead=None if self.key_ahead is None else self.key_ahead(n))
+            d.extend(ids, q=q, k=k, unit=F.normalize(k, dim=-1), g=g, bags=bags,
+                     key_ahead=None if self.key_ahead is None else self.key_ahead(n))
             d.add_overlap(self.overlap(ids, last=new, bags=d.bags))  # (B, new, T)
         ahead = None if self.key_ahead is None else self._ahead(d.k, d.key_ahead, ids)
-        unit = F.normalize(d.k, dim=-1)
+        unit = d.unit
         starts = d.grammar.start[:, -1]
         if d.later_starts is None or not torch.equal(d.later_starts, starts):  # a new sentence
             d.later_starts = starts

@@ -249,6 +249,7 @@ class Transformer(nn.Module):
         # imaginary part; viewed as complex float32 in forward
         freqs = rope_frequencies(config.head_dim, config.context, config.rope_base)
         self.register_buffer("rope_freqs", torch.view_as_real(freqs), persistent=False)
+        self._step_rope: dict[tuple[int, torch.device], RopeTables] = {}  # see _rope
         #: recompute each block's activations in backward when training (less memory, more
         #: compute); blocks with a memory module are not recomputed (their reads have effects)
         self.gradient_checkpointing = False
@@ -267,9 +268,16 @@ class Transformer(nn.Module):
             nn.init.normal_(block.mlp.proj.weight, mean=0.0, std=residual_std)
 
     def _rope(self, start: int, end: int) -> RopeTables:
-        """RoPE rotations for positions start..end-1, built once per forward."""
+        """RoPE rotations for positions start..end-1, built once per forward; a one-token
+        step's are built once per position and device (generation asks for them every token)."""
+        key = (start, self.rope_freqs.device)
+        if end == start + 1 and key in self._step_rope:
+            return self._step_rope[key]
         freqs = torch.view_as_complex(self.rope_freqs[start:end].float().contiguous())
-        return RopeTables.build(freqs, self.config.heads)
+        tables = RopeTables.build(freqs, self.config.heads)
+        if end == start + 1:
+            self._step_rope[key] = tables
+        return tables
 
     def set_memory_layer(self, layer: int, module: nn.Module | None) -> None:
         """Install ``module`` after block ``layer`` (``x = module(x, memory)``); ``None`` removes it.

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from cortex.core.memory import KeyStream, MemorySystem, session_stream
-from cortex.core.tokenizer import Tokenizer
+from cortex.core.tokenizer import ByteTokenizer, Tokenizer
 from cortex.core.transformer import ModelConfig, Transformer
 from cortex.kernel.errors import CheckpointError, CortexError
 from cortex.kernel.hookspecs import hookimpl
@@ -83,6 +83,9 @@ class CortexModel(nn.Module):
         #: when it loads or saves the model (the model cannot import the runtime: it is a layer below)
         self.run_writer: Callable[[Any, Path | None], Path] | None = None
         if self.memory:
+            if self.manifest.memory_system.key_words and not isinstance(tokenizer, ByteTokenizer):
+                raise CortexError("memory_system.key_words reads words of UTF-8 bytes: it needs "
+                                  "`tokenizer: {type: byte}` (or key_words: 0)")
             self.memory_system = MemorySystem(self.manifest.memory_system, self.memory, core)
             pm.register(self.memory_system, name="memory_system")
         if self.plasticity:

@@ -46,6 +46,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from cortex.kernel.hookspecs import hookimpl
+from cortex.core.words import SentenceWords
 from cortex.kernel.interfaces import Entries, MemoryTier, Retrieval
 
 if TYPE_CHECKING:
@@ -244,7 +245,11 @@ class KeyStream:
         self.tail, self.length = ids[:, -self.span:], T
         n = self.states.shape[1]
         rows = torch.arange(B, device=ids.device)
-        self.key = self.system.combine(self.states, rows, torch.full_like(rows, n - 1)), min(T, self.span) - 1
+        key = self.system.combine(self.states, rows, torch.full_like(rows, n - 1))
+        if self.system.words is not None:  # key_words: the words of the sentence so far
+            words = self.system.words.directions(ids, last=1)[:, 0].to(key.device)
+            key = F.normalize(key + self.system.settings.key_words * words, dim=-1)
+        self.key = key, min(T, self.span) - 1
         return self.key
 
     def _run(self, x: torch.Tensor, start: int, mask: torch.Tensor | None) -> torch.Tensor:
@@ -296,6 +301,8 @@ class MemorySystem:
         self.step = 0
         self.stats = {"writes": 0, "reads": 0, "consolidated": 0, "spilled": 0}
         self._tier_weight_sum = torch.zeros(len(tiers))
+        #: ``key_words``: the sentence words keys carry, and the sentences counted for their rarity
+        self.words = SentenceWords(core.config.dim) if settings.key_words else None
         self.readers: list[MemoryAttention] = []
         if "knn_attention" in settings.read:
             if not self.memory_layers:
@@ -332,8 +339,9 @@ class MemorySystem:
         def read(ids: torch.Tensor, new: int) -> MemoryRead:
             if new == 1 and keys is not None:
                 return MemoryRead(streams, keys=keys.last(ids)[0][:, None])
-            if frontier:  # the last key reads only the key span before it
-                return MemoryRead(streams, keys=self.keys(ids[:, -min(new, self.key_span()):])[:, -1:], frontier=True)
+            if frontier:  # the last key reads only the key span before it (its words: its sentence)
+                span = ids[:, -min(new, self.key_span()):]
+                return MemoryRead(streams, keys=self.keys(span, context=ids)[:, -1:], frontier=True)
             return MemoryRead(streams, keys=self.keys(ids[:, -new:]))
         return read
 
@@ -349,7 +357,8 @@ class MemorySystem:
     # -- keys -------------------------------------------------------------------------
 
     @torch.no_grad()
-    def keys(self, idx: torch.Tensor, at: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def keys(self, idx: torch.Tensor, at: tuple[torch.Tensor, torch.Tensor] | None = None,
+             context: torch.Tensor | None = None) -> torch.Tensor:
         """Memory keys (B, T, d) for every position of ``idx``, or (n, d) for the positions
         ``at = (rows, cols)`` alone (what a write stores).
 
@@ -359,15 +368,22 @@ class MemorySystem:
         rotations make two keys compare position by position — like one long vector of
         the states side by side, in the width of one — so "Mina's ... is" and "Jisoo's
         ... is" differ where the names sit instead of blurring into one bag of states.
-        A key never depends on more than ``key_span()`` tokens.
+        A key never depends on more than ``key_span()`` tokens, but for its words: with
+        ``key_words`` it adds that weight times its sentence words' direction
+        ([`SentenceWords`][cortex.core.words.SentenceWords]; read from ``context``, ids (B, >= T)
+        that end with ``idx``, where the sentence began before ``idx``), normalised again.
         """
         h = F.normalize(self.core.hidden_states(idx, layer=self.key_layer, window=self.settings.key_window).float(),
                         dim=-1)
-        if at is not None:
-            return self.combine(h, *at)
         B, T = idx.shape
-        rows = torch.arange(B, device=h.device).repeat_interleave(T)
-        return self.combine(h, rows, torch.arange(T, device=h.device).repeat(B)).view(B, T, -1)
+        whole = at is None
+        if whole:
+            at = (torch.arange(B, device=h.device).repeat_interleave(T), torch.arange(T, device=h.device).repeat(B))
+        keys = self.combine(h, *at)
+        if self.words is not None:
+            words = self.words.directions(idx if context is None else context, last=T)[at[0], at[1]]
+            keys = F.normalize(keys + self.settings.key_words * words.to(keys.device), dim=-1)
+        return keys.view(B, T, -1) if whole else keys
 
     def combine(self, h: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """The keys (n, d) at positions ``(rows, cols)`` of normalised key-layer states ``h``
@@ -488,6 +504,8 @@ class MemorySystem:
                                                      targets.clamp_min(0), reduction="none")
                 self.write_segment(idx, targets, streams, importance=importance, values=segment.value,
                                    training=True, keys=segment.keys)
+                if self.words is not None:  # the written sentences count towards each word's rarity
+                    self.words.count(idx.tolist())
         elif "knn_lm" in self.settings.read:
             logits = self.knn_lm_logits(idx, logits, streams, keys=segment.keys)
             if targets is not None:
@@ -507,16 +525,19 @@ class MemorySystem:
         ids = ids.reshape(-1)
         ctx = self.core.config.context
         written = 0
+        if self.words is not None:  # its sentences count towards each word's rarity
+            self.words.count([ids.tolist()])
         for start in range(0, max(1, ids.numel() - 1), ctx):
             chunk = ids[start : start + ctx + 1]
             if chunk.numel() < 2:
                 break
             inputs, targets = chunk[:-1].unsqueeze(0), chunk[1:].unsqueeze(0)
             streams = torch.tensor([stream])
-            keys = self.keys(inputs)
+            told = ids[: start + inputs.shape[1]].unsqueeze(0)  # what the window's sentences began with
+            keys = self.keys(inputs, context=told)
             if start:  # keys near the window's start read the text before it too
                 n = min(self.key_span() - 1, ctx // 2, inputs.shape[1])
-                keys[:, :n] = self.keys(ids[start - n:start + n].unsqueeze(0))[:, n:]
+                keys[:, :n] = self.keys(ids[start - n:start + n].unsqueeze(0), context=told[:, :start + n])[:, n:]
             segment = self.pass_read(inputs, streams, keys=keys)
             self.core(inputs, memory=segment)
             entry_meta = None
@@ -673,12 +694,17 @@ class MemorySystem:
             self.consolidate(step)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "stats": dict(self.stats), "tier_weight_sum": self._tier_weight_sum.clone()}
+        state = {"step": self.step, "stats": dict(self.stats), "tier_weight_sum": self._tier_weight_sum.clone()}
+        if self.words is not None:
+            state["word_counts"], state["word_sentences"] = self.words.counts.clone(), self.words.sentences
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
         self.stats.update({k: int(v) for k, v in state["stats"].items()})
         self._tier_weight_sum = state["tier_weight_sum"].clone()
+        if self.words is not None and "word_counts" in state:
+            self.words.counts, self.words.sentences = state["word_counts"].clone(), int(state["word_sentences"])
 
     def summary(self) -> dict[str, Any]:
         total = self._tier_weight_sum.sum().clamp_min(1e-9)

@@ -44,8 +44,8 @@ class MemorySettings(Settings):
         description="Positions back from the current one whose hidden states, each turned by a rotation "
                     "of its own, are summed into a key.")
     key_decay: float = Field(0.9, gt=0, le=1, description="Weight ratio of each further offset in a key.")
-    tier_temperature: float = Field(1.0, gt=0, description="kNN-attention: softmax temperature over tiers' best scores "
-                                                            "(kNN-LM pools every tier's neighbours instead).")
+    key_words: float = Field(0.0, ge=0, description="Weight of each position's sentence words in its key (byte tokenizer; 0: none): a question's key meets the statements sharing its rare words (cortex.core.words).")
+    tier_temperature: float = Field(1.0, gt=0, description="kNN-attention: softmax temperature over tiers' best scores (kNN-LM pools every tier's neighbours instead).")
     lm_lambda: float = Field(0.8, ge=0, le=1, description="kNN-LM weight of memory at full strength; a match of "
                                                           "strength s (1 + its uses) weighs lm_lambda * s / (s + 1).")
     lm_temperature: float = Field(0.001, gt=0, description="kNN-LM softmax temperature over cosine scores.")

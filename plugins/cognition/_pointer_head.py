@@ -1,7 +1,7 @@
 """The pointer the ``reader`` feature installs after the last block (imported when a model is built).
 
-Byte-level helpers (sentence words, distance buckets) live here too, beside the module
-that uses them; ``reader.py`` stays free of torch at import.
+Byte-level helpers (distance buckets, UTF-8 grammar) live here too, beside the module that
+uses them (sentence words are ``cortex.core.words``', which memory keys also read); ``reader.py`` stays free of torch at import.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from cortex.core.words import closes_sentence, is_word_byte, word_spans  # noqa: F401 (word_spans: the reader's API)
 
 BUCKETS = 12  # log2 distance buckets: 1, 2-3, 4-7, ... (the last holds everything further)
 BINS = 2048  # hashed word bins of the lexical bags
@@ -97,13 +99,9 @@ def continues_character(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return cont, length.gather(1, lead) - 1 - (pos - lead) > 0
 
 
-def _is_word_byte(b: int) -> bool:
-    return b >= 0x80 or 48 <= b <= 57 or 65 <= b <= 90 or 97 <= b <= 122
-
-
 def word_bytes(ids: torch.Tensor) -> torch.Tensor:
     """Whether each byte id is part of a word (a letter, a digit, any byte of a non-ASCII
-    character): ``_is_word_byte`` on a tensor."""
+    character): ``is_word_byte`` on a tensor."""
     return ((ids >= 0x80) & (ids < 256)) | ((ids >= 48) & (ids <= 57)) | ((ids >= 65) & (ids <= 90)) | (
         (ids >= 97) & (ids <= 122))
 
@@ -132,49 +130,6 @@ def _is_hangul(char: bytes) -> bool:
         return "\uac00" <= char.decode("utf-8") <= "\ud7a3"
     except UnicodeDecodeError:
         return False
-
-
-def _word_forms(word: bytes) -> list[bytes]:
-    """A word and, for a Korean word, the word without its last syllable (its particle)."""
-    word = word.lower()
-    if len(word) == 1:  # a lone letter (the s of "Mina's") says nothing
-        return []
-    forms = [word]
-    if word[0] >= 0xE0 and len(word) >= 6:
-        forms.append(word[:-3])
-    return forms
-
-
-def closes_sentence(t: int) -> bool:
-    """Whether token ``t`` ends a sentence: ``.``, ``!``, a newline or a non-byte token (not ``?``)."""
-    return t in (46, 33, 10) or not 0 <= t < 256
-
-
-def word_spans(ids: list[int]) -> list[tuple[bytes, int, int]]:
-    """The words of each position's sentence so far, as spans ``(word, first, end)``: the word
-    is in the bag of positions ``first`` to ``end - 1``. A told word counts from the token
-    after it to its sentence's end (``.``, ``!`` and a newline end a sentence; ``?`` does not,
-    so an answer shares its question's words), once per sentence; the word being typed counts
-    as far as it goes, at each of its positions, unless told before in its sentence."""
-    spans: list[list] = []
-    told: dict[bytes, int] = {}  # the told words of the current sentence -> their span
-    start = None  # where the word being typed began
-    for t, token in enumerate(ids):
-        if 0 <= token < 256 and _is_word_byte(token):
-            start = t if start is None else start
-            spans += [[f, t, t + 1] for f in _word_forms(bytes(ids[start:t + 1])) if f not in told]
-            continue
-        if start is not None:
-            for f in _word_forms(bytes(ids[start:t])):
-                if f not in told:
-                    told[f] = len(spans)
-                    spans.append([f, t, len(ids)])
-            start = None
-        if closes_sentence(token):
-            for i in told.values():
-                spans[i][2] = t  # the closing token's bag is empty
-            told = {}
-    return [tuple(span) for span in spans]
 
 
 class ByteGrammar:
@@ -223,7 +178,7 @@ class ByteGrammar:
             length = 2 if 0xC0 <= first < 0xE0 else 3 if 0xE0 <= first < 0xF0 else 4 if 0xF0 <= first < 0xF8 else 1
             for column, value in zip(columns, (
                     number, T - 1 if number != int(sentence[b, -1]) else int(start[b, -1]), 0x80 <= token < 0xC0,
-                    length - 1 - (T - 1 - lead) > 0, 0 <= token < 256 and _is_word_byte(token))):
+                    length - 1 - (T - 1 - lead) > 0, 0 <= token < 256 and is_word_byte(token))):
                 column.append(value)
         grown = ByteGrammar(ids)
         new = [torch.tensor(c, device=ids.device)[:, None] for c in columns]
@@ -302,7 +257,7 @@ class _Decoding:
         start = self.marked
         for row in ids.tolist():
             p = self.marked
-            while p > 0 and 0 <= row[p - 1] < 256 and _is_word_byte(row[p - 1]):
+            while p > 0 and 0 <= row[p - 1] < 256 and is_word_byte(row[p - 1]):
                 p -= 1
             start = min(start, p)
         tail = particle_keys(ids[:, start:])

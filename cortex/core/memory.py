@@ -2,7 +2,8 @@
 
 Entries are written per processed segment: the **key** of position ``t`` is the hidden
 state after block ``key_layer`` computed over only the last ``key_window`` tokens
-(a banded causal mask, so keys do not depend on distant context), the **value** is the
+(a banded causal mask, so keys do not depend on distant context; with ``key_words`` they
+also carry their sentence's rare words, see ``cortex.core.words``), the **value** is the
 full-context hidden state after the memory layer, and the **token** is what followed.
 An importance score chooses which positions are stored (``write``/``write_fraction``).
 
@@ -45,8 +46,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from cortex.kernel.hookspecs import hookimpl
 from cortex.core.words import SentenceWords
+from cortex.kernel.hookspecs import hookimpl
 from cortex.kernel.interfaces import Entries, MemoryTier, Retrieval
 
 if TYPE_CHECKING:

@@ -26,7 +26,8 @@ WORD_BINS = 1 << 16
 SKETCH = 8
 #: a word in more than this share of the counted sentences weighs nothing (template words)
 COMMON_SHARE = 1 / 16
-_WORD_RUN = re.compile(rb"[0-9A-Za-z\x80-\xff]+")
+#: a word of UTF-8 bytes
+WORD_RUN = re.compile(rb"[0-9A-Za-z\x80-\xff]+")
 
 
 def is_word_byte(b: int) -> bool:
@@ -83,10 +84,17 @@ def sentence_words(ids: list[int]) -> list[set[bytes]]:
     for t, token in enumerate([*ids, 10]):
         if closes_sentence(token):
             text = bytes(i for i in ids[start:t] if 0 <= i < 256)
-            sentences[-1].update(f for w in _WORD_RUN.findall(text) for f in word_forms(w))
+            sentences[-1].update(f for w in WORD_RUN.findall(text) for f in word_forms(w))
             sentences.append(set())
             start = t + 1
     return [s for s in sentences if s]
+
+
+def sentence_start(row: list[int], t: int) -> int:
+    """The first position of the sentence that holds position ``t`` of byte ids ``row``."""
+    while t > 0 and not closes_sentence(row[t - 1]):
+        t -= 1
+    return t
 
 
 def _bin(word: bytes, salt: int = 0) -> int:
@@ -141,9 +149,7 @@ class SentenceWords:
         n = T if last is None else last
         spans = []
         for b, row in enumerate(ids.tolist()):
-            opens = T - n  # read from the start of the sentence holding the first position asked for
-            while opens > 0 and not closes_sentence(row[opens - 1]):
-                opens -= 1
+            opens = sentence_start(row, T - n)  # read from the sentence holding the first position asked for
             spans += [(b, word, max(lo + opens, T - n), hi + opens) for word, lo, hi in word_spans(row[opens:])
                       if hi + opens > max(lo + opens, T - n)]
         out = torch.zeros(B * n * self.dim)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import math
-import re
 import zlib
 from typing import Any, Callable
 
@@ -16,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from cortex.core.words import closes_sentence, is_word_byte, word_spans  # noqa: F401 (word_spans: the reader's API)
+from cortex.core.words import WORD_RUN, closes_sentence, is_word_byte, sentence_start, word_spans  # noqa: F401 (word_spans: the reader's API)
 
 BUCKETS = 12  # log2 distance buckets: 1, 2-3, 4-7, ... (the last holds everything further)
 BINS = 2048  # hashed word bins of the lexical bags
@@ -29,7 +28,6 @@ PARTICLES = tuple(sorted({w.encode() for w in (
     "이나 이고 예요 이에요 입니다").split()}, key=len, reverse=True))
 WORD_ENDS = b" .,!?\n"  # bytes that end a word in running text
 WORD_END = -2  # the value of a key whose told word ends after it (``particle_keys``)
-_WORD_RUN = re.compile(rb"[0-9A-Za-z\x80-\xff]+")
 
 
 @functools.lru_cache(maxsize=64)
@@ -114,7 +112,7 @@ def particle_keys(ids: torch.Tensor) -> torch.Tensor:
     out = torch.zeros(ids.shape, dtype=torch.bool)
     for b, row in enumerate(ids.tolist()):
         text = bytes(t if 0 <= t < 256 else 32 for t in row)
-        for word in _WORD_RUN.finditer(text):
+        for word in WORD_RUN.finditer(text):
             if word.end() == len(text):
                 continue
             for particle in PARTICLES:
@@ -410,9 +408,7 @@ class PointerHead(nn.Module):
         weight: list[float] = []
         lengths: list[int] = []
         for b, row in enumerate(ids.tolist()):
-            opens = start  # read from the sentence that holds `start`: a closing token ends the one before
-            while opens > 0 and not closes_sentence(row[opens - 1]):
-                opens -= 1
+            opens = sentence_start(row, start)  # read from the sentence that holds `start`
             skip = start - opens
             for word, lo, hi in word_spans(row[opens:]):
                 lo = max(lo, skip)
